@@ -55,8 +55,21 @@ DET_THRESH = 0.65             #: detector score; see docs/calibration.md (pets v
 DECODE_FACTOR = 2             #: decode at >= this many times DET_SIZE, so embeddings see detail
 MAX_MEGAPIXELS = 120          #: megapixels; larger images are refused as decompression bombs
 FLUSH_EVERY = 50              #: new files between cache flushes
-CLUSTER_THRESHOLD = 0.55      #: cosine distance, average linkage
 MIN_CLUSTER_SIZE = 2          #: faces; smaller clusters go to _singletons/
+MIN_SHORT = 90                #: pixels, refine: smallest face short edge kept
+MIN_BLUR = 40.0               #: variance of Laplacian of the aligned face, refine gate
+MIN_DET_SCORE = 0.6           #: detector score, refine gate
+MIN_FACES = 15                #: unique source images a faceset needs
+CONTACT_FACES = 25            #: faces on a cluster's _contact.jpg (5 x 5)
+THUMB_PX = 112                #: pixels, review-page thumbnails
+
+#: Cosine-distance thresholds per pack (docs/calibration.md). buffalo_l keeps the seed values
+#: (its weights are not available here to calibrate); the default pack's MobileFaceNet
+#: spreads one person wider, so it was calibrated on ../shared/data/labeled.
+PACK_THRESHOLDS = {
+    "default": {"cluster": 0.80, "merge": 0.40, "outlier": 0.60},
+    "buffalo_l": {"cluster": 0.55, "merge": 0.40, "outlier": 0.55},
+}
 ROOT_DIR = os.path.dirname(os.path.abspath(__file__))
 LOG_DIR = os.path.join(ROOT_DIR, "work", "logs")
 
@@ -1021,6 +1034,108 @@ def face_record(cache, i, aliases, file_name=None):
     return rec
 
 
+def face_thumbnails(cache, faces, size=THUMB_PX):
+    """{face index: square BGR thumbnail} for faces, decoding each source image once.
+    A source that cannot be read any more gets a grey tile and one warning."""
+    import cv2
+    by_file = {}
+    for i in faces:
+        by_file.setdefault(int(cache.face_file[i]), []).append(i)
+    thumbs = {}
+    for f, members in progress(sorted(by_file.items()), unit="img", desc="thumbnails"):
+        path = str(cache.file_path[f])
+        try:
+            with open(path, "rb") as fh:
+                dec = decode_image(fh.read(), min_side=DET_SIZE * DECODE_FACTOR)
+        except (OSError, BadFile) as exc:
+            CONSOLE.warn(path, f"no thumbnail: {getattr(exc, 'strerror', None) or exc}")
+            dec = None
+        for i in members:
+            if dec is None:
+                thumbs[i] = np.full((size, size, 3), 128, np.uint8)
+                continue
+            x1, y1, x2, y2 = cache.face_bbox[i] / dec.scale
+            side = max(x2 - x1, y2 - y1) * 1.3
+            cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+            thumbs[i] = square_crop(dec.bgr, cx, cy, side, size)
+    return thumbs
+
+
+def square_crop(bgr, cx, cy, side, size):
+    """A size x size crop of side pixels centred on (cx, cy); outside the image is padded
+    with a replicated border, never stretched."""
+    import cv2
+    s = size / max(side, 1.0)
+    m = np.array([[s, 0, size / 2 - s * cx], [0, s, size / 2 - s * cy]], np.float32)
+    return cv2.warpAffine(bgr, m, (size, size), flags=cv2.INTER_AREA,
+                          borderMode=cv2.BORDER_REPLICATE)
+
+
+def _write_jpeg(path, bgr, quality=85):
+    import cv2
+    ok, buf = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, quality])
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(buf.tobytes())
+
+
+def contact_sheet(tiles, cols=5):
+    """One grid image of up to cols x cols tiles."""
+    tiles = tiles[: cols * cols]
+    rows = -(-len(tiles) // cols)
+    h, w = tiles[0].shape[:2]
+    sheet = np.full((rows * h, cols * w, 3), 255, np.uint8)
+    for k, t in enumerate(tiles):
+        r, c = divmod(k, cols)
+        sheet[r * h:(r + 1) * h, c * w:(c + 1) * w] = t
+    return sheet
+
+
+def write_review(cache, out, sections, noface_paths):
+    """OUT/index.html (static, opens from disk) with face thumbnails per section, and a
+    _contact.jpg grid in every cluster folder. sections: [(name, folder or None, faces)],
+    faces ordered closest to the cluster centre first."""
+    import html
+    from urllib.parse import quote
+    thumbs = face_thumbnails(cache, [i for _, _, faces in sections for i in faces])
+    parts = []
+    for name, folder, faces in sections:
+        imgs = []
+        for k, i in enumerate(faces):
+            rel = f"_thumbs/{name}/{k + 1:05d}.jpg"
+            _write_jpeg(os.path.join(out, rel), thumbs[i])
+            title = html.escape(str(cache.file_path[int(cache.face_file[i])]))
+            imgs.append(f'<img src="{quote(rel)}" title="{title}" loading="lazy" '
+                        f'width="{THUMB_PX}" height="{THUMB_PX}" alt="">')
+        if folder and faces:
+            _write_jpeg(os.path.join(out, folder, "_contact.jpg"),
+                        contact_sheet([thumbs[i] for i in faces[:CONTACT_FACES]]))
+        link = f' <a href="{quote(folder)}/">open folder</a>' if folder else ""
+        parts.append(f'<section id="{html.escape(name)}"><h2>{html.escape(name)} '
+                     f'<small>{len(faces)} faces</small>{link}</h2>\n{"".join(imgs)}</section>')
+    if noface_paths:
+        items = "".join(f"<li>{html.escape(p)}</li>" for p in noface_paths)
+        parts.append(f'<section id="_noface" class="noface"><h2>_noface <small>'
+                     f'{len(noface_paths)} photos</small> <a href="_noface/">open folder</a>'
+                     f'</h2><ul>{items}</ul></section>')
+    page = ("<!doctype html><html><head><meta charset=\"utf-8\"><title>sort_faces review"
+            "</title><style>body{font-family:sans-serif;margin:1em}section{margin:1.5em 0}"
+            "img{margin:2px;border-radius:4px}h2 small{color:#666;font-weight:normal}"
+            "</style></head><body><h1>sort_faces review</h1>\n" + "\n".join(parts)
+            + "\n</body></html>\n")
+    _write_atomic(os.path.join(out, "index.html"), lambda f: f.write(page.encode("utf-8")))
+
+
+def by_centrality(emb_all, faces):
+    """faces reordered closest to their centroid first (outliers last, easy to spot)."""
+    faces = list(faces)
+    if len(faces) < 3:
+        return faces
+    e = emb_all[faces]
+    d = 1.0 - e @ centroid(e)
+    return [faces[k] for k in np.argsort(d, kind="stable")]
+
+
 # ============================================================================
 # Subcommands
 # ============================================================================
@@ -1103,8 +1218,20 @@ def write_cluster_output(cache, plan, out, link, params):
             place_file(src, dst, link)
         except OSError as exc:
             CONSOLE.warn(src, f"not copied: {exc.strerror or exc}")
+    sections = [(c["name"], c["name"], by_centrality(cache.face_emb, members))
+                for c, members in zip(manifest["clusters"], plan.clusters)]
+    sections.append(("_singletons", "_singletons", plan.singletons))
+    write_review(cache, out, sections, manifest["noface"])
     write_json_atomic(os.path.join(out, "manifest.json"), manifest)
     return manifest
+
+
+def pack_threshold(cache, key, value=None):
+    """value if given, else the calibrated default of the pack that made the cache."""
+    if value is not None:
+        return value
+    name = cache.meta["pack"]["name"]
+    return PACK_THRESHOLDS.get(name, PACK_THRESHOLDS["buffalo_l"])[key]
 
 
 def cmd_embed(args):
@@ -1119,7 +1246,7 @@ def cmd_embed(args):
 def cmd_cluster(args):
     """Group cached faces by identity into person_NNN/ folders."""
     cache = load_cache(args.cache, args.pack)
-    threshold = args.threshold if args.threshold is not None else CLUSTER_THRESHOLD
+    threshold = pack_threshold(cache, "cluster", args.threshold)
     idx = select_faces(cache, args.max_faces_per_image, args.skip_partial)
     plan = plan_clusters(cache, idx, threshold, args.min_cluster_size, args.top)
     sizes = [len(c) for c in plan.clusters]
@@ -1170,6 +1297,10 @@ def _add_pack_args(p, default="default"):
                         "(default pack) or ~/.insightface/models/buffalo_l")
 
 
+def _pack_defaults(key):
+    return "/".join(f"{v[key]} for {k}" for k, v in PACK_THRESHOLDS.items())
+
+
 def _add_common(p):
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or messages")
     p.add_argument("--log-dir", metavar="DIR", default=LOG_DIR, help="where the run log goes")
@@ -1217,8 +1348,8 @@ def build_parser():
     _add_pack_args(p, default=None)
     g = p.add_argument_group("clustering")
     g.add_argument("--threshold", type=float, default=None, metavar="DIST",
-                   help=f"cosine distance under which faces join (average linkage); "
-                        f"default: {CLUSTER_THRESHOLD}")
+                   help="cosine distance under which faces join (average linkage); unset: "
+                        "the pack's calibrated value, " + _pack_defaults("cluster"))
     g.add_argument("--min-cluster-size", type=int, default=MIN_CLUSTER_SIZE, metavar="N",
                    help="smaller clusters go to _singletons/")
     g.add_argument("--top", type=int, default=0, metavar="N",

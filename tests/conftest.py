@@ -1,0 +1,100 @@
+"""Shared fixtures: the real photos in ../shared/data, one embedded cache of labeled/
+reused by the whole session, and helpers to build small source trees in tmp."""
+import hashlib
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+SCRIPT = ROOT / "sort_faces.py"
+sys.path.insert(0, str(ROOT))
+
+import sort_faces  # noqa: E402
+
+#: Put `pytestmark = requires_data` in a module whose tests all read the real photos.
+requires_data = pytest.mark.skipif(
+    not (DATA / "labeled").is_dir(),
+    reason=f"real test photos not found in {DATA} (expected ../shared/data beside the repo)")
+
+
+def labeled_photos():
+    """Every labeled photo, as paths relative to labeled/, sorted."""
+    root = DATA / "labeled"
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*.jpg"))
+
+
+def spread(items, n):
+    """n items spread evenly over a sorted list (so a subset spans many people)."""
+    if n >= len(items):
+        return list(items)
+    step = len(items) / n
+    return [items[int(i * step)] for i in range(n)]
+
+
+@pytest.fixture(scope="session")
+def data():
+    if not (DATA / "labeled").is_dir():
+        pytest.skip(f"real test photos not found in {DATA}")
+    return DATA
+
+
+@pytest.fixture(scope="session")
+def labeled_cache(data, tmp_path_factory):
+    """labeled/ embedded once (281 photos, ~12 s) into a tmp cache; returns its path.
+    Tests must not write into it."""
+    tmp = tmp_path_factory.mktemp("labeled_cache")
+    cache = tmp / "labeled.npz"
+    rc = sort_faces.main(["embed", str(data / "labeled"), str(cache), "-q",
+                          "--log-dir", str(tmp / "logs")])
+    assert rc == 0
+    return cache
+
+
+@pytest.fixture
+def copy_photos(data):
+    """copy_photos(dst, relpaths, src='labeled') -> [copied paths]: real photos copied into
+    a tmp tree, keeping their relative folders; relpaths may also be a count (spread over
+    labeled/)."""
+    def copy(dst, relpaths, src="labeled"):
+        if isinstance(relpaths, int):
+            relpaths = spread(labeled_photos(), relpaths)
+        out = []
+        for rel in relpaths:
+            target = Path(dst) / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(data / src / rel, target)
+            out.append(target)
+        return out
+    return copy
+
+
+def _tree_digest(path):
+    """{relpath: sha256} of every file under path; symlinks recorded by their target
+    (never followed, so loops and broken links are fine)."""
+    out = {}
+    for folder, dirs, files in os.walk(path):
+        for name in dirs + files:
+            full = os.path.join(folder, name)
+            rel = os.path.relpath(full, path)
+            if os.path.islink(full):
+                out[rel] = "link -> " + os.readlink(full)
+            elif name in files:
+                st = os.stat(full)
+                if not os.access(full, os.R_OK):
+                    out[rel] = f"unreadable mode={st.st_mode:o}"
+                    continue
+                with open(full, "rb") as f:
+                    out[rel] = hashlib.sha256(f.read()).hexdigest()
+                out[rel] += f" mode={st.st_mode:o} mtime={st.st_mtime_ns}"
+    return out
+
+
+@pytest.fixture
+def tree_digest():
+    """tree_digest(path) -> {relpath: sha256 + mode + mtime} of every file: equal before
+    and after a run means the source tree was not touched."""
+    return _tree_digest
