@@ -1019,6 +1019,16 @@ def place_file(src, dst, link="copy"):
     shutil.copy2(src, dst)
 
 
+def _place_all(jobs, link):
+    """Copy/link every (source, destination); a vanished source is one warning."""
+    for src, dst in progress(jobs, unit="file", desc="write"):
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        try:
+            place_file(src, dst, link)
+        except OSError as exc:
+            CONSOLE.warn(src, f"not copied: {exc.strerror or exc}")
+
+
 def face_record(cache, i, aliases, file_name=None):
     """The manifest entry of cache face i (the schema documented in the README)."""
     f = int(cache.face_file[i])
@@ -1212,12 +1222,7 @@ def write_cluster_output(cache, plan, out, link, params):
                           zip(cache.file_path, cache.file_error, cache.file_status)
                           if s == "error"]
     manifest["omitted_faces"] = plan.omitted
-    for src, dst in progress(jobs, unit="file", desc="write"):
-        os.makedirs(os.path.dirname(dst), exist_ok=True)
-        try:
-            place_file(src, dst, link)
-        except OSError as exc:
-            CONSOLE.warn(src, f"not copied: {exc.strerror or exc}")
+    _place_all(jobs, link)
     sections = [(c["name"], c["name"], by_centrality(cache.face_emb, members))
                 for c, members in zip(manifest["clusters"], plan.clusters)]
     sections.append(("_singletons", "_singletons", plan.singletons))
@@ -1232,6 +1237,90 @@ def pack_threshold(cache, key, value=None):
         return value
     name = cache.meta["pack"]["name"]
     return PACK_THRESHOLDS.get(name, PACK_THRESHOLDS["buffalo_l"])[key]
+
+
+@dataclass
+class RefinePlan:
+    facesets: list        # lists of cache face indices, largest first
+    dropped: list         # (face index, gate, value)
+
+
+def merge_clusters(cache, clusters, threshold):
+    """Join clusters whose centroids lie within threshold (over-split people), largest
+    first, never joining two that hold faces of one photo."""
+    if len(clusters) < 2:
+        return clusters
+    cents = np.stack([centroid(cache.face_emb[c]) for c in clusters])
+    labels = agglomerate(cents, threshold)
+    merged = []
+    for lab in np.unique(labels):
+        members = sorted(np.flatnonzero(labels == lab), key=lambda k: -len(clusters[k]))
+        groups = []            # (faces, files) joined so far
+        for k in members:
+            files = set(cache.face_file[clusters[k]].tolist())
+            for g in groups:
+                if not files & g[1]:
+                    g[0].extend(clusters[k].tolist())
+                    g[1].update(files)
+                    break
+            else:
+                groups.append((clusters[k].tolist(), files))
+        merged += [np.array(g[0]) for g in groups]
+    return merged
+
+
+def plan_refine(cache, idx, initial, merge, outlier, min_short=MIN_SHORT, min_blur=MIN_BLUR,
+                min_det=MIN_DET_SCORE, min_faces=MIN_FACES):
+    """Cluster, merge over-split clusters, gate on quality, reject outliers, keep sets of
+    at least min_faces unique source images."""
+    labels = agglomerate(cache.face_emb[idx], initial, groups=cache.face_file[idx])
+    clusters = [idx[labels == k] for k in range(labels.max() + 1)] if len(idx) else []
+    clusters = merge_clusters(cache, clusters, merge)
+    gates = (("min_short", cache.face_short, min_short), ("min_blur", cache.face_blur, min_blur),
+             ("min_det_score", cache.face_det_score, min_det))
+    facesets, dropped = [], []
+    for members in clusters:
+        kept = []
+        for i in members.tolist():
+            failed = next(((g, float(v[i])) for g, v, low in gates if v[i] < low), None)
+            (dropped.append((i, *failed)) if failed else kept.append(i))
+        if len(kept) >= 4:
+            d = 1.0 - cache.face_emb[kept] @ centroid(cache.face_emb[kept])
+            dropped += [(i, "outlier", float(x)) for i, x in zip(kept, d) if x > outlier]
+            kept = [i for i, x in zip(kept, d) if x <= outlier]
+        images = len({str(cache.file_sha256[cache.face_file[i]]) for i in kept})
+        if images < min_faces:
+            dropped += [(i, "min_faces", float(images)) for i in kept]
+        elif kept:
+            facesets.append(kept)
+    facesets.sort(key=lambda f: (-len(f), f[0]))
+    return RefinePlan(facesets, dropped)
+
+
+def write_refine_output(cache, plan, out, link, params):
+    """faceset_NNN/ folders, refine_manifest.json (with what each gate dropped), review."""
+    aliases = cache.aliases()
+    width = max(3, len(str(len(plan.facesets))))
+    manifest = {"schema": MANIFEST_SCHEMA, "tool_version": __version__, "step": "refine",
+                "cache": cache.path, "pack": cache.meta["pack"], "params": params,
+                "facesets": [], "dropped": [], "gate_counts": {}}
+    jobs, sections = [], []
+    for n, members in enumerate(plan.facesets, 1):
+        name = f"faceset_{n:0{width}d}"
+        faces = [face_record(cache, i, aliases) for i in members]
+        manifest["facesets"].append({"name": name, **cluster_stats(cache.face_emb[members]),
+                                     "images": len({r["sha256"] for r in faces}),
+                                     "faces": faces})
+        jobs += [(r["path"], os.path.join(out, name, r["file"])) for r in faces]
+        sections.append((name, name, by_centrality(cache.face_emb, members)))
+    for i, gate, value in plan.dropped:
+        manifest["dropped"].append({**face_record(cache, i, aliases), "gate": gate,
+                                    "value": round(value, 4)})
+        manifest["gate_counts"][gate] = manifest["gate_counts"].get(gate, 0) + 1
+    _place_all(jobs, link)
+    write_review(cache, out, sections, [])
+    write_json_atomic(os.path.join(out, "refine_manifest.json"), manifest)
+    return manifest
 
 
 def cmd_embed(args):
@@ -1265,6 +1354,34 @@ def cmd_cluster(args):
     return 0
 
 
+def cmd_refine(args):
+    """Quality-gated per-identity face sets (faceset_NNN/), numbered by size."""
+    cache = load_cache(args.cache, args.pack)
+    initial = pack_threshold(cache, "cluster", args.initial_threshold)
+    merge = pack_threshold(cache, "merge", args.merge_threshold)
+    outlier = pack_threshold(cache, "outlier", args.outlier_threshold)
+    idx = select_faces(cache, args.max_faces_per_image, args.skip_partial)
+    plan = plan_refine(cache, idx, initial, merge, outlier, args.min_short, args.min_blur,
+                       args.min_det_score, args.min_faces)
+    counts = {}
+    for _, gate, _ in plan.dropped:
+        counts[gate] = counts.get(gate, 0) + 1
+    summary = (f"refine: {len(idx)} faces -> {len(plan.facesets)} facesets (sizes "
+               f"{[len(f) for f in plan.facesets][:10]}); dropped {counts or 'none'}")
+    if args.dry_run:
+        _log_result(summary + " [dry run: nothing written]")
+        return 0
+    out = prepare_out(args.out, cache.meta.get("roots", []), args.clean)
+    params = {"initial_threshold": initial, "merge_threshold": merge,
+              "outlier_threshold": outlier, "min_short": args.min_short,
+              "min_blur": args.min_blur, "min_det_score": args.min_det_score,
+              "min_faces": args.min_faces, "max_faces_per_image": args.max_faces_per_image,
+              "skip_partial": args.skip_partial, "link": args.link}
+    write_refine_output(cache, plan, out, args.link, params)
+    _log_result(summary + f"; wrote {out}")
+    return 0
+
+
 def _log_result(line):
     """A step's result line: stdout, and the run's log."""
     CONSOLE._to_log(line)
@@ -1275,7 +1392,10 @@ def _log_result(line):
 # Argument parser
 # ============================================================================
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
+    """Shows every default; a None default is explained in the flag's own help instead."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
 
 
 EXAMPLES = """examples:
@@ -1283,6 +1403,8 @@ EXAMPLES = """examples:
     python sort_faces.py embed ~/Pictures work/cache/photos.npz
   Group the cached faces into one folder per person:
     python sort_faces.py cluster work/cache/photos.npz work/out/people
+  Quality-gated face sets of the people with at least 15 good photos:
+    python sort_faces.py refine work/cache/photos.npz work/out/facesets
 """
 
 
@@ -1299,6 +1421,23 @@ def _add_pack_args(p, default="default"):
 
 def _pack_defaults(key):
     return "/".join(f"{v[key]} for {k}" for k, v in PACK_THRESHOLDS.items())
+
+
+def _add_face_filters(g):
+    g.add_argument("--max-faces-per-image", type=int, default=0, metavar="N",
+                   help="use only the N highest-scoring faces of each photo (0: all)")
+    g.add_argument("--skip-partial", action="store_true",
+                   help="drop faces whose box leaves the image")
+
+
+def _add_output_args(p):
+    g = p.add_argument_group("output")
+    g.add_argument("--link", choices=("copy", "hardlink", "symlink"), default="copy",
+                   help="how photos land in OUT (sources are never moved)")
+    g.add_argument("--clean", action="store_true",
+                   help="replace what an earlier run wrote in OUT")
+    g.add_argument("--dry-run", action="store_true",
+                   help="print the cluster sizes, write nothing")
 
 
 def _add_common(p):
@@ -1354,19 +1493,39 @@ def build_parser():
                    help="smaller clusters go to _singletons/")
     g.add_argument("--top", type=int, default=0, metavar="N",
                    help="write only the N largest people (0: all)")
-    g.add_argument("--max-faces-per-image", type=int, default=0, metavar="N",
-                   help="use only the N highest-scoring faces of each photo (0: all)")
-    g.add_argument("--skip-partial", action="store_true",
-                   help="drop faces whose box leaves the image")
-    g = p.add_argument_group("output")
-    g.add_argument("--link", choices=("copy", "hardlink", "symlink"), default="copy",
-                   help="how photos land in OUT (sources are never moved)")
-    g.add_argument("--clean", action="store_true",
-                   help="replace what an earlier run wrote in OUT")
-    g.add_argument("--dry-run", action="store_true",
-                   help="print the cluster sizes, write nothing")
+    _add_face_filters(g)
+    _add_output_args(p)
     _add_common(p)
     p.set_defaults(func=cmd_cluster)
+
+    p = sub.add_parser("refine", help="quality-gated per-identity faceset_NNN/ folders",
+                       description=cmd_refine.__doc__ + "\n\nCluster -> merge over-split "
+                       "clusters by centroid -> size/blur/score gates -> outlier rejection "
+                       "-> minimum size. Numbers are assigned afresh; use `extend` to update "
+                       "an existing result without renumbering.", formatter_class=_Formatter)
+    p.add_argument("cache", metavar="CACHE", help="cache written by `embed`")
+    p.add_argument("out", metavar="OUT", help="output folder (created)")
+    _add_pack_args(p, default=None)
+    g = p.add_argument_group("identity")
+    for flag, key, what in (("--initial-threshold", "cluster", "stage-1 clustering"),
+                            ("--merge-threshold", "merge", "centroid distance to join clusters"),
+                            ("--outlier-threshold", "outlier",
+                             "drop faces farther from their centroid (clusters of >= 4)")):
+        g.add_argument(flag, type=float, default=None, metavar="DIST",
+                       help=f"{what}, cosine distance; unset: " + _pack_defaults(key))
+    g = p.add_argument_group("quality gates")
+    g.add_argument("--min-short", type=float, default=MIN_SHORT, metavar="PX",
+                   help="smallest face short edge, original pixels")
+    g.add_argument("--min-blur", type=float, default=MIN_BLUR, metavar="VAR",
+                   help="smallest variance of Laplacian of the aligned 112 px face")
+    g.add_argument("--min-det-score", type=float, default=MIN_DET_SCORE, metavar="SCORE",
+                   help="smallest detector score")
+    g.add_argument("--min-faces", type=int, default=MIN_FACES, metavar="N",
+                   help="unique source images a faceset needs")
+    _add_face_filters(g)
+    _add_output_args(p)
+    _add_common(p)
+    p.set_defaults(func=cmd_refine)
     return parser
 
 
