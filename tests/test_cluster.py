@@ -1,0 +1,222 @@
+"""cluster and refine on the real labeled photos (+ group photos for the cannot-link rule)."""
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import DATA, ROOT, requires_data
+import sort_faces
+
+sys.path.insert(0, str(ROOT / "bench"))
+import cluster_accuracy  # noqa: E402
+
+pytestmark = requires_data
+
+
+@pytest.fixture(scope="module")
+def mixed_cache(labeled_cache, tmp_path_factory):
+    """labeled/ + groups/ in one cache (a copy of the session cache, groups folded in)."""
+    tmp = tmp_path_factory.mktemp("mixed")
+    cache = tmp / "mixed.npz"
+    shutil.copy(labeled_cache, cache)
+    assert sort_faces.main(["embed", str(DATA / "groups"), str(cache), "-q",
+                            "--log-dir", str(tmp / "logs")]) == 0
+    return cache
+
+
+@pytest.fixture(scope="module")
+def clustered(mixed_cache, tmp_path_factory):
+    out = tmp_path_factory.mktemp("clustered") / "people"
+    assert sort_faces.main(["cluster", str(mixed_cache), str(out), "-q",
+                            "--log-dir", str(out.parent / "logs")]) == 0
+    return out, json.loads((out / "manifest.json").read_text())
+
+
+def test_accuracy_on_labeled_identities(mixed_cache):
+    """The product bar: nobody merged, nobody split (pairwise and BCubed F >= 0.99)."""
+    cache = sort_faces.load_cache(mixed_cache)
+    truth = cluster_accuracy.labeled_faces(cache)
+    assert len(truth) >= 0.97 * 276
+    labels = sort_faces.agglomerate(cache.face_emb, sort_faces.pack_threshold(cache, "cluster"),
+                                    groups=cache.face_file)
+    idx = sorted(truth)
+    s = cluster_accuracy.scores([truth[i] for i in idx], labels[idx])
+    assert s["pairwise_f"] >= 0.99 and s["bcubed_f"] >= 0.99, s
+
+
+def test_layout_numbering_and_manifest(clustered):
+    out, m = clustered
+    assert m["schema"] == 1 and m["pack"]["name"] == "default"
+    names = [c["name"] for c in m["clusters"]]
+    assert names == [f"person_{k:03d}" for k in range(1, len(names) + 1)]
+    sizes = [len(c["faces"]) for c in m["clusters"]]
+    assert sizes == sorted(sizes, reverse=True) and sizes[-1] >= 2
+    assert len(names) >= 18            # 18 labeled people, plus people of the group photos
+    on_disk = sorted(p.name for p in out.iterdir() if p.name.startswith("person_"))
+    assert on_disk == names
+    for c in m["clusters"]:
+        files = {f["file"] for f in c["faces"]}
+        assert files <= set(os.listdir(out / c["name"]))
+        assert (out / c["name"] / "_contact.jpg").stat().st_size > 1000
+        for f in c["faces"]:
+            assert os.path.isabs(f["path"]) and os.path.exists(f["path"])
+            assert len(f["bbox"]) == 4 and 0 < f["det_score"] <= 1
+        # two faces of one photo are two people
+        assert len({f["sha256"] for f in c["faces"]}) == len(c["faces"])
+    assert set(os.listdir(out / "_singletons")) >= {f["file"] for f in m["singletons"]}
+    noface = {os.path.basename(p) for p in m["noface"]}
+    assert "dlib_dogs.jpg" in noface
+    assert len(os.listdir(out / "_noface")) == len(m["noface"])
+    # a group photo with several people shows up in several folders
+    t1 = [c["name"] for c in m["clusters"] for f in c["faces"]
+          if f["path"].endswith("insightface_t1.jpg")]
+    assert len(t1) == len(set(t1))
+
+
+def test_review_page_lists_every_cluster(clustered):
+    out, m = clustered
+    page = (out / "index.html").read_text()
+    sections = re.findall(r'<section id="([^"]+)"', page)
+    assert sections == [c["name"] for c in m["clusters"]] + ["_singletons", "_noface"]
+    for src in re.findall(r'<img src="([^"]+)"', page):
+        assert (out / src).is_file()
+    thumbs = list((out / "_thumbs").rglob("*.jpg"))
+    assert len(thumbs) == sum(len(c["faces"]) for c in m["clusters"]) + len(m["singletons"])
+
+
+@pytest.mark.skipif(not shutil.which("chromium"), reason="chromium not installed")
+def test_review_page_in_headless_chromium(clustered, tmp_path):
+    """Loads from disk with no console errors, every thumbnail decodes, one section per
+    cluster."""
+    out, m = clustered
+    probe = out / "_probe.html"      # the page with lazy loading off and an image check
+    page = (out / "index.html").read_text().replace(' loading="lazy"', "")
+    probe.write_text(page.replace("</body>", "<script>addEventListener('load',()=>{for(const i "
+                                  "of document.images) if(!i.naturalWidth) console.error("
+                                  "'broken image '+i.src)})</script></body>"))
+    try:
+        r = subprocess.run(
+            ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp_path / 'profile'}", "--enable-logging=stderr", "--v=0",
+             "--virtual-time-budget=10000", "--dump-dom", probe.as_uri()],
+            capture_output=True, text=True, timeout=120)
+    finally:
+        probe.unlink()
+    console = [line for line in r.stderr.splitlines() if ":CONSOLE" in line]
+    assert not console, console
+    assert r.stdout.count("<section") == len(m["clusters"]) + 2
+    assert r.stdout.count("<img") == sum(len(c["faces"]) for c in m["clusters"]) \
+        + len(m["singletons"])
+
+
+def test_flags_top_min_size_dry_run(mixed_cache, tmp_path, capsys):
+    out = tmp_path / "top"
+    assert sort_faces.main(["cluster", str(mixed_cache), str(out), "--top", "3", "-q"]) == 0
+    assert sorted(p.name for p in out.glob("person_*")) == ["person_001", "person_002",
+                                                            "person_003"]
+    assert json.loads((out / "manifest.json").read_text())["omitted_faces"] > 0
+    out = tmp_path / "min5"
+    assert sort_faces.main(["cluster", str(mixed_cache), str(out), "--min-cluster-size", "5",
+                            "-q"]) == 0
+    m = json.loads((out / "manifest.json").read_text())
+    assert min(len(c["faces"]) for c in m["clusters"]) >= 5
+    dry = tmp_path / "dry"
+    capsys.readouterr()
+    assert sort_faces.main(["cluster", str(mixed_cache), str(dry), "--dry-run", "-q"]) == 0
+    assert not dry.exists()
+    assert "people (sizes [" in capsys.readouterr().out
+
+
+def test_clean_refusals(mixed_cache, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["cluster", str(mixed_cache), str(out), "-q", "--top", "2"]
+    assert sort_faces.main(args) == 0
+    assert sort_faces.main(args) == 1
+    assert "pass --clean" in capsys.readouterr().err
+    (out / "person_001" / "stale.jpg").write_bytes(b"x")
+    assert sort_faces.main(args + ["--clean"]) == 0
+    assert not (out / "person_001" / "stale.jpg").exists()
+    (out / "my_notes.txt").write_text("mine")
+    assert sort_faces.main(args + ["--clean"]) == 1
+    err = capsys.readouterr().err
+    assert "did not write" in err and (out / "my_notes.txt").exists()
+    # OUT inside a source tree is refused, nothing written there
+    inside = DATA / "labeled" / "_sort_faces_out"
+    assert sort_faces.main(["cluster", str(mixed_cache), str(inside), "-q"]) == 1
+    assert "source tree" in capsys.readouterr().err and not inside.exists()
+
+
+def test_bad_cache_is_one_line(tmp_path, capsys):
+    assert sort_faces.main(["cluster", str(tmp_path / "nope.npz"), str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: cache not found")
+    junk = tmp_path / "junk.npz"
+    junk.write_bytes(b"not a cache")
+    assert sort_faces.main(["cluster", str(junk), str(tmp_path / "o")]) == 1
+    assert "not a sort_faces cache" in capsys.readouterr().err
+
+
+def test_aliases_are_listed(copy_photos, tmp_path):
+    src = tmp_path / "src"
+    photos = copy_photos(src, ["Madonna/Madonna_0001.jpg", "Madonna/Madonna_0002.jpg",
+                               "Madonna/Madonna_0003.jpg"])
+    shutil.copy(photos[0], src / "copy of madonna.jpg")
+    cache, out = tmp_path / "c.npz", tmp_path / "out"
+    assert sort_faces.main(["embed", str(src), str(cache), "-q"]) == 0
+    assert sort_faces.main(["cluster", str(cache), str(out), "-q"]) == 0
+    m = json.loads((out / "manifest.json").read_text())
+    faces = [f for c in m["clusters"] for f in c["faces"]] + m["singletons"]
+    listed = {f["path"] for f in faces} | {a for f in faces for a in f.get("aliases", [])}
+    assert str(src / "copy of madonna.jpg") in listed and str(photos[0]) in listed
+    assert len(faces) == 3                     # the copy is not a second face
+
+
+def test_graph_path_agrees_with_exact(mixed_cache):
+    from sklearn.metrics import adjusted_rand_score
+    cache = sort_faces.load_cache(mixed_cache)
+    t = sort_faces.pack_threshold(cache, "cluster")
+    exact = sort_faces.agglomerate(cache.face_emb, t, cache.face_file, method="exact")
+    graph = sort_faces.agglomerate(cache.face_emb, t, cache.face_file, method="graph")
+    assert adjusted_rand_score(exact, graph) >= 0.99
+
+
+def test_refine_gates_and_layout(mixed_cache, tmp_path):
+    out = tmp_path / "refined"
+    # the labeled photos are small (LFW 250 px): lower the size gate and the set size
+    assert sort_faces.main(["refine", str(mixed_cache), str(out), "-q", "--min-short", "40",
+                            "--min-faces", "8"]) == 0
+    m = json.loads((out / "refine_manifest.json").read_text())
+    sets = m["facesets"]
+    assert [s["name"] for s in sets] == [f"faceset_{k:03d}" for k in range(1, len(sets) + 1)]
+    assert [len(s["faces"]) for s in sets] == sorted((len(s["faces"]) for s in sets),
+                                                     reverse=True)
+    assert 12 <= len(sets) <= 18
+    cache = sort_faces.load_cache(mixed_cache)
+    truth = {str(cache.file_path[cache.face_file[i]]): who
+             for i, who in cluster_accuracy.labeled_faces(cache).items()}
+    for s in sets:
+        assert s["images"] >= 8
+        people = {truth.get(f["path"]) for f in s["faces"]} - {None}
+        assert len(people) == 1, (s["name"], people)     # one identity per faceset
+        assert all(f["short_edge"] >= 40 and f["blur"] >= 40 and f["det_score"] >= 0.6
+                   for f in s["faces"])
+        assert set(os.listdir(out / s["name"])) >= {f["file"] for f in s["faces"]}
+    gates = {d["gate"] for d in m["dropped"]}
+    assert {"min_short", "min_faces"} <= gates
+    assert m["gate_counts"]["min_short"] == sum(d["gate"] == "min_short" for d in m["dropped"])
+    assert re.findall(r'<section id="(faceset_\d+)"', (out / "index.html").read_text()) \
+        == [s["name"] for s in sets]
+
+
+def test_refine_dry_run_and_defaults(mixed_cache, tmp_path, capsys):
+    out = tmp_path / "r"
+    assert sort_faces.main(["refine", str(mixed_cache), str(out), "--dry-run", "-q"]) == 0
+    assert not out.exists()
+    line = capsys.readouterr().out
+    assert "refine:" in line and "dropped" in line
