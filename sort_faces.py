@@ -60,6 +60,10 @@ MIN_SHORT = 90                #: pixels, refine: smallest face short edge kept
 MIN_BLUR = 40.0               #: variance of Laplacian of the aligned face, refine gate
 MIN_DET_SCORE = 0.6           #: detector score, refine gate
 MIN_FACES = 15                #: unique source images a faceset needs
+DUP_HAMMING = 16              #: bits of 64: near-duplicates need hash/16 + face/0.25 <= 1
+DUP_FACE_DISTANCE = 0.25      #: cosine distance, the face term of that budget
+DUP_HAMMING_NOFACE = 6        #: bits; without faces on both sides to confirm, the hash must
+                              #: be this close
 CONTACT_FACES = 25            #: faces on a cluster's _contact.jpg (5 x 5)
 THUMB_PX = 112                #: pixels, review-page thumbnails
 
@@ -67,8 +71,8 @@ THUMB_PX = 112                #: pixels, review-page thumbnails
 #: (its weights are not available here to calibrate); the default pack's MobileFaceNet
 #: spreads one person wider, so it was calibrated on ../shared/data/labeled.
 PACK_THRESHOLDS = {
-    "default": {"cluster": 0.80, "merge": 0.40, "outlier": 0.60},
-    "buffalo_l": {"cluster": 0.55, "merge": 0.40, "outlier": 0.55},
+    "default": {"cluster": 0.80, "merge": 0.40, "outlier": 0.60, "extend": 0.60},
+    "buffalo_l": {"cluster": 0.55, "merge": 0.40, "outlier": 0.55, "extend": 0.55},
 }
 ROOT_DIR = os.path.dirname(os.path.abspath(__file__))
 LOG_DIR = os.path.join(ROOT_DIR, "work", "logs")
@@ -368,7 +372,9 @@ def decode_image(data, min_side=None, max_megapixels=MAX_MEGAPIXELS):
     try:
         im = Image.open(io.BytesIO(data))
     except Exception as exc:   # PIL raises many types for garbage input
-        raise BadFile(f"not a readable image ({_short(exc)})")
+        why = ("unknown format or corrupt header" if isinstance(exc, Image.UnidentifiedImageError)
+               else _short(exc))   # PIL's own text names a BytesIO object at a memory address
+        raise BadFile(f"not a readable image ({why})")
     w, h = im.size
     if w <= 0 or h <= 0:
         raise BadFile("image has no pixels")
@@ -409,6 +415,21 @@ def _to_rgb(im, Image):
         bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
         im = Image.alpha_composite(bg, im)
     return np.asarray(im.convert("RGB"))
+
+
+def perceptual_hashes(bgr):
+    """64-bit DCT perceptual hash of the image and of its mirror image (for `dedup`):
+    robust to resizing, recompression and light crops, cheap while the image is decoded."""
+    import cv2
+    gray = cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY)
+    small = cv2.resize(gray, (32, 32), interpolation=cv2.INTER_AREA).astype(np.float32)
+    out = []
+    for img in (small, np.ascontiguousarray(small[:, ::-1])):
+        low = cv2.dct(img)[:8, :8].ravel()
+        bits = low > np.median(low[1:])
+        bits[0] = False                      # the DC term says only "how bright"
+        out.append(int(np.packbits(bits).view(">u8")[0].astype(np.int64)))
+    return tuple(out)
 
 
 def _short(exc):
@@ -484,7 +505,10 @@ def embed_faces(models, decoded, det_size=DET_SIZE):
 # first 'ok' record of a content owns its faces, later paths of that content are aliases.
 FILE_COLS = {"path": "U", "sha256": "U", "size": np.int64, "mtime_ns": np.int64,
              "status": "U", "error": "U", "width": np.int32, "height": np.int32,
-             "n_faces": np.int32}
+             "n_faces": np.int32, "phash": np.int64, "phash_flip": np.int64}
+#: Columns that describe a file's content (not its path): an alias that becomes the owner of
+#: a content inherits them.
+CONTENT_COLS = ("width", "height", "phash", "phash_flip")
 FACE_COLS = {"emb": (np.float32, (512,)), "file": (np.int64, ()), "bbox": (np.float32, (4,)),
              "kps": (np.float32, (5, 2)), "det_score": (np.float32, ()),
              "short": (np.float32, ()), "blur": (np.float32, ())}
@@ -548,6 +572,10 @@ def _read_npz(path):
     with np.load(path, allow_pickle=False) as z:
         meta = json.loads(str(z["meta"]))
         cols = {k: z[k] for k in z.files if k != "meta"}
+    for k, empty in _empty_columns().items():      # columns added since the file was made
+        if k not in cols:
+            n = len(cols["file_path" if k.startswith("file_") else "face_emb"])
+            cols[k] = np.zeros((n,) + empty.shape[1:], empty.dtype)
     return meta, cols
 
 
@@ -632,6 +660,10 @@ def merge_columns(chunks):
     for k in out:
         if k.startswith("face_"):
             out[k] = out[k][order]
+    for s_, i in owner.items():
+        g = first_ok[s_]
+        for k in CONTENT_COLS:
+            out[f"file_{k}"][i] = cat[f"file_{k}"][g]
     # Recompute per-file status and face counts from the merged view.
     st_out = out["file_status"].astype(object)
     owners = set(owner.values())
@@ -666,7 +698,11 @@ class CacheWriter:
         self._lock.truncate()
         self._lock.write(str(os.getpid()))
         self._lock.flush()
-        self.cache = load_cache(self.path, must_exist=False)
+        try:
+            self.cache = load_cache(self.path, must_exist=False)
+        except BaseException:    # a refused cache must not stay locked
+            self.close()
+            raise
         if self.cache is not None and self.cache.meta["pack"] != pack.identity():
             theirs = self.cache.meta["pack"]["name"]
             self.close()
@@ -683,9 +719,10 @@ class CacheWriter:
         self._files, self._faces, self.flushes = [], [], 0
 
     def add(self, path, sha256="", size=0, mtime_ns=0, status="ok", error="",
-            width=0, height=0, faces=None):
+            width=0, height=0, faces=None, phash=(0, 0)):
         n = len(faces) if faces is not None else 0
-        self._files.append((path, sha256, size, mtime_ns, status, error, width, height, n))
+        self._files.append((path, sha256, size, mtime_ns, status, error, width, height, n,
+                            *phash))
         if faces is not None and status == "ok":
             self._faces.append((len(self._files) - 1, faces))
             self.known.add(sha256)
@@ -916,7 +953,8 @@ def _embed_one(job, writer, models, stats, det_size, fail):
         return
     d = job.decoded
     faces = embed_faces(models, d, det_size)
-    writer.add(job.path, status="ok", width=d.width, height=d.height, faces=faces, **rec)
+    writer.add(job.path, status="ok", width=d.width, height=d.height, faces=faces,
+               phash=perceptual_hashes(d.bgr), **rec)
     stats.new += 1
     stats.faces += len(faces)
 
@@ -953,6 +991,21 @@ def agglomerate(emb, threshold, groups=None, method="auto"):
                     seen.setdefault(g, 0)
             next_label = labels.max() + 1
     return np.unique(labels, return_inverse=True)[1].astype(np.int64)
+
+
+def connected_groups(n, pairs):
+    """Connected components of n nodes joined by pairs: lists of node indices (size >= 2)."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+    if not len(pairs):
+        return []
+    pairs = np.asarray(pairs)
+    graph = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(n, n))
+    _, labels = connected_components(graph, directed=False)
+    groups = {}
+    for i, lab in enumerate(labels):
+        groups.setdefault(lab, []).append(i)
+    return [g for g in groups.values() if len(g) > 1]
 
 
 def centroid(emb):
@@ -1323,6 +1376,136 @@ def write_refine_output(cache, plan, out, link, params):
     return manifest
 
 
+def hash_pairs(hashes, flips, radius):
+    """(i, j, bits, mirrored) for every pair of 64-bit hashes within radius bits, the image
+    or its mirror (faiss binary range search, no N x N matrix)."""
+    import faiss
+    as_bytes = lambda h: np.ascontiguousarray(h.astype(">i8").view(np.uint8).reshape(-1, 8))
+    index = faiss.IndexBinaryFlat(64)
+    index.add(as_bytes(hashes))
+    best = {}
+    for mirrored, queries in ((False, hashes), (True, flips)):
+        lims, dist, ids = index.range_search(as_bytes(queries), radius + 1)
+        for i in range(len(hashes)):
+            for d, j in zip(dist[lims[i]:lims[i + 1]], ids[lims[i]:lims[i + 1]]):
+                if i != j:
+                    key = (min(i, int(j)), max(i, int(j)))
+                    if key not in best or d < best[key][0]:
+                        best[key] = (int(d), mirrored)
+    return [(i, j, d, m) for (i, j), (d, m) in sorted(best.items())]
+
+
+def _fill_missing_hashes(cache, files):
+    """Caches made before perceptual hashes existed: compute them now (in memory)."""
+    missing = [f for f in files if cache.file_phash[f] == 0 and cache.file_phash_flip[f] == 0]
+    if missing:
+        CONSOLE.info(f"{len(missing)} files have no perceptual hash yet; computing them")
+    for f in progress(missing, unit="img", desc="hash"):
+        try:
+            with open(cache.file_path[f], "rb") as fh:
+                dec = decode_image(fh.read(), min_side=256)
+            cache.file_phash[f], cache.file_phash_flip[f] = perceptual_hashes(dec.bgr)
+        except (OSError, BadFile) as exc:
+            CONSOLE.warn(cache.file_path[f], f"no perceptual hash: {exc}")
+
+
+def face_match_distance(cache, fa, fb):
+    """How far the faces of two files are from matching: the largest distance from a face
+    of the file with fewer faces to its nearest face in the other (a resize may lose a tiny
+    bystander, never the subject). None if neither has faces, inf if only one has."""
+    a, b = np.flatnonzero(cache.face_file == fa), np.flatnonzero(cache.face_file == fb)
+    if not len(a) and not len(b):
+        return None
+    if not len(a) or not len(b):
+        return float("inf")
+    if len(a) > len(b):
+        a, b = b, a
+    return float((1.0 - cache.face_emb[a] @ cache.face_emb[b].T).min(axis=1).max())
+
+
+def find_duplicates(cache, hamming=DUP_HAMMING, face_distance=DUP_FACE_DISTANCE,
+                    hamming_noface=DUP_HAMMING_NOFACE):
+    """Byte-identical groups (sha256 aliases) and visual near-duplicate groups. Two photos
+    are near-duplicates when hash bits / hamming + face distance / face_distance <= 1 (the
+    hash of either may be mirrored): a re-save moves one a little, never both much, while
+    consecutive shots of one person move both (docs/calibration.md). Where faces cannot
+    confirm (none on one side), the hashes must be within hamming_noface bits."""
+    aliases = cache.aliases()
+    size_of = dict(zip(cache.file_path.tolist(), cache.file_size.tolist()))
+    identical = [{"sha256": sha, "size": int(size_of[paths[0]]), "paths": paths}
+                 for sha, paths in aliases.items() if len(paths) > 1]
+    owners = np.flatnonzero(cache.file_status == "ok")
+    _fill_missing_hashes(cache, owners)
+    links = []
+    pairs = hash_pairs(cache.file_phash[owners], cache.file_phash_flip[owners], hamming)
+    for i, j, bits, mirrored in pairs:
+        fa, fb = int(owners[i]), int(owners[j])
+        fd = face_match_distance(cache, fa, fb)
+        confirmed = fd is not None and bits / hamming + fd / face_distance <= 1.0
+        if confirmed or ((fd is None or fd == float("inf")) and bits <= hamming_noface):
+            links.append((fa, fb, bits, mirrored, fd if confirmed else None))
+    near = []
+    index_of = {int(f): k for k, f in enumerate(owners)}
+    for group in connected_groups(len(owners), [(index_of[a], index_of[b])
+                                                for a, b, *_ in links]):
+        files = sorted(int(owners[k]) for k in group)
+        member = set(files)
+        keep = max(files, key=lambda f: (int(cache.file_width[f]) * int(cache.file_height[f]),
+                                         int(cache.file_size[f])))
+        near.append({
+            "keep": str(cache.file_path[keep]),
+            "files": [{"path": str(cache.file_path[f]), "size": int(cache.file_size[f]),
+                       "width": int(cache.file_width[f]), "height": int(cache.file_height[f]),
+                       "faces": int(cache.file_n_faces[f]),
+                       "aliases": aliases.get(str(cache.file_sha256[f]), [])[1:]}
+                      for f in files],
+            "links": [{"a": str(cache.file_path[a]), "b": str(cache.file_path[b]),
+                       "hamming": bits, "mirrored": mirrored,
+                       "face_distance": None if fd is None else round(fd, 4)}
+                      for a, b, bits, mirrored, fd in links if a in member]})
+    near.sort(key=lambda g: -len(g["files"]))
+    return identical, near
+
+
+def cmd_dedup(args):
+    """Report byte-identical and visual near-duplicate photos; never deletes anything."""
+    cache = load_cache(args.cache, args.pack)
+    identical, near = find_duplicates(cache, args.hamming, args.face_distance,
+                                      args.hamming_noface)
+    saved_identical = sum(g["size"] * (len(g["paths"]) - 1) for g in identical)
+    saved_near = sum(f["size"] for g in near for f in g["files"] if f["path"] != g["keep"])
+    report = {"schema": MANIFEST_SCHEMA, "tool_version": __version__, "step": "dedup",
+              "cache": cache.path, "pack": cache.meta["pack"],
+              "params": {"hamming": args.hamming, "face_distance": args.face_distance,
+                         "hamming_noface": args.hamming_noface},
+              "identical": identical, "near": near,
+              "summary": {"identical_groups": len(identical),
+                          "identical_files": sum(len(g["paths"]) for g in identical),
+                          "identical_bytes_saved": saved_identical,
+                          "near_groups": len(near),
+                          "near_files": sum(len(g["files"]) for g in near),
+                          "near_bytes_saved": saved_near}}
+    out = args.out or cache.path[:-4] + ".duplicates.json" if cache.path.endswith(".npz") \
+        else cache.path + ".duplicates.json"
+    if _inside_any(out, cache.meta.get("roots", [])):
+        raise SortFacesError(f"{out} is inside a source tree; pass --out elsewhere")
+    write_json_atomic(out, report)
+    sm = report["summary"]
+    _log_result(f"dedup: {sm['identical_groups']} byte-identical groups "
+                f"({sm['identical_files']} files, {_mb(saved_identical)} could be saved), "
+                f"{sm['near_groups']} near-duplicate groups ({sm['near_files']} files, "
+                f"{_mb(saved_near)} could be saved); wrote {out}")
+    return 0
+
+
+def _mb(n):
+    return f"{n / 1e6:.1f} MB"
+
+
+def _inside_any(path, roots):
+    return any(_inside(path, r) for r in roots)
+
+
 def cmd_embed(args):
     """Detect and embed every face under SRC into CACHE (incremental, resumable)."""
     stats = embed_tree(args.src, args.cache, args.pack, args.model_dir, args.flush_every,
@@ -1526,6 +1709,27 @@ def build_parser():
     _add_output_args(p)
     _add_common(p)
     p.set_defaults(func=cmd_refine)
+
+    p = sub.add_parser("dedup", help="report byte-identical and near-duplicate photos",
+                       description=cmd_dedup.__doc__ + "\n\nWrites <cache>.duplicates.json "
+                       "(schema in the README). Near-duplicates: the same photo re-saved, "
+                       "resized, recompressed, lightly cropped or mirrored.",
+                       formatter_class=_Formatter)
+    p.add_argument("cache", metavar="CACHE", help="cache written by `embed`")
+    _add_pack_args(p, default=None)
+    p.add_argument("--hamming", type=int, default=DUP_HAMMING, metavar="BITS",
+                   help="perceptual-hash bits (of 64) that use up the whole near-duplicate "
+                        "budget: bits/HAMMING + face distance/FACE_DISTANCE <= 1")
+    p.add_argument("--face-distance", type=float, default=DUP_FACE_DISTANCE, metavar="DIST",
+                   help="face cosine distance that uses up the whole budget (faces of the "
+                        "file with fewer faces, each to its nearest in the other)")
+    p.add_argument("--hamming-noface", type=int, default=DUP_HAMMING_NOFACE, metavar="BITS",
+                   help="largest hash distance when faces cannot confirm (photos without "
+                        "faces on one or both sides)")
+    p.add_argument("--out", metavar="FILE",
+                   help="report path; unset: <cache without .npz>.duplicates.json")
+    _add_common(p)
+    p.set_defaults(func=cmd_dedup)
     return parser
 
 
