@@ -1322,6 +1322,30 @@ def merge_clusters(cache, clusters, threshold):
     return merged
 
 
+def quality_gate(cache, faces, min_short, min_blur, min_det, dropped):
+    """Faces passing the size/blur/score gates; the others go to dropped with the gate."""
+    gates = (("min_short", cache.face_short, min_short), ("min_blur", cache.face_blur, min_blur),
+             ("min_det_score", cache.face_det_score, min_det))
+    kept = []
+    for i in np.asarray(faces).tolist():
+        failed = next(((g, float(v[i])) for g, v, low in gates if v[i] < low), None)
+        (dropped.append((i, *failed)) if failed else kept.append(i))
+    return kept
+
+
+def finish_faceset(cache, kept, outlier, min_faces, dropped):
+    """Outlier rejection (sets of >= 4) then the unique-image minimum; [] if too small."""
+    if len(kept) >= 4:
+        d = 1.0 - cache.face_emb[kept] @ centroid(cache.face_emb[kept])
+        dropped += [(i, "outlier", float(x)) for i, x in zip(kept, d) if x > outlier]
+        kept = [i for i, x in zip(kept, d) if x <= outlier]
+    images = len({str(cache.file_sha256[cache.face_file[i]]) for i in kept})
+    if images < min_faces:
+        dropped += [(i, "min_faces", float(images)) for i in kept]
+        return []
+    return kept
+
+
 def plan_refine(cache, idx, initial, merge, outlier, min_short=MIN_SHORT, min_blur=MIN_BLUR,
                 min_det=MIN_DET_SCORE, min_faces=MIN_FACES):
     """Cluster, merge over-split clusters, gate on quality, reject outliers, keep sets of
@@ -1329,22 +1353,11 @@ def plan_refine(cache, idx, initial, merge, outlier, min_short=MIN_SHORT, min_bl
     labels = agglomerate(cache.face_emb[idx], initial, groups=cache.face_file[idx])
     clusters = [idx[labels == k] for k in range(labels.max() + 1)] if len(idx) else []
     clusters = merge_clusters(cache, clusters, merge)
-    gates = (("min_short", cache.face_short, min_short), ("min_blur", cache.face_blur, min_blur),
-             ("min_det_score", cache.face_det_score, min_det))
     facesets, dropped = [], []
     for members in clusters:
-        kept = []
-        for i in members.tolist():
-            failed = next(((g, float(v[i])) for g, v, low in gates if v[i] < low), None)
-            (dropped.append((i, *failed)) if failed else kept.append(i))
-        if len(kept) >= 4:
-            d = 1.0 - cache.face_emb[kept] @ centroid(cache.face_emb[kept])
-            dropped += [(i, "outlier", float(x)) for i, x in zip(kept, d) if x > outlier]
-            kept = [i for i, x in zip(kept, d) if x <= outlier]
-        images = len({str(cache.file_sha256[cache.face_file[i]]) for i in kept})
-        if images < min_faces:
-            dropped += [(i, "min_faces", float(images)) for i in kept]
-        elif kept:
+        kept = quality_gate(cache, members, min_short, min_blur, min_det, dropped)
+        kept = finish_faceset(cache, kept, outlier, min_faces, dropped)
+        if kept:
             facesets.append(kept)
     facesets.sort(key=lambda f: (-len(f), f[0]))
     return RefinePlan(facesets, dropped)
@@ -1504,6 +1517,219 @@ def _mb(n):
 
 def _inside_any(path, roots):
     return any(_inside(path, r) for r in roots)
+
+
+def face_key(sha256, bbox):
+    """How manifests name a face: its content hash and its box rounded as written."""
+    return (str(sha256), tuple(round(float(v), 1) for v in bbox))
+
+
+def cache_face_keys(cache):
+    shas = cache.file_sha256[cache.face_file] if cache.n_faces else []
+    return {face_key(s, b): i for i, (s, b) in enumerate(zip(shas, cache.face_bbox))}
+
+
+def manifest_members(keys, faces):
+    """Cache indices of manifest face entries (entries no longer in the cache are skipped)."""
+    found = (keys.get(face_key(f["sha256"], f["bbox"])) for f in faces)
+    return [i for i in found if i is not None]
+
+
+def read_manifest(path, step, cache):
+    """A manifest written by `step` from this very cache and pack, or a clear refusal."""
+    if not os.path.isfile(path):
+        raise SortFacesError(f"{path} not found: run `{step}` into that folder first")
+    try:
+        with open(path, encoding="utf-8") as f:
+            m = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise SortFacesError(f"{path}: unreadable manifest ({_short(exc)})")
+    if m.get("schema") != MANIFEST_SCHEMA or m.get("step") != step:
+        raise SortFacesError(f"{path}: not a schema-{MANIFEST_SCHEMA} `{step}` manifest "
+                             f"(schema {m.get('schema')}, step {m.get('step')!r})")
+    if m.get("pack") != cache.meta["pack"]:
+        raise SortFacesError(f"{path} was made with model pack {m.get('pack', {}).get('name')!r}"
+                             f", the cache with {cache.meta['pack']['name']!r}; they never mix")
+    if os.path.realpath(m.get("cache", "")) != os.path.realpath(cache.path):
+        raise SortFacesError(f"{path} was made from cache {m.get('cache')}, not {cache.path}; "
+                             f"extend with the cache it was made from")
+    return m
+
+
+def fold_in(cache, groups, new, join_threshold, cluster_threshold):
+    """Place new faces without moving old ones: each joins the nearest group whose centroid
+    is within join_threshold (never a group holding another face of its photo); the rest
+    are clustered among themselves. groups: lists of cache face indices.
+    Returns ({group position: [faces]}, [new clusters, largest first])."""
+    joined, new = {}, np.asarray(new, np.int64)
+    if len(groups) and len(new):
+        cents = np.stack([centroid(cache.face_emb[g]) for g in groups])
+        files = [set(cache.face_file[g].tolist()) for g in groups]
+        d = 1.0 - cache.face_emb[new] @ cents.T
+        order = np.argsort(d, axis=None, kind="stable")
+        placed = set()
+        for flat in order:
+            k, g = divmod(int(flat), len(groups))
+            if d[k, g] > join_threshold:
+                break
+            f = int(cache.face_file[new[k]])
+            if k in placed or f in files[g]:
+                continue
+            placed.add(k)
+            files[g].add(f)
+            joined.setdefault(g, []).append(int(new[k]))
+        new = np.array([i for k, i in enumerate(new) if k not in placed], np.int64)
+    if not len(new):
+        return joined, []
+    labels = agglomerate(cache.face_emb[new], cluster_threshold, groups=cache.face_file[new])
+    clusters = sorted((new[labels == k].tolist() for k in range(labels.max() + 1)),
+                      key=lambda c: (-len(c), c[0]))
+    return joined, clusters
+
+
+def _next_names(prefix, existing, count):
+    top = max([int(n[len(prefix):]) for n in existing if n[len(prefix):].isdigit()] or [0])
+    width = max([len(n) - len(prefix) for n in existing] or [3])
+    return [f"{prefix}{top + k:0{width}d}" for k in range(1, count + 1)]
+
+
+def extend_raw(cache, out, link, join_threshold=None):
+    """Fold new cache faces into a `cluster` output; returns a summary dict or None."""
+    mpath = os.path.join(out, "manifest.json")
+    m = read_manifest(mpath, "cluster", cache)
+    keys = cache_face_keys(cache)
+    members = [manifest_members(keys, c["faces"]) for c in m["clusters"]]
+    placed = {face_key(f["sha256"], f["bbox"]) for c in m["clusters"] for f in c["faces"]}
+    placed |= {face_key(f["sha256"], f["bbox"]) for f in m["singletons"]}
+    p = m["params"]
+    idx = select_faces(cache, p.get("max_faces_per_image", 0), p.get("skip_partial", False))
+    new = [int(i) for i in idx if face_key(cache.file_sha256[cache.face_file[i]],
+                                          cache.face_bbox[i]) not in placed]
+    known_noface = set(m["noface"])
+    aliases = cache.aliases()
+    noface = [f for f in range(cache.n_files) if cache.file_status[f] == "ok"
+              and cache.file_n_faces[f] == 0 and str(cache.file_path[f]) not in known_noface]
+    if not new and not noface:
+        return None
+    join = pack_threshold(cache, "extend", join_threshold)
+    joined, clusters = fold_in(cache, members, new, join, p["threshold"])
+    min_size = p.get("min_cluster_size", MIN_CLUSTER_SIZE)
+    fresh = [c for c in clusters if len(c) >= min_size]
+    singles = [i for c in clusters if len(c) < min_size for i in c]
+    run = len(m.get("extends", [])) + 1
+    jobs, record = [], lambda i: {**face_record(cache, i, aliases), "added_by_extend": run}
+    for g, faces in joined.items():
+        c = m["clusters"][g]
+        recs = [record(i) for i in faces]
+        c["faces"] += recs
+        c.update(cluster_stats(cache.face_emb[members[g] + faces]))
+        jobs += [(r["path"], os.path.join(out, c["name"], r["file"])) for r in recs]
+    names = _next_names("person_", [c["name"] for c in m["clusters"]], len(fresh))
+    for name, faces in zip(names, fresh):
+        recs = [record(i) for i in faces]
+        m["clusters"].append({"name": name, **cluster_stats(cache.face_emb[faces]),
+                              "faces": recs, "added_by_extend": run})
+        jobs += [(r["path"], os.path.join(out, name, r["file"])) for r in recs]
+    for i in singles:
+        r = record(i)
+        m["singletons"].append(r)
+        jobs.append((r["path"], os.path.join(out, "_singletons", r["file"])))
+    for f in noface:
+        paths = aliases.get(str(cache.file_sha256[f]), [str(cache.file_path[f])])
+        m["noface"] += paths
+        jobs.append((paths[0], os.path.join(out, "_noface", safe_dst_name(paths[0]))))
+    summary = {"run": run, "at": datetime.datetime.now().isoformat(timespec="seconds"),
+               "join_threshold": join, "faces": len(new),
+               "joined": {m["clusters"][g]["name"]: len(v) for g, v in joined.items()},
+               "new_people": names, "singletons": len(singles), "noface": len(noface)}
+    m.setdefault("extends", []).append(summary)
+    _place_all(jobs, link)
+    sections = [(c["name"], c["name"], by_centrality(cache.face_emb,
+                                                     manifest_members(keys, c["faces"])))
+                for c in m["clusters"]]
+    sections.append(("_singletons", "_singletons", manifest_members(keys, m["singletons"])))
+    write_review(cache, out, sections, m["noface"])
+    write_json_atomic(mpath, m)
+    return summary
+
+
+def extend_refined(cache, out, link):
+    """Fold new cache faces into a `refine` output under its own gates; summary or None."""
+    mpath = os.path.join(out, "refine_manifest.json")
+    m = read_manifest(mpath, "refine", cache)
+    p = m["params"]
+    keys = cache_face_keys(cache)
+    members = [manifest_members(keys, fs["faces"]) for fs in m["facesets"]]
+    placed = {face_key(f["sha256"], f["bbox"]) for fs in m["facesets"] for f in fs["faces"]}
+    placed |= {face_key(f["sha256"], f["bbox"]) for f in m["dropped"]}
+    idx = select_faces(cache, p.get("max_faces_per_image", 0), p.get("skip_partial", False))
+    new = [int(i) for i in idx if face_key(cache.file_sha256[cache.face_file[i]],
+                                          cache.face_bbox[i]) not in placed]
+    if not new:
+        return None
+    dropped = []
+    passing = quality_gate(cache, new, p["min_short"], p["min_blur"], p["min_det_score"],
+                           dropped)
+    joined, clusters = fold_in(cache, members, passing, p["outlier_threshold"],
+                               p["initial_threshold"])
+    fresh = [f for f in (finish_faceset(cache, c, p["outlier_threshold"], p["min_faces"],
+                                        dropped) for c in clusters) if f]
+    aliases = cache.aliases()
+    run = len(m.get("extends", [])) + 1
+    jobs, record = [], lambda i: {**face_record(cache, i, aliases), "added_by_extend": run}
+    for g, faces in joined.items():
+        fs = m["facesets"][g]
+        recs = [record(i) for i in faces]
+        fs["faces"] += recs
+        fs.update(cluster_stats(cache.face_emb[members[g] + faces]))
+        fs["images"] = len({f["sha256"] for f in fs["faces"]})
+        jobs += [(r["path"], os.path.join(out, fs["name"], r["file"])) for r in recs]
+    names = _next_names("faceset_", [fs["name"] for fs in m["facesets"]], len(fresh))
+    for name, faces in zip(names, fresh):
+        recs = [record(i) for i in faces]
+        m["facesets"].append({"name": name, **cluster_stats(cache.face_emb[faces]),
+                              "images": len({r["sha256"] for r in recs}), "faces": recs,
+                              "added_by_extend": run})
+        jobs += [(r["path"], os.path.join(out, name, r["file"])) for r in recs]
+    for i, gate, value in dropped:
+        m["dropped"].append({**record(i), "gate": gate, "value": round(value, 4)})
+        m["gate_counts"][gate] = m["gate_counts"].get(gate, 0) + 1
+    summary = {"run": run, "at": datetime.datetime.now().isoformat(timespec="seconds"),
+               "faces": len(new), "dropped": len(dropped),
+               "joined": {m["facesets"][g]["name"]: len(v) for g, v in joined.items()},
+               "new_facesets": names}
+    m.setdefault("extends", []).append(summary)
+    _place_all(jobs, link)
+    write_review(cache, out, [(fs["name"], fs["name"], by_centrality(
+        cache.face_emb, manifest_members(keys, fs["faces"]))) for fs in m["facesets"]], [])
+    write_json_atomic(mpath, m)
+    return summary
+
+
+def cmd_extend(args):
+    """Fold newly embedded faces into existing results without renumbering anything."""
+    cache = load_cache(args.cache, args.pack)
+    roots = cache.meta.get("roots", [])
+    outs = [os.path.abspath(args.raw_out)] + ([os.path.abspath(args.refine_out)]
+                                              if args.refine_out else [])
+    for out in outs:
+        if _inside_any(out, roots):
+            raise SortFacesError(f"{out} lies inside a source tree; refusing to write there")
+    raw = extend_raw(cache, outs[0], args.link, args.threshold)
+    lines = [_extend_line("raw", raw, "new_people")]
+    if args.refine_out:
+        lines.append(_extend_line("refine", extend_refined(cache, outs[1], args.link),
+                                  "new_facesets"))
+    _log_result("extend: " + "; ".join(lines))
+    return 0
+
+
+def _extend_line(what, summary, new_key):
+    if summary is None:
+        return f"{what}: nothing new"
+    joined = sum(summary["joined"].values())
+    return (f"{what}: {summary['faces']} new faces, {joined} joined existing "
+            f"({len(summary['joined'])} groups), new {summary[new_key] or 'none'}")
 
 
 def cmd_embed(args):
@@ -1730,6 +1956,25 @@ def build_parser():
                    help="report path; unset: <cache without .npz>.duplicates.json")
     _add_common(p)
     p.set_defaults(func=cmd_dedup)
+
+    p = sub.add_parser("extend", help="fold new faces into existing results, no renumbering",
+                       description=cmd_extend.__doc__ + "\n\nA new face joins the nearest "
+                       "existing person whose centroid is within --threshold; the rest are "
+                       "clustered among themselves and numbered after the current maximum. "
+                       "Nothing existing moves; a second run adds nothing.",
+                       formatter_class=_Formatter)
+    p.add_argument("cache", metavar="CACHE", help="the cache the results were made from")
+    p.add_argument("raw_out", metavar="RAW_OUT", help="a `cluster` output folder")
+    p.add_argument("--refine-out", metavar="DIR", help="also extend this `refine` output")
+    _add_pack_args(p, default=None)
+    p.add_argument("--threshold", type=float, default=None, metavar="DIST",
+                   help="largest face-to-centroid cosine distance to join a person; unset: "
+                        + _pack_defaults("extend") + " (refine outputs use their own "
+                        "outlier threshold)")
+    p.add_argument("--link", choices=("copy", "hardlink", "symlink"), default="copy",
+                   help="how photos land in the folders (sources are never moved)")
+    _add_common(p)
+    p.set_defaults(func=cmd_extend)
     return parser
 
 
