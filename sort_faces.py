@@ -171,14 +171,24 @@ CONSOLE = Console()
 
 def write_json_atomic(path, obj):
     """Write JSON via temp file + fsync + rename, so readers never see half a file."""
-    _write_atomic(path, lambda f: f.write(json.dumps(obj, indent=1, ensure_ascii=False)
-                                          .encode("utf-8")))
+    try:
+        data = json.dumps(obj, indent=1, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:   # a file name that is not UTF-8: \u-escape it (round-trips)
+        data = json.dumps(obj, indent=1).encode("ascii")
+    _write_atomic(path, lambda f: f.write(data))
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _write_atomic(path, write):
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".part")
+    os.fchmod(fd, 0o666 & ~_umask())        # mkstemp makes 0600; use what open() would
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -496,6 +506,40 @@ def embed_faces(models, decoded, det_size=DET_SIZE):
     return Faces(emb, bbox, kps, score, short, blur)
 
 
+#: A mean 3D face (x right, y down, z away from the camera; nose tip at the origin) at six
+#: points of the 106-point layout: eye centres, nose tip, mouth corners, chin.
+PNP_POINTS = [34, 88, 86, 52, 61, 0]
+PNP_MODEL = np.array([[-150, -170, 135], [150, -170, 135], [0, 0, 0], [-150, 150, 125],
+                      [150, 150, 125], [0, 330, 65]], np.float64)
+
+
+def pose_from_landmarks(lmk106, width, height):
+    """(pitch, yaw, roll) in degrees from 2D landmarks: solvePnP against PNP_MODEL with a
+    pinhole camera whose focal length is the image's longer side."""
+    import cv2
+    f = float(max(width, height))
+    cam = np.array([[f, 0, width / 2], [0, f, height / 2], [0, 0, 1]], np.float64)
+    ok, rvec, _ = cv2.solvePnP(PNP_MODEL, lmk106[PNP_POINTS].astype(np.float64), cam, None,
+                               flags=cv2.SOLVEPNP_ITERATIVE)
+    if not ok:
+        return np.zeros(3, np.float32)
+    return np.array(cv2.RQDecomp3x3(cv2.Rodrigues(rvec)[0])[0], np.float32)
+
+
+def landmarks_and_pose(models, decoded, bbox, kps):
+    """106-point landmarks, 68-point 3D landmarks (buffalo_l) and head pose of one face,
+    driven by its cached box; all in original pixels."""
+    from insightface.app.common import Face
+    s = decoded.scale
+    face = Face(bbox=np.asarray(bbox) / s, kps=np.asarray(kps) / s)
+    lmk106 = models["lmk2d"].get(decoded.bgr, face) * s
+    lmk68 = np.zeros((68, 3), np.float32)
+    if "lmk3d" in models:
+        lmk68 = models["lmk3d"].get(decoded.bgr, face) * s
+        return lmk106, lmk68, np.asarray(face["pose"], np.float32), 1
+    return lmk106, lmk68, pose_from_landmarks(lmk106, decoded.width, decoded.height), 2
+
+
 # ============================================================================
 # Cache
 # ============================================================================
@@ -505,13 +549,19 @@ def embed_faces(models, decoded, det_size=DET_SIZE):
 # first 'ok' record of a content owns its faces, later paths of that content are aliases.
 FILE_COLS = {"path": "U", "sha256": "U", "size": np.int64, "mtime_ns": np.int64,
              "status": "U", "error": "U", "width": np.int32, "height": np.int32,
-             "n_faces": np.int32, "phash": np.int64, "phash_flip": np.int64}
+             "n_faces": np.int32, "phash": np.int64, "phash_flip": np.int64,
+             "enrich_error": "U"}
 #: Columns that describe a file's content (not its path): an alias that becomes the owner of
 #: a content inherits them.
 CONTENT_COLS = ("width", "height", "phash", "phash_flip")
 FACE_COLS = {"emb": (np.float32, (512,)), "file": (np.int64, ()), "bbox": (np.float32, (4,)),
              "kps": (np.float32, (5, 2)), "det_score": (np.float32, ()),
-             "short": (np.float32, ()), "blur": (np.float32, ())}
+             "short": (np.float32, ()), "blur": (np.float32, ()),
+             # added by `enrich` (zeros until then): original-pixel landmarks, head pose in
+             # degrees (pitch, yaw, roll) and how it was estimated (POSE_METHODS)
+             "lmk106": (np.float32, (106, 2)), "lmk68": (np.float32, (68, 3)),
+             "pose": (np.float32, (3,)), "pose_method": (np.int8, ())}
+POSE_METHODS = {0: "none", 1: "3d68", 2: "pnp106"}   #: face_pose_method codes
 
 
 def _empty_columns():
@@ -573,7 +623,7 @@ def _read_npz(path):
         meta = json.loads(str(z["meta"]))
         cols = {k: z[k] for k in z.files if k != "meta"}
     for k, empty in _empty_columns().items():      # columns added since the file was made
-        if k not in cols:
+        if k not in cols and meta.get("kind") != "enrich":
             n = len(cols["file_path" if k.startswith("file_") else "face_emb"])
             cols[k] = np.zeros((n,) + empty.shape[1:], empty.dtype)
     return meta, cols
@@ -589,7 +639,7 @@ def _check_format(meta, path):
 def load_cache(path, pack_name=None, must_exist=True):
     """Read CACHE plus its unmerged parts. pack_name, if given, must match the cache."""
     path = os.path.abspath(os.path.expanduser(path))
-    chunks, meta = [], None
+    chunks, enrichments, meta = [], [], None
     if os.path.exists(path):
         try:
             meta, cols = _read_npz(path)
@@ -610,7 +660,7 @@ def load_cache(path, pack_name=None, must_exist=True):
             raise SortFacesError(f"{part}: made by pack {pmeta['pack']['name']!r}, the cache "
                                  f"by {meta['pack']['name']!r}; move the part away")
         meta["roots"] = sorted(set(meta.get("roots", [])) | set(pmeta.get("roots", [])))
-        chunks.append(cols)
+        (enrichments if pmeta.get("kind") == "enrich" else chunks).append(cols)
     if meta is None:
         if must_exist:
             raise SortFacesError(f"cache not found: {path}; create it with "
@@ -620,7 +670,30 @@ def load_cache(path, pack_name=None, must_exist=True):
         raise SortFacesError(f"{path} was made by model pack {meta['pack']['name']!r}, not "
                              f"{pack_name!r}; embeddings of different models never mix: use "
                              f"--pack {meta['pack']['name']} or another cache")
-    return Cache(path, meta, merge_columns(chunks))
+    cols = merge_columns(chunks)
+    for e in enrichments:
+        apply_enrichment(cols, e)
+    return Cache(path, meta, cols)
+
+
+def apply_enrichment(cols, e):
+    """Write landmarks/pose of an enrich part onto the faces it names (content + box)."""
+    if len(e["key_sha256"]):
+        shas = cols["file_sha256"][cols["face_file"]]
+        index = {(s, b.tobytes()): i for i, (s, b) in
+                 enumerate(zip(shas.tolist(), cols["face_bbox"].astype(np.float32)))}
+        for j, (s, b) in enumerate(zip(e["key_sha256"].tolist(), e["key_bbox"])):
+            i = index.get((s, b.astype(np.float32).tobytes()))
+            if i is not None:
+                for k in ("lmk106", "lmk68", "pose", "pose_method"):
+                    cols[f"face_{k}"][i] = e[k][j]
+    if len(e["error_path"]):
+        row = {p: i for i, p in enumerate(cols["file_path"].tolist())}
+        err = cols["file_enrich_error"].astype(object)
+        for p, r in zip(e["error_path"].tolist(), e["error_reason"].tolist()):
+            if p in row:
+                err[row[p]] = r
+        cols["file_enrich_error"] = err.astype(str)
 
 
 def merge_columns(chunks):
@@ -717,6 +790,7 @@ class CacheWriter:
             self.meta["roots"] = sorted(set(self.cache.meta.get("roots", [])) | set(roots))
         self.known = set(self.cache.embedded) if self.cache else set()
         self._files, self._faces, self.flushes = [], [], 0
+        self._enrich, self._enrich_errors = [], []
 
     def add(self, path, sha256="", size=0, mtime_ns=0, status="ok", error="",
             width=0, height=0, faces=None, phash=(0, 0)):
@@ -729,10 +803,38 @@ class CacheWriter:
 
     @property
     def pending(self):
-        return len(self._files)
+        return len(self._files) + len(self._enrich) + len(self._enrich_errors)
+
+    def add_enrichment(self, rows):
+        """rows: (sha256, bbox, lmk106, lmk68, pose, method) of enriched faces."""
+        self._enrich.extend(rows)
+
+    def add_enrich_error(self, path, reason):
+        self._enrich_errors.append((path, reason))
+
+    def _flush_enrichment(self):
+        if not self._enrich and not self._enrich_errors:
+            return
+        cols = {"key_sha256": np.array([r[0] for r in self._enrich], dtype=str),
+                "key_bbox": np.array([r[1] for r in self._enrich], np.float32).reshape(-1, 4)}
+        for j, k in enumerate(("lmk106", "lmk68", "pose", "pose_method"), 2):
+            shape, dtype = FACE_COLS[k][1], FACE_COLS[k][0]
+            cols[k] = np.array([r[j] for r in self._enrich], dtype).reshape((-1,) + shape)
+        cols["error_path"] = np.array([e[0] for e in self._enrich_errors], dtype=str)
+        cols["error_reason"] = np.array([e[1] for e in self._enrich_errors], dtype=str)
+        self._write_part(dict(self.meta, kind="enrich"), cols)
+        self._enrich, self._enrich_errors = [], []
+
+    def _write_part(self, meta, cols):
+        os.makedirs(_parts_dir(self.path), exist_ok=True)
+        existing = glob.glob(os.path.join(_parts_dir(self.path), "*.npz"))
+        seq = 1 + max([int(os.path.basename(p)[:8]) for p in existing] or [0])
+        _write_npz(os.path.join(_parts_dir(self.path), f"{seq:08d}.npz"), meta, cols)
+        self.flushes += 1
 
     def flush(self):
         """Write pending records as one new part file (atomic); cost ~ pending only."""
+        self._flush_enrichment()
         if not self._files:
             return
         cols = {f"file_{k}": np.array([r[j] for r in self._files],
@@ -743,16 +845,13 @@ class CacheWriter:
         for k in FACE_COLS:
             if k == "file":
                 parts = [np.full(len(f), i, np.int64) for i, f in faces]
-            else:
-                parts = [getattr(f, k) for _, f in faces]
+            else:                       # columns `enrich` fills later start as zeros
+                parts = [getattr(f, k, None) if hasattr(f, k) else
+                         np.zeros((len(f),) + empty[f"face_{k}"].shape[1:],
+                                  empty[f"face_{k}"].dtype) for _, f in faces]
             cols[f"face_{k}"] = np.concatenate(parts) if parts else empty[f"face_{k}"]
-        os.makedirs(_parts_dir(self.path), exist_ok=True)
-        existing = glob.glob(os.path.join(_parts_dir(self.path), "*.npz"))
-        seq = 1 + max([int(os.path.basename(p)[:8]) for p in existing] or [0])
-        part = os.path.join(_parts_dir(self.path), f"{seq:08d}.npz")
-        _write_npz(part, self.meta, cols)
+        self._write_part(self.meta, cols)
         self._files, self._faces = [], []
-        self.flushes += 1
 
     def consolidate(self):
         """Fold every part into CACHE (one atomic rewrite), then drop the parts."""
@@ -885,7 +984,10 @@ def _embed_loop(root, writer, models, stats, flush_every, strict, decode_workers
         stats.failed += 1
         stats.failures.append((path, reason))
         CONSOLE.warn(path, reason)
-        writer.add(path, status="error", error=reason, **rec)
+        i = cache.by_path.get(path) if cache else None
+        known = i is not None and cache.file_status[i] == "error" and cache.file_error[i] == reason
+        if not known:       # a dangling link re-reported each run need not rewrite the cache
+            writer.add(path, status="error", error=reason, **rec)
         if strict:
             writer.flush()
             raise SortFacesError(f"{path}: {reason} (--strict stops at the first bad file)")
@@ -963,6 +1065,100 @@ def _inside(path, root):
     """True if path is root or lies under it (symlinks resolved)."""
     p, r = os.path.realpath(path), os.path.realpath(root)
     return p == r or p.startswith(r.rstrip(os.sep) + os.sep)
+
+
+# ============================================================================
+# Enriching cached faces
+# ============================================================================
+def _source_for(cache, f, aliases):
+    """(path, bytes) of an unchanged copy of file f's content, or (None, reason). A path
+    whose size and mtime match the cache is trusted; otherwise its sha256 must match."""
+    sha = str(cache.file_sha256[f])
+    reason = "source file vanished"
+    for path in aliases.get(sha, [str(cache.file_path[f])]):
+        try:
+            st = os.stat(path)
+            with open(path, "rb") as fh:
+                data = fh.read()
+        except OSError as exc:
+            reason = f"source unreadable: {exc.strerror or exc}"
+            continue
+        row = cache.by_path.get(path)
+        same = row is not None and int(cache.file_size[row]) == st.st_size \
+            and int(cache.file_mtime_ns[row]) == st.st_mtime_ns
+        if same or hashlib.sha256(data).hexdigest() == sha:
+            return path, data
+        reason = "source file changed since embed (sha256 differs)"
+    return None, reason
+
+
+@dataclass
+class EnrichStats:
+    faces: int = 0
+    files: int = 0
+    failed: int = 0
+    skipped: int = 0
+    seconds: float = 0.0
+    interrupted: bool = False
+
+    def line(self):
+        per = f" ({1000 * self.seconds / self.faces:.0f} ms per face)" if self.faces else ""
+        return (f"enrich: {self.faces} faces in {self.files} photos given landmarks and pose, "
+                f"{self.skipped} already done, {self.failed} photos failed; "
+                f"{self.seconds:.1f} s{per}")
+
+
+def enrich_cache(cache_path, model_dir=None, flush_every=FLUSH_EVERY, threads=None,
+                 strict=False):
+    """Add landmarks and head pose to every cached face that lacks them (resumable)."""
+    t0 = time.monotonic()
+    cache = load_cache(cache_path)
+    name = cache.meta["pack"]["name"]
+    roles = ("lmk2d", "lmk3d") if "lmk3d" in PACKS[name]["files"] else ("lmk2d",)
+    pack = locate_pack(name, model_dir, roles=roles)
+    writer = CacheWriter(cache.path, pack, [])
+    stats = EnrichStats()
+    try:
+        cache = writer.cache                      # re-read under the lock
+        todo = np.flatnonzero(cache.face_pose_method == 0)
+        stats.skipped = cache.n_faces - len(todo)
+        by_file = {}
+        for i in todo.tolist():
+            by_file.setdefault(int(cache.face_file[i]), []).append(i)
+        models = _LazyModels(pack, threads, DET_THRESH)
+        aliases = cache.aliases()
+        with progress(total=len(todo), unit="face", desc="enrich") as bar:
+            for f, faces in by_file.items():
+                path, data = _source_for(cache, f, aliases)
+                try:
+                    decoded = decode_image(data, DET_SIZE * DECODE_FACTOR) if path else None
+                except BadFile as exc:
+                    path, data = None, str(exc)
+                if decoded is None:
+                    stats.failed += 1
+                    CONSOLE.warn(cache.file_path[f], data)
+                    writer.add_enrich_error(str(cache.file_path[f]), data)
+                    if strict:
+                        writer.flush()
+                        raise SortFacesError(f"{cache.file_path[f]}: {data} (--strict)")
+                else:
+                    sha = str(cache.file_sha256[f])
+                    writer.add_enrichment([(sha, cache.face_bbox[i], *landmarks_and_pose(
+                        models, decoded, cache.face_bbox[i], cache.face_kps[i])) for i in faces])
+                    stats.faces += len(faces)
+                    stats.files += 1
+                bar.update(len(faces))
+                if stats.files % max(1, flush_every) == 0:
+                    writer.flush()
+        writer.consolidate()
+    except KeyboardInterrupt:
+        writer.flush()
+        stats.interrupted = True
+        CONSOLE.info("interrupted: progress saved; run the same command again to resume")
+    finally:
+        writer.close()
+    stats.seconds = time.monotonic() - t0
+    return stats
 
 
 # ============================================================================
@@ -1186,7 +1382,8 @@ def write_review(cache, out, sections, noface_paths):
             "img{margin:2px;border-radius:4px}h2 small{color:#666;font-weight:normal}"
             "</style></head><body><h1>sort_faces review</h1>\n" + "\n".join(parts)
             + "\n</body></html>\n")
-    _write_atomic(os.path.join(out, "index.html"), lambda f: f.write(page.encode("utf-8")))
+    _write_atomic(os.path.join(out, "index.html"),
+                  lambda f: f.write(page.encode("utf-8", "replace")))
 
 
 def by_centrality(emb_all, faces):
@@ -1741,6 +1938,14 @@ def cmd_embed(args):
     return 130 if stats.interrupted else 0
 
 
+def cmd_enrich(args):
+    """Add 106-point landmarks (and 68-point 3D ones with buffalo_l) and head pose."""
+    stats = enrich_cache(args.cache, args.model_dir, args.flush_every, args.threads,
+                         args.strict)
+    _log_result(stats.line())
+    return 130 if stats.interrupted else 0
+
+
 def cmd_cluster(args):
     """Group cached faces by identity into person_NNN/ folders."""
     cache = load_cache(args.cache, args.pack)
@@ -1888,6 +2093,23 @@ def build_parser():
                    help="try again files that failed in an earlier run")
     _add_common(p)
     p.set_defaults(func=cmd_embed)
+
+    p = sub.add_parser("enrich", help="add landmarks and head pose to cached faces",
+                       description=cmd_enrich.__doc__ + "\n\nOnly faces without landmarks "
+                       "are processed; resumable like embed. Pose comes from the 3D landmark "
+                       "model with buffalo_l, else from solvePnP on the 2D landmarks "
+                       "(recorded per face in face_pose_method).", formatter_class=_Formatter)
+    p.add_argument("cache", metavar="CACHE", help="cache written by `embed`")
+    p.add_argument("--model-dir", metavar="DIR",
+                   help="folder holding the pack's .onnx files; unset: the pack's usual place")
+    p.add_argument("--flush-every", type=int, default=FLUSH_EVERY, metavar="N",
+                   help="save progress every N photos")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, metavar="N",
+                   help="onnxruntime intra-op threads")
+    p.add_argument("--strict", action="store_true",
+                   help="stop at the first photo that vanished or changed since embed")
+    _add_common(p)
+    p.set_defaults(func=cmd_enrich)
 
     p = sub.add_parser("cluster", help="group cached faces into person_NNN/ folders",
                        description=cmd_cluster.__doc__, formatter_class=_Formatter)

@@ -3,6 +3,7 @@ reused by the whole session, and helpers to build small source trees in tmp."""
 import hashlib
 import os
 import shutil
+import stat
 import sys
 from pathlib import Path
 
@@ -84,6 +85,9 @@ def _tree_digest(path):
                 out[rel] = "link -> " + os.readlink(full)
             elif name in files:
                 st = os.stat(full)
+                if not stat.S_ISREG(st.st_mode):       # a FIFO: never open it
+                    out[rel] = f"special mode={st.st_mode:o}"
+                    continue
                 if not os.access(full, os.R_OK):
                     out[rel] = f"unreadable mode={st.st_mode:o}"
                     continue

@@ -1,0 +1,306 @@
+"""`embed`: detection quality on real photos, aliases, incremental re-runs, and a run that
+is killed, interrupted or raced by a second writer."""
+import csv
+import fcntl
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import sort_faces
+from conftest import DATA, SCRIPT, labeled_photos, requires_data, spread
+
+pytestmark = requires_data
+
+
+def iou(a, b):
+    x1, y1, x2, y2 = max(a[0], b[0]), max(a[1], b[1]), min(a[2], b[2]), min(a[3], b[3])
+    inter = max(0.0, x2 - x1) * max(0.0, y2 - y1)
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def faces_by_relpath(cache, root):
+    """{relpath: sorted [(rounded bbox), ...]} of every file in a cache under root."""
+    out = {}
+    for i, p in enumerate(cache.file_path.tolist()):
+        rel = os.path.relpath(p, root)
+        boxes = cache.face_bbox[cache.face_file == i]
+        out[rel] = sorted(tuple(round(float(v), 1) for v in b) for b in boxes)
+    return out
+
+
+def run_embed(src, cache, tmp_path, *extra):
+    return sort_faces.main(["embed", str(src), str(cache), "-q",
+                            "--log-dir", str(tmp_path / "logs"), *extra])
+
+
+def embed_quiet(src, cache):
+    """embed_tree with its stats, without progress output."""
+    sort_faces.CONSOLE.quiet = True
+    return sort_faces.embed_tree(str(src), str(cache))
+
+
+def spawn_embed(src, cache, tmp_path, *extra, stderr=subprocess.PIPE):
+    return subprocess.Popen([sys.executable, str(SCRIPT), "embed", str(src), str(cache),
+                             "--log-dir", str(tmp_path / "logs"), *extra],
+                            stdout=subprocess.PIPE, stderr=stderr, text=True)
+
+
+def wait_for(cond, timeout, proc, what):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if proc.poll() is not None:
+            pytest.fail(f"embed exited (rc {proc.returncode}) before {what}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+# ---------------------------------------------------------------------------- detection
+def test_labeled_face_found_in_at_least_97_percent(labeled_cache):
+    cache = sort_faces.load_cache(labeled_cache)
+    root = DATA / "labeled"
+    assert cache.n_files == len(labeled_photos())
+    assert set(cache.file_status.tolist()) == {"ok"}
+    found, missed = 0, []
+    with open(DATA / "labeled_faces.csv", newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["labeled_face_box_x1_y1_x2_y2"].strip()]
+    assert len(rows) > 250
+    for r in rows:
+        box = [float(v) for v in r["labeled_face_box_x1_y1_x2_y2"].split()]
+        i = cache.by_path[str(root / r["relpath"])]
+        best = max((iou(box, b) for b in cache.face_bbox[cache.face_file == i]), default=0.0)
+        if best >= 0.3:
+            found += 1
+        else:
+            missed.append((r["relpath"], round(best, 2)))
+    assert found / len(rows) >= 0.97, f"labeled face missed in {missed}"
+
+
+def test_labeled_cache_columns_are_consistent(labeled_cache):
+    cache = sort_faces.load_cache(labeled_cache, pack_name="default")
+    assert cache.face_emb.shape == (cache.n_faces, 512)
+    norms = (cache.face_emb ** 2).sum(axis=1) ** 0.5
+    assert abs(norms - 1).max() < 1e-4
+    # per-file face counts agree with the faces stored
+    counts = [int((cache.face_file == i).sum()) for i in range(cache.n_files)]
+    assert counts == cache.file_n_faces.tolist()
+    assert (cache.face_det_score >= sort_faces.DET_THRESH).all()
+    assert (cache.file_width > 0).all() and (cache.file_height > 0).all()
+    assert len(set(cache.file_path.tolist())) == cache.n_files
+    assert cache.meta["pack"]["name"] == "default"
+    assert cache.meta["roots"] == [str(DATA / "labeled")]
+
+
+def test_groups_dog_has_no_face_and_t1_has_six(copy_photos, tmp_path):
+    src = tmp_path / "src"
+    copy_photos(src, ["dlib_dogs.jpg", "insightface_t1.jpg"], src="groups")
+    assert run_embed(src, tmp_path / "c.npz", tmp_path) == 0
+    cache = sort_faces.load_cache(tmp_path / "c.npz")
+    n = dict(zip([os.path.basename(p) for p in cache.file_path.tolist()],
+                 cache.file_n_faces.tolist()))
+    assert n == {"dlib_dogs.jpg": 0, "insightface_t1.jpg": 6}
+    assert set(cache.file_status.tolist()) == {"ok"}   # a photo without faces is no error
+
+
+# ---------------------------------------------------------------------------- incremental
+def test_byte_identical_copies_become_aliases(copy_photos, tmp_path):
+    src = tmp_path / "src"
+    originals = copy_photos(src, 4)
+    dup_same_dir = originals[0].with_name("copy of " + originals[0].name)
+    dup_other_dir = src / "backup" / "old" / originals[1].name
+    dup_other_dir.parent.mkdir(parents=True)
+    shutil.copy2(originals[0], dup_same_dir)
+    shutil.copy(originals[1], dup_other_dir)
+    stats = embed_quiet(src, tmp_path / "c.npz")
+    assert (stats.new, stats.aliases, stats.failed) == (4, 2, 0)
+    cache = sort_faces.load_cache(tmp_path / "c.npz")
+    status = dict(zip(cache.file_path.tolist(), cache.file_status.tolist()))
+    sha = dict(zip(cache.file_path.tolist(), cache.file_sha256.tolist()))
+    assert status[str(dup_same_dir)] == status[str(dup_other_dir)] == "alias"
+    assert status[str(originals[0])] == status[str(originals[1])] == "ok"
+    assert sha[str(dup_same_dir)] == sha[str(originals[0])]
+    assert sha[str(dup_other_dir)] == sha[str(originals[1])]
+    # faces are stored once, on the owning record; aliases report the same count
+    assert {cache.file_status[f] for f in cache.face_file.tolist()} == {"ok"}
+    n = dict(zip(cache.file_path.tolist(), cache.file_n_faces.tolist()))
+    assert n[str(dup_same_dir)] == n[str(originals[0])] > 0
+    assert cache.n_faces == sum(n[str(p)] for p in originals)
+    al = cache.aliases()[sha[str(originals[0])]]
+    assert al == [str(originals[0]), str(dup_same_dir)]
+
+
+def test_rerun_on_unchanged_tree_hashes_nothing(copy_photos, tmp_path):
+    src = tmp_path / "src"
+    files = copy_photos(src, 5)
+    shutil.copy2(files[0], src / "dup.jpg")
+    (src / "broken.jpg").write_bytes(b"not an image")
+    first = embed_quiet(src, tmp_path / "c.npz")
+    assert (first.new, first.aliases, first.failed) == (5, 1, 1)
+    before = sort_faces.load_cache(tmp_path / "c.npz").cols
+    again = embed_quiet(src, tmp_path / "c.npz")
+    assert again.hashed == 0
+    assert again.unchanged == again.seen == 7
+    assert (again.new, again.aliases, again.updated, again.failed) == (0, 0, 0, 0)
+    after = sort_faces.load_cache(tmp_path / "c.npz").cols
+    assert before.keys() == after.keys()
+    for k in before:
+        assert (before[k] == after[k]).all(), k
+    assert not os.path.exists(str(tmp_path / "c.npz") + ".parts")
+
+
+def test_new_folder_folds_into_the_same_cache(copy_photos, tmp_path):
+    photos = spread(labeled_photos(), 8)
+    old, new = tmp_path / "old", tmp_path / "new"
+    copy_photos(old, photos[:5])
+    copy_photos(new, photos[5:])
+    cache_path = tmp_path / "c.npz"
+    embed_quiet(old, cache_path)
+    c1 = sort_faces.load_cache(cache_path)
+    stats = embed_quiet(new, cache_path)
+    assert (stats.seen, stats.new) == (3, 3)
+    c2 = sort_faces.load_cache(cache_path)
+    assert c2.n_files == 8
+    assert c2.meta["roots"] == sorted([str(old), str(new)])
+    for p in c1.file_path.tolist():        # the old folder's faces are untouched
+        i1, i2 = c1.by_path[p], c2.by_path[p]
+        assert (c1.face_emb[c1.face_file == i1] == c2.face_emb[c2.face_file == i2]).all()
+        assert (c1.face_bbox[c1.face_file == i1] == c2.face_bbox[c2.face_file == i2]).all()
+    added = [i for p, i in c2.by_path.items() if p.startswith(str(new) + os.sep)]
+    assert len(added) == 3
+    assert sum(int(c2.file_n_faces[i]) for i in added) == c2.n_faces - c1.n_faces > 0
+
+
+def test_touched_file_is_rehashed_not_reembedded(copy_photos, tmp_path):
+    src = tmp_path / "src"
+    files = copy_photos(src, 4)
+    cache_path = tmp_path / "c.npz"
+    embed_quiet(src, cache_path)
+    c1 = sort_faces.load_cache(cache_path)
+    st = os.stat(files[2])
+    os.utime(files[2], ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    stats = embed_quiet(src, cache_path)
+    assert (stats.hashed, stats.updated, stats.new, stats.unchanged) == (1, 1, 0, 3)
+    c2 = sort_faces.load_cache(cache_path)
+    i = c2.by_path[str(files[2])]
+    assert c2.file_status[i] == "ok"
+    assert int(c2.file_mtime_ns[i]) == st.st_mtime_ns + 10**9
+    assert c2.n_faces == c1.n_faces
+    assert (c2.face_emb == c1.face_emb).all()
+    # the new mtime is remembered: the next run skips it again
+    assert embed_quiet(src, cache_path).hashed == 0
+
+
+def test_changed_file_content_is_reembedded(copy_photos, tmp_path):
+    src = tmp_path / "src"
+    files = copy_photos(src, 3)
+    cache_path = tmp_path / "c.npz"
+    embed_quiet(src, cache_path)
+    other = DATA / "groups" / "insightface_t1.jpg"
+    shutil.copy(other, files[0])              # same path, new photo with 6 faces
+    stats = embed_quiet(src, cache_path)
+    assert (stats.new, stats.unchanged) == (1, 2)
+    c = sort_faces.load_cache(cache_path)
+    assert c.n_files == 3
+    assert c.file_n_faces[c.by_path[str(files[0])]] == 6
+
+
+# ---------------------------------------------------------------------------- crashes
+def test_sigkill_then_rerun_equals_uninterrupted_run(copy_photos, labeled_cache, tmp_path):
+    photos = spread(labeled_photos(), 60)
+    src = tmp_path / "src"
+    copy_photos(src, photos)
+    cache = tmp_path / "c.npz"
+    parts = str(cache) + ".parts"
+    proc = spawn_embed(src, cache, tmp_path, "--flush-every", "5", "-q")
+    wait_for(lambda: os.path.isdir(parts) and any(n.endswith(".npz") for n in os.listdir(parts)),
+             120, proc, "the first part file")
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    assert proc.returncode == -signal.SIGKILL
+    partial = sort_faces.load_cache(cache)
+    assert 5 <= partial.n_files < 60
+
+    sort_faces.CONSOLE.quiet = True
+    rerun = sort_faces.embed_tree(str(src), str(cache), flush_every=5)
+    assert not rerun.interrupted and rerun.failed == 0
+    # resumed: what the killed run saved is skipped, only the rest is embedded
+    assert (rerun.unchanged, rerun.new) == (partial.n_files, 60 - partial.n_files)
+
+    resumed = sort_faces.load_cache(cache)
+    assert not os.path.exists(parts) or not os.listdir(parts)
+    reference = sort_faces.load_cache(labeled_cache)
+    want = {rel: boxes for rel, boxes in faces_by_relpath(reference, DATA / "labeled").items()
+            if rel in set(photos)}
+    got = faces_by_relpath(resumed, src)
+    assert got == want
+    assert resumed.n_files == len(set(resumed.file_path.tolist())) == 60
+    pairs = [(resumed.file_path[f], tuple(resumed.face_bbox[i].round(1)))
+             for i, f in enumerate(resumed.face_file)]
+    assert len(pairs) == len(set(pairs))              # no face stored twice
+    ref_status = {os.path.relpath(p, DATA / "labeled"): s for p, s in
+                  zip(reference.file_path.tolist(), reference.file_status.tolist())}
+    assert {os.path.relpath(p, src): s for p, s in zip(resumed.file_path.tolist(),
+            resumed.file_status.tolist())} == {r: ref_status[r] for r in photos}
+
+
+def test_second_writer_is_refused(copy_photos, tmp_path, capsys):
+    src = tmp_path / "src"
+    copy_photos(src, 1)
+    cache = tmp_path / "c.npz"
+    with open(str(cache) + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        lock.write("4242")
+        lock.flush()
+        capsys.readouterr()
+        rc = run_embed(src, cache, tmp_path)
+        err = capsys.readouterr().err
+    assert rc == 1
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), err
+    assert "another sort_faces process" in lines[0] and "4242" in lines[0]
+    assert not cache.exists() and not os.path.exists(str(cache) + ".parts")
+    # once the lock is free the same command works
+    assert run_embed(src, cache, tmp_path) == 0
+    assert sort_faces.load_cache(cache).n_files == 1
+
+
+def test_ctrl_c_saves_progress_and_rerun_completes(copy_photos, tmp_path):
+    src = tmp_path / "src"
+    copy_photos(src, 120)
+    cache = tmp_path / "c.npz"
+    err_path = tmp_path / "stderr.txt"
+    with open(err_path, "w") as err_file:
+        proc = spawn_embed(src, cache, tmp_path, "--flush-every", "1000", stderr=err_file)
+
+        def progressed():
+            done = re.findall(r"(\d+)/120", err_path.read_text(errors="replace"))
+            return done and int(done[-1]) >= 10
+        wait_for(progressed, 120, proc, "10 files embedded")
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+    err = err_path.read_text(errors="replace")
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    assert "interrupted" in err
+    partial = sort_faces.load_cache(cache)
+    assert 10 <= partial.n_files < 120                 # the unflushed files were saved
+    assert set(partial.file_status.tolist()) == {"ok"}
+
+    rc = sort_faces.main(["embed", str(src), str(cache), "-q", "--log-dir",
+                          str(tmp_path / "logs")])
+    assert rc == 0
+    done = sort_faces.load_cache(cache)
+    assert done.n_files == 120
+    assert set(done.file_status.tolist()) == {"ok"}
+    # what was saved before Ctrl-C is kept as it was
+    for p in partial.file_path.tolist():
+        assert (done.face_emb[done.face_file == done.by_path[p]]
+                == partial.face_emb[partial.face_file == partial.by_path[p]]).all()
