@@ -66,6 +66,17 @@ DUP_HAMMING_NOFACE = 6        #: bits; without faces on both sides to confirm, t
                               #: be this close
 CONTACT_FACES = 25            #: faces on a cluster's _contact.jpg (5 x 5)
 THUMB_PX = 112                #: pixels, review-page thumbnails
+EXPORT_OUTLIER = 0.45         #: cosine distance to the faceset centroid, export-swap's gate
+MIN_FACE_SHORT = 100          #: pixels, smallest face short edge export-swap exports
+OUT_SIZE = 512                #: pixels, side of an exported PNG
+PAD_RATIO = 0.5               #: face size added around the face on each side of a crop
+TOP_N = 30                    #: PNGs in the top-N bundle
+CANDIDATE_MATCH = 0.55        #: cosine distance, singleton to faceset centroid
+CANDIDATE_MIN_SCORE = 0.40    #: composite quality a candidate needs
+RECHECK_THRESH = 0.5          #: detector score for the one-face check (what swap tools use)
+#: Composite quality weights (README: "Composite quality"); each component is in [0, 1].
+QUALITY_WEIGHTS = {"frontality": 0.30, "det_score": 0.20, "symmetry": 0.20, "size": 0.15,
+                   "sharpness": 0.15}
 
 #: Cosine-distance thresholds per pack (docs/calibration.md). buffalo_l keeps the seed values
 #: (its weights are not available here to calibrate); the default pack's MobileFaceNet
@@ -464,7 +475,7 @@ class Faces:
         return len(self.emb)
 
 
-def detect_faces(det, bgr, det_size=DET_SIZE):
+def detect_faces(det, bgr, det_size=DET_SIZE, det_thresh=None):
     """Detect on a copy no larger than det_size, padded (never upscaled): tight face crops
     are missed when upscaled, huge faces when not downscaled. Returns boxes and keypoints
     in the coordinates of `bgr`."""
@@ -477,7 +488,7 @@ def detect_faces(det, bgr, det_size=DET_SIZE):
     H, W = max(-(-sh // 32) * 32, DET_MIN_CANVAS), max(-(-sw // 32) * 32, DET_MIN_CANVAS)
     canvas = np.zeros((H, W, 3), np.uint8)
     canvas[:sh, :sw] = small
-    boxes, kps = det.detect(canvas, input_size=(W, H))
+    boxes, kps = det.detect(canvas, input_size=(W, H), det_thresh=det_thresh)
     sx, sy = w / sw, h / sh
     bbox = boxes[:, :4] * np.array([sx, sy, sx, sy], np.float32)
     kps = (kps if kps is not None else np.zeros((len(boxes), 5, 2))) * np.array([sx, sy])
@@ -1749,7 +1760,7 @@ def read_manifest(path, step, cache):
                              f", the cache with {cache.meta['pack']['name']!r}; they never mix")
     if os.path.realpath(m.get("cache", "")) != os.path.realpath(cache.path):
         raise SortFacesError(f"{path} was made from cache {m.get('cache')}, not {cache.path}; "
-                             f"extend with the cache it was made from")
+                             f"use the cache it was made from")
     return m
 
 
@@ -1929,6 +1940,359 @@ def _extend_line(what, summary, new_key):
             f"({len(summary['joined'])} groups), new {summary[new_key] or 'none'}")
 
 
+def quality_components(cache, idx):
+    """The composite quality of faces idx: components in [0, 1] (README: normalisations)
+    and their weighted total. Needs `enrich` (landmarks and pose)."""
+    idx = np.asarray(idx, np.int64)
+    pitch, yaw = cache.face_pose[idx, 0], cache.face_pose[idx, 1]
+    comp = {
+        "frontality": 1.0 - np.clip(np.hypot(yaw, pitch) / 60.0, 0, 1),
+        "det_score": np.clip((cache.face_det_score[idx] - 0.5) / 0.5, 0, 1),
+        "symmetry": np.array([landmark_symmetry(cache.face_lmk106[i]) for i in idx]),
+        "size": np.clip(np.log2(np.maximum(cache.face_short[idx], 1) / 64.0) / 3.0, 0, 1),
+        "sharpness": np.clip((np.log10(np.maximum(cache.face_blur[idx], 1)) - 1) / 2, 0, 1),
+    }
+    comp["total"] = sum(w * comp[k] for k, w in QUALITY_WEIGHTS.items())
+    return comp
+
+
+def landmark_symmetry(lmk106):
+    """1 for a mirror-symmetric landmark cloud, 0 for one as lopsided as a profile: mirror
+    the points about the line between the eyes' midpoint (roll removed) and measure how far
+    each lands from its nearest original point, in inter-ocular distances (0.05 frontal,
+    0.27 at 45+ degrees of yaw on the labeled photos; 0.30 maps to 0)."""
+    le, re = lmk106[PNP_POINTS[0]], lmk106[PNP_POINTS[1]]
+    iod = float(np.linalg.norm(re - le))
+    if iod < 1e-6:
+        return 0.0
+    a = -np.arctan2(re[1] - le[1], re[0] - le[0])
+    rot = np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])
+    pts = (lmk106 - (le + re) / 2) @ rot.T
+    mirrored = pts * np.array([-1, 1])
+    d = np.sqrt(((mirrored[:, None] - pts[None]) ** 2).sum(-1)).min(axis=1).mean() / iod
+    return float(np.clip(1 - d / 0.30, 0, 1))
+
+
+def _crop_at(bgr, bbox, out_size, pad_ratio):
+    """A square crop around bbox (bgr pixels) with pad_ratio of the face size on each side,
+    resized to out_size; returns it and the box as it lies in the crop."""
+    x1, y1, x2, y2 = bbox
+    side = max(x2 - x1, y2 - y1) * (1 + 2 * pad_ratio)
+    cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+    crop = square_crop(bgr, cx, cy, side, out_size)
+    s = out_size / side
+    box = np.array([(x1 - cx) * s, (y1 - cy) * s, (x2 - cx) * s, (y2 - cy) * s]) + out_size / 2
+    return crop, box
+
+
+def _faces_in(det, img):
+    """Every face a swap tool could find in img: native size and a 640 letterbox (as
+    insightface's FaceAnalysis sees it), at the swap tools' usual score 0.5, merged."""
+    b1, _, _ = detect_faces(det, img, det_thresh=RECHECK_THRESH)
+    b2, _ = det.detect(img, input_size=(640, 640), det_thresh=RECHECK_THRESH)
+    boxes = list(b1) + [b[:4] for b in b2]
+    merged = []
+    for b in boxes:
+        if all(box_iou(b, m) < 0.4 for m in merged):
+            merged.append(np.asarray(b[:4], np.float32))
+    return merged
+
+
+def box_iou(a, b):
+    x1, y1, x2, y2 = max(a[0], b[0]), max(a[1], b[1]), min(a[2], b[2]), min(a[3], b[3])
+    inter = max(0.0, x2 - x1) * max(0.0, y2 - y1)
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def single_face_crop(det, bgr, bbox, out_size=OUT_SIZE, pad_ratio=PAD_RATIO):
+    """A crop that holds exactly one detectable face, the one at bbox: shrink the padding,
+    then mask the other faces. Returns (crop, what was done) or (None, why not)."""
+    import cv2
+    pads = [pad_ratio] + [p for p in (0.3, 0.15, 0.05) if p < pad_ratio]
+    for pad in pads:
+        crop, box = _crop_at(bgr, bbox, out_size, pad)
+        found = _faces_in(det, crop)
+        mine = [f for f in found if box_iou(f, box) >= 0.3]
+        others = [f for f in found if box_iou(f, box) < 0.3]
+        if mine and not others:
+            return crop, "none" if pad == pad_ratio else f"padding {pad}"
+    if not mine:
+        return None, "the face is not found again in its crop"
+    masked = crop.copy()
+    for f in others:
+        x1, y1, x2, y2 = np.clip(np.round(f), 0, out_size).astype(int)
+        masked[y1:y2, x1:x2] = cv2.blur(masked[y1:y2, x1:x2], (51, 51)) if x2 > x1 and \
+            y2 > y1 else masked[y1:y2, x1:x2]
+        masked[y1:y2, x1:x2] = masked[y1:y2, x1:x2].mean(axis=(0, 1)) if x2 > x1 and \
+            y2 > y1 else masked[y1:y2, x1:x2]
+    found = _faces_in(det, masked)
+    if len(found) == 1 and box_iou(found[0], box) >= 0.3:
+        return masked, f"padding {pads[-1]}, masked {len(others)} other face(s)"
+    return None, f"{len(found)} faces remain after masking"
+
+
+def write_fsz(path, members):
+    """A reproducible .fsz: a zip of (name, PNG bytes) at the root, fixed order and times."""
+    import zipfile
+
+    def write(f):
+        with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED) as z:
+            for name, data in members:
+                info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
+                info.external_attr = 0o644 << 16
+                z.writestr(info, data)
+    _write_atomic(path, write)
+
+
+def near_duplicate_files(cache):
+    """file index -> near-duplicate group id (from `find_duplicates`)."""
+    _, near = find_duplicates(cache)
+    row = {p: i for i, p in enumerate(cache.file_path.tolist())}
+    return {row[f["path"]]: g for g, grp in enumerate(near) for f in grp["files"]}
+
+
+def select_for_export(cache, members, outlier, min_short, dup_group):
+    """Tight outlier gate (centroid recomputed once), near-duplicate collapse (best
+    composite kept), size gate. Returns (kept ranked best first, quality, dropped)."""
+    members = list(members)
+    dropped = []
+    cen = centroid(cache.face_emb[members])
+    for _ in range(2):
+        d = 1.0 - cache.face_emb[members] @ cen
+        dropped += [(i, "outlier", float(x)) for i, x in zip(members, d) if x > outlier]
+        members = [i for i, x in zip(members, d) if x <= outlier]
+        if not members:
+            return [], {}, dropped
+        cen = centroid(cache.face_emb[members])
+    q = quality_components(cache, members)
+    total = dict(zip(members, q["total"].tolist()))
+    best = {}
+    for i in members:
+        f = int(cache.face_file[i])
+        key = ("near", dup_group[f]) if f in dup_group else ("file", f)
+        if key in best and total[best[key]] >= total[i]:
+            dropped.append((i, "near_duplicate", total[i]))
+            continue
+        if key in best:
+            dropped.append((best[key], "near_duplicate", total[best[key]]))
+        best[key] = i
+    kept = sorted(best.values(), key=lambda i: (-total[i], i))
+    dropped += [(i, "min_face_short", float(cache.face_short[i]))
+                for i in kept if cache.face_short[i] < min_short]
+    kept = [i for i in kept if cache.face_short[i] >= min_short]
+    quality = {i: {k: round(float(v[members.index(i)]), 4) for k, v in q.items()}
+               for i in kept}
+    return kept, quality, dropped
+
+
+def export_faceset(cache, name, members, out, det, args, dup_group, aliases):
+    """Everything export-swap writes for one faceset; returns its OUT/manifest.json entry."""
+    import cv2
+    kept, quality, dropped = select_for_export(cache, members, args.outlier_threshold,
+                                               args.min_face_short, dup_group)
+    folder = os.path.join(out, name)
+    if os.path.lexists(folder):
+        shutil.rmtree(folder) if os.path.isdir(folder) and not os.path.islink(folder) \
+            else os.unlink(folder)
+    os.makedirs(folder)
+    pngs, records = [], []
+    for i in progress(kept, unit="face", desc=name, leave=False):
+        bgr, why = _source_image(cache, int(cache.face_file[i]), aliases, cache.face_bbox[i],
+                                 args.out_size, args.pad_ratio)
+        crop, fix = (None, why) if bgr is None else single_face_crop(
+            det, bgr.bgr, cache.face_bbox[i] / bgr.scale, args.out_size, args.pad_ratio)
+        if crop is None:
+            dropped.append((i, "crop", 0.0))
+            CONSOLE.warn(cache.file_path[cache.face_file[i]], f"{name}: no crop: {fix}")
+            continue
+        rank = len(pngs) + 1
+        fname = f"{name}_{rank:04d}.png"
+        ok, buf = cv2.imencode(".png", crop)
+        pngs.append((fname, buf.tobytes()))
+        records.append({**face_record(cache, i, aliases, fname), "rank": rank,
+                        "quality": quality[i], "crop_fix": fix})
+    for fname, data in pngs:
+        with open(os.path.join(folder, fname), "wb") as f:
+            f.write(data)
+    bundles = {}
+    if pngs:
+        top = f"{name}_top{args.top_n}.fsz"
+        write_fsz(os.path.join(folder, top), pngs[: args.top_n])
+        write_fsz(os.path.join(folder, f"{name}_all.fsz"), pngs)
+        bundles = {"top": f"{name}/{top}", "all": f"{name}/{name}_all.fsz"}
+        exported = [cache_index for cache_index in kept if any(
+            r["sha256"] == str(cache.file_sha256[cache.face_file[cache_index]]) and
+            r["bbox"] == face_record(cache, cache_index, aliases)["bbox"] for r in records)]
+        np.save(os.path.join(folder, f"{name}.npy"), centroid(cache.face_emb[exported]))
+    counts = {}
+    for _, gate, _ in dropped:
+        counts[gate] = counts.get(gate, 0) + 1
+    write_json_atomic(os.path.join(folder, "manifest.json"), {
+        "schema": MANIFEST_SCHEMA, "name": name, "pngs": records,
+        "dropped": [{**face_record(cache, i, aliases), "gate": g, "value": round(v, 4)}
+                    for i, g, v in dropped]})
+    return {"name": name, "pngs": len(pngs), "bundles": bundles,
+            "embedding": f"{name}/{name}.npy" if pngs else None, "dropped": counts}
+
+
+def _source_image(cache, f, aliases, bbox, out_size, pad_ratio):
+    """The EXIF-oriented original, decoded at no less than the resolution the crop needs."""
+    path, data = _source_for(cache, f, aliases)
+    if path is None:
+        return None, data
+    x1, y1, x2, y2 = bbox
+    side = max(x2 - x1, y2 - y1) * (1 + 2 * pad_ratio)
+    need = int(max(cache.file_width[f], cache.file_height[f]) * min(1.0, out_size / side)) + 1
+    try:
+        return decode_image(data, min_side=need), ""
+    except BadFile as exc:
+        return None, str(exc)
+
+
+def export_candidates(cache, raw_manifest, facesets, out, det, args, aliases):
+    """Singletons of a raw cluster output close to a faceset, for a person to review."""
+    keys = cache_face_keys(cache)
+    singles = manifest_members(keys, raw_manifest["singletons"])
+    if not singles or not facesets:
+        return {}
+    names = [n for n, _ in facesets]
+    cents = np.stack([centroid(cache.face_emb[m]) for _, m in facesets])
+    d = 1.0 - cache.face_emb[singles] @ cents.T
+    q = quality_components(cache, singles)["total"]
+    found = {}
+    for k, i in enumerate(singles):
+        g = int(d[k].argmin())
+        if d[k, g] > args.candidate_match_threshold or q[k] < args.candidate_min_score:
+            continue
+        bgr, why = _source_image(cache, int(cache.face_file[i]), aliases, cache.face_bbox[i],
+                                 args.out_size, args.pad_ratio)
+        crop, fix = (None, why) if bgr is None else single_face_crop(
+            det, bgr.bgr, cache.face_bbox[i] / bgr.scale, args.out_size, args.pad_ratio)
+        if crop is None:
+            continue
+        folder = os.path.join(out, "_candidates", names[g])
+        fname = f"{names[g]}_candidate_{len(found.get(names[g], [])) + 1:04d}.png"
+        _write_png(os.path.join(folder, fname), crop)
+        found.setdefault(names[g], []).append({**face_record(cache, i, aliases, fname),
+                                               "distance": round(float(d[k, g]), 4),
+                                               "quality": round(float(q[k]), 4)})
+    return found
+
+
+def _write_png(path, bgr):
+    import cv2
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    ok, buf = cv2.imencode(".png", bgr)
+    with open(path, "wb") as f:
+        f.write(buf.tobytes())
+
+
+def open_swap_out(out, roots, clean, pack):
+    """An export-swap OUT: its manifest (or a new one). Refuses a source tree, another
+    pack's OUT, and files the tool did not write (unless --clean, which removes what
+    earlier runs wrote and leaves other files alone)."""
+    out = os.path.abspath(os.path.expanduser(out))
+    if _inside_any(out, roots) or any(_inside(r, out) for r in roots):
+        raise SortFacesError(f"output {out} overlaps a source tree; choose another folder")
+    mpath = os.path.join(out, "manifest.json")
+    m = {"schema": MANIFEST_SCHEMA, "tool_version": __version__, "step": "export-swap",
+         "pack": pack, "facesets": [], "thin_eras": []}
+    if os.path.isfile(mpath):
+        try:
+            with open(mpath, encoding="utf-8") as f:
+                old = json.load(f)
+        except (OSError, ValueError) as exc:
+            raise SortFacesError(f"{mpath}: unreadable manifest ({_short(exc)})")
+        if old.get("step") != "export-swap":
+            raise SortFacesError(f"{out} holds a `{old.get('step')}` result, not export-swap's")
+        if old.get("pack") != pack:
+            raise SortFacesError(f"{out} was exported from model pack "
+                                 f"{old.get('pack', {}).get('name')!r}; they never mix")
+        m = old
+    ours = {"manifest.json", "_candidates", "_thin", "index.html"} | {
+        e["name"] for e in m["facesets"]}
+    foreign = sorted(e for e in (os.listdir(out) if os.path.isdir(out) else [])
+                     if e not in ours and not e.startswith(".tmp-"))
+    if foreign and not clean:
+        raise SortFacesError(f"{out} holds files export-swap did not write (e.g. "
+                             f"{foreign[0]!r}); choose another folder or pass --clean")
+    if clean and os.path.isdir(out):
+        for e in ours - {"manifest.json"}:
+            p = os.path.join(out, e)
+            if os.path.isdir(p) and not os.path.islink(p):
+                shutil.rmtree(p)
+        m["facesets"], m["thin_eras"] = [], []
+    os.makedirs(out, exist_ok=True)
+    return out, m
+
+
+def swap_models(cache, model_dir=None):
+    """The detector of the cache's pack (for the one-face check)."""
+    pack = locate_pack(cache.meta["pack"]["name"], model_dir, roles=("det",))
+    return load_models(pack)["det"]
+
+
+def require_enriched(cache, faces):
+    missing = int((cache.face_pose_method[np.asarray(faces, np.int64)] == 0).sum())
+    if missing:
+        raise SortFacesError(f"{missing} faces have no landmarks or pose yet: run "
+                             f"`python sort_faces.py enrich {cache.path}` first")
+
+
+def export_swap(cache, facesets, out_manifest, out, args, extra=None):
+    """Export (name, faces) pairs into OUT and record them in OUT/manifest.json (entries of
+    the same name replaced, others kept). extra: fields added to every entry."""
+    require_enriched(cache, [i for _, m in facesets for i in m])
+    det = swap_models(cache, getattr(args, "model_dir", None))
+    dup_group = near_duplicate_files(cache)
+    aliases = cache.aliases()
+    entries = []
+    for name, members in facesets:
+        try:
+            entries.append({**export_faceset(cache, name, members, out, det, args, dup_group,
+                                             aliases), **(extra or {})})
+        except OSError as exc:
+            CONSOLE.warn(os.path.join(out, name), f"not written: {exc.strerror or exc}")
+    names = {e["name"] for e in entries}
+    out_manifest["facesets"] = [e for e in out_manifest["facesets"] if e["name"] not in names] \
+        + entries
+    out_manifest["facesets"].sort(key=lambda e: e["name"])
+    out_manifest["cache"] = cache.path
+    return entries
+
+
+def cmd_export_swap(args):
+    """Face-swap-ready crops and .fsz bundles per faceset of a refine manifest."""
+    cache = load_cache(args.cache, args.pack)
+    refined = read_manifest(args.refine_manifest, "refine", cache)
+    if args.candidates and not args.raw_manifest:
+        raise SortFacesError("--candidates needs --raw-manifest (a cluster manifest.json)")
+    raw = read_manifest(args.raw_manifest, "cluster", cache) if args.candidates else None
+    out, m = open_swap_out(args.out, cache.meta.get("roots", []), args.clean,
+                           cache.meta["pack"])
+    keys = cache_face_keys(cache)
+    facesets = [(fs["name"], manifest_members(keys, fs["faces"])) for fs in refined["facesets"]]
+    m["params"] = {k: getattr(args, k) for k in (
+        "outlier_threshold", "min_face_short", "out_size", "pad_ratio", "top_n",
+        "candidate_match_threshold", "candidate_min_score")}
+    entries = export_swap(cache, facesets, m, out, args,
+                          {"source": "refine", "refine_manifest":
+                           os.path.abspath(args.refine_manifest)})
+    if raw is not None:
+        shutil.rmtree(os.path.join(out, "_candidates"), ignore_errors=True)
+        kept = {e["name"] for e in entries if e["pngs"]}
+        m["candidates"] = export_candidates(cache, raw, [f for f in facesets if f[0] in kept],
+                                            out, swap_models(cache, args.model_dir), args,
+                                            cache.aliases())
+    write_json_atomic(os.path.join(out, "manifest.json"), m)
+    pngs = sum(e["pngs"] for e in entries)
+    extra = (f", {sum(map(len, m['candidates'].values()))} candidates"
+             if raw is not None else "")
+    _log_result(f"export-swap: {len(entries)} facesets, {pngs} PNGs{extra}; wrote {out}")
+    return 0
+
+
 def cmd_embed(args):
     """Detect and embed every face under SRC into CACHE (incremental, resumable)."""
     stats = embed_tree(args.src, args.cache, args.pack, args.model_dir, args.flush_every,
@@ -2052,6 +2416,21 @@ def _add_output_args(p):
                    help="replace what an earlier run wrote in OUT")
     g.add_argument("--dry-run", action="store_true",
                    help="print the cluster sizes, write nothing")
+
+
+def _add_swap_args(p):
+    """Export knobs shared by export-swap and the work/ workflows."""
+    g = p.add_argument_group("export")
+    g.add_argument("--outlier-threshold", type=float, default=EXPORT_OUTLIER, metavar="DIST",
+                   help="drop faces farther from the faceset centroid (recomputed once)")
+    g.add_argument("--min-face-short", type=float, default=MIN_FACE_SHORT, metavar="PX",
+                   help="smallest face short edge exported, original pixels")
+    g.add_argument("--out-size", type=int, default=OUT_SIZE, metavar="PX",
+                   help="side of the square PNG crops")
+    g.add_argument("--pad-ratio", type=float, default=PAD_RATIO, metavar="R",
+                   help="padding around the face on each side, as a fraction of its size")
+    g.add_argument("--top-n", type=int, default=TOP_N, metavar="N",
+                   help="PNGs in the <name>_top<N>.fsz bundle")
 
 
 def _add_common(p):
@@ -2197,6 +2576,32 @@ def build_parser():
                    help="how photos land in the folders (sources are never moved)")
     _add_common(p)
     p.set_defaults(func=cmd_extend)
+
+    p = sub.add_parser("export-swap", help="face-swap-ready PNG crops and .fsz bundles",
+                       description=cmd_export_swap.__doc__ + "\n\nPer faceset: tight "
+                       "outlier gate, near-duplicate collapse, size gate, composite quality "
+                       "rank, square single-face PNG crops, <name>_top<N>.fsz and "
+                       "<name>_all.fsz (zips that roop-unleashed loads), <name>.npy mean "
+                       "embedding. Needs `enrich` first.", formatter_class=_Formatter)
+    p.add_argument("cache", metavar="CACHE", help="cache written by `embed` and `enrich`")
+    p.add_argument("refine_manifest", metavar="REFINE_MANIFEST",
+                   help="refine_manifest.json of a `refine` output")
+    p.add_argument("out", metavar="OUT", help="output folder (created)")
+    _add_pack_args(p, default=None)
+    _add_swap_args(p)
+    g = p.add_argument_group("candidates")
+    g.add_argument("--candidates", action="store_true",
+                   help="also write singletons that look like a faceset to _candidates/")
+    g.add_argument("--raw-manifest", metavar="FILE",
+                   help="manifest.json of the `cluster` output whose _singletons/ to search")
+    g.add_argument("--candidate-match-threshold", type=float, default=CANDIDATE_MATCH,
+                   metavar="DIST", help="largest distance from a singleton to a faceset centroid")
+    g.add_argument("--candidate-min-score", type=float, default=CANDIDATE_MIN_SCORE,
+                   metavar="Q", help="smallest composite quality of a candidate")
+    p.add_argument("--clean", action="store_true",
+                   help="remove what earlier runs wrote in OUT first (other files are left)")
+    _add_common(p)
+    p.set_defaults(func=cmd_export_swap)
     return parser
 
 
