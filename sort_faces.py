@@ -807,7 +807,7 @@ class CacheWriter:
             width=0, height=0, faces=None, phash=(0, 0)):
         n = len(faces) if faces is not None else 0
         self._files.append((path, sha256, size, mtime_ns, status, error, width, height, n,
-                            *phash))
+                            *phash, ""))
         if faces is not None and status == "ok":
             self._faces.append((len(self._files) - 1, faces))
             self.known.add(sha256)
