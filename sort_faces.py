@@ -39,8 +39,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 __all__ = [
-    "SortFacesError", "main", "build_parser", "load_cache", "Cache", "locate_pack",
-    "load_models", "embed_tree", "agglomerate", "safe_dst_name", "write_json_atomic",
+    "SortFacesError", "main", "build_parser", "run_step", "HelpFormatter", "add_common_args",
+    "add_swap_args", "load_cache", "Cache", "locate_pack", "load_models", "embed_tree",
+    "enrich_cache", "agglomerate", "centroid", "safe_dst_name", "write_json_atomic",
+    "faces_under", "quality_gate", "finish_faceset", "open_swap_out", "export_swap",
+    "next_faceset_names", "pack_threshold", "decode_image",
 ]
 
 # ============================================================================
@@ -82,8 +85,10 @@ QUALITY_WEIGHTS = {"frontality": 0.30, "det_score": 0.20, "symmetry": 0.20, "siz
 #: (its weights are not available here to calibrate); the default pack's MobileFaceNet
 #: spreads one person wider, so it was calibrated on ../shared/data/labeled.
 PACK_THRESHOLDS = {
-    "default": {"cluster": 0.80, "merge": 0.40, "outlier": 0.60, "extend": 0.60},
-    "buffalo_l": {"cluster": 0.55, "merge": 0.40, "outlier": 0.55, "extend": 0.55},
+    "default": {"cluster": 0.80, "merge": 0.40, "outlier": 0.60, "extend": 0.60,
+                "route": 0.60},
+    "buffalo_l": {"cluster": 0.55, "merge": 0.40, "outlier": 0.55, "extend": 0.55,
+                  "route": 0.45},
 }
 ROOT_DIR = os.path.dirname(os.path.abspath(__file__))
 LOG_DIR = os.path.join(ROOT_DIR, "work", "logs")
@@ -1619,8 +1624,9 @@ def hash_pairs(hashes, flips, radius):
 def _fill_missing_hashes(cache, files):
     """Caches made before perceptual hashes existed: compute them now (in memory)."""
     missing = [f for f in files if cache.file_phash[f] == 0 and cache.file_phash_flip[f] == 0]
-    if missing:
-        CONSOLE.info(f"{len(missing)} files have no perceptual hash yet; computing them")
+    if not missing:
+        return
+    CONSOLE.info(f"{len(missing)} files have no perceptual hash yet; computing them")
     for f in progress(missing, unit="img", desc="hash"):
         try:
             with open(cache.file_path[f], "rb") as fh:
@@ -1712,7 +1718,7 @@ def cmd_dedup(args):
         raise SortFacesError(f"{out} is inside a source tree; pass --out elsewhere")
     write_json_atomic(out, report)
     sm = report["summary"]
-    _log_result(f"dedup: {sm['identical_groups']} byte-identical groups "
+    log_result(f"dedup: {sm['identical_groups']} byte-identical groups "
                 f"({sm['identical_files']} files, {_mb(saved_identical)} could be saved), "
                 f"{sm['near_groups']} near-duplicate groups ({sm['near_files']} files, "
                 f"{_mb(saved_near)} could be saved); wrote {out}")
@@ -1730,6 +1736,21 @@ def _inside_any(path, roots):
 def face_key(sha256, bbox):
     """How manifests name a face: its content hash and its box rounded as written."""
     return (str(sha256), tuple(round(float(v), 1) for v in bbox))
+
+
+def faces_under(cache, folders):
+    """Cache faces of photos under any of folders, byte-identical aliases included."""
+    roots = [os.path.realpath(f) for f in folders]
+    inside = lambda p: any(_inside(p, r) for r in roots)
+    shas = {s for s, paths in cache.aliases().items() if any(inside(p) for p in paths)}
+    owned = np.array([s in shas for s in cache.file_sha256.tolist()], bool)
+    return np.flatnonzero(owned[cache.face_file]) if cache.n_faces else np.zeros(0, np.int64)
+
+
+def next_faceset_names(manifest, count, prefix="faceset_"):
+    """Names after the highest faceset_NNN already in an export-swap OUT manifest."""
+    names = [e["name"] for e in manifest["facesets"] + manifest.get("thin_eras", [])]
+    return _next_names(prefix, [n for n in names if n.startswith(prefix)], count)
 
 
 def cache_face_keys(cache):
@@ -1928,7 +1949,7 @@ def cmd_extend(args):
     if args.refine_out:
         lines.append(_extend_line("refine", extend_refined(cache, outs[1], args.link),
                                   "new_facesets"))
-    _log_result("extend: " + "; ".join(lines))
+    log_result("extend: " + "; ".join(lines))
     return 0
 
 
@@ -2289,7 +2310,7 @@ def cmd_export_swap(args):
     pngs = sum(e["pngs"] for e in entries)
     extra = (f", {sum(map(len, m['candidates'].values()))} candidates"
              if raw is not None else "")
-    _log_result(f"export-swap: {len(entries)} facesets, {pngs} PNGs{extra}; wrote {out}")
+    log_result(f"export-swap: {len(entries)} facesets, {pngs} PNGs{extra}; wrote {out}")
     return 0
 
 
@@ -2298,7 +2319,7 @@ def cmd_embed(args):
     stats = embed_tree(args.src, args.cache, args.pack, args.model_dir, args.flush_every,
                        args.strict, args.threads, args.decode_workers, args.det_size,
                        args.det_thresh, args.max_megapixels, args.retry_failed)
-    _log_result(stats.line())
+    log_result(stats.line())
     return 130 if stats.interrupted else 0
 
 
@@ -2306,7 +2327,7 @@ def cmd_enrich(args):
     """Add 106-point landmarks (and 68-point 3D ones with buffalo_l) and head pose."""
     stats = enrich_cache(args.cache, args.model_dir, args.flush_every, args.threads,
                          args.strict)
-    _log_result(stats.line())
+    log_result(stats.line())
     return 130 if stats.interrupted else 0
 
 
@@ -2321,14 +2342,14 @@ def cmd_cluster(args):
                f"{' …' if len(sizes) > 10 else ''}), {len(plan.singletons)} singletons, "
                f"{len(plan.noface)} photos without faces")
     if args.dry_run:
-        _log_result(summary + " [dry run: nothing written]")
+        log_result(summary + " [dry run: nothing written]")
         return 0
     out = prepare_out(args.out, cache.meta.get("roots", []), args.clean)
     params = {"threshold": threshold, "min_cluster_size": args.min_cluster_size,
               "top": args.top, "max_faces_per_image": args.max_faces_per_image,
               "skip_partial": args.skip_partial, "link": args.link}
     write_cluster_output(cache, plan, out, args.link, params)
-    _log_result(summary + f"; wrote {out}")
+    log_result(summary + f"; wrote {out}")
     return 0
 
 
@@ -2347,7 +2368,7 @@ def cmd_refine(args):
     summary = (f"refine: {len(idx)} faces -> {len(plan.facesets)} facesets (sizes "
                f"{[len(f) for f in plan.facesets][:10]}); dropped {counts or 'none'}")
     if args.dry_run:
-        _log_result(summary + " [dry run: nothing written]")
+        log_result(summary + " [dry run: nothing written]")
         return 0
     out = prepare_out(args.out, cache.meta.get("roots", []), args.clean)
     params = {"initial_threshold": initial, "merge_threshold": merge,
@@ -2356,11 +2377,11 @@ def cmd_refine(args):
               "min_faces": args.min_faces, "max_faces_per_image": args.max_faces_per_image,
               "skip_partial": args.skip_partial, "link": args.link}
     write_refine_output(cache, plan, out, args.link, params)
-    _log_result(summary + f"; wrote {out}")
+    log_result(summary + f"; wrote {out}")
     return 0
 
 
-def _log_result(line):
+def log_result(line):
     """A step's result line: stdout, and the run's log."""
     CONSOLE._to_log(line)
     print(line, flush=True)
@@ -2369,7 +2390,7 @@ def _log_result(line):
 # ============================================================================
 # Argument parser
 # ============================================================================
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """Shows every default; a None default is explained in the flag's own help instead."""
 
     def _get_help_string(self, action):
@@ -2397,7 +2418,7 @@ def _add_pack_args(p, default="default"):
                         "(default pack) or ~/.insightface/models/buffalo_l")
 
 
-def _pack_defaults(key):
+def pack_defaults_help(key):
     return "/".join(f"{v[key]} for {k}" for k, v in PACK_THRESHOLDS.items())
 
 
@@ -2418,7 +2439,7 @@ def _add_output_args(p):
                    help="print the cluster sizes, write nothing")
 
 
-def _add_swap_args(p):
+def add_swap_args(p):
     """Export knobs shared by export-swap and the work/ workflows."""
     g = p.add_argument_group("export")
     g.add_argument("--outlier-threshold", type=float, default=EXPORT_OUTLIER, metavar="DIST",
@@ -2433,21 +2454,21 @@ def _add_swap_args(p):
                    help="PNGs in the <name>_top<N>.fsz bundle")
 
 
-def _add_common(p):
+def add_common_args(p):
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or messages")
     p.add_argument("--log-dir", metavar="DIR", default=LOG_DIR, help="where the run log goes")
 
 
 def build_parser():
     parser = argparse.ArgumentParser(prog="sort_faces.py", description=__doc__,
-                                     epilog=EXAMPLES, formatter_class=_Formatter)
+                                     epilog=EXAMPLES, formatter_class=HelpFormatter)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="step", required=True, metavar="STEP")
 
     p = sub.add_parser("embed", help="detect and embed every face under SRC into CACHE",
                        description=cmd_embed.__doc__ + "\n\nRe-running skips files whose "
                        "size and mtime are unchanged; byte-identical files are embedded once.",
-                       formatter_class=_Formatter)
+                       formatter_class=HelpFormatter)
     p.add_argument("src", metavar="SRC", help="folder of photos (scanned recursively)")
     p.add_argument("cache", metavar="CACHE", help="the .npz cache to create or extend")
     _add_pack_args(p)
@@ -2470,14 +2491,14 @@ def build_parser():
                    help="stop with an error at the first bad file instead of reporting it")
     g.add_argument("--retry-failed", action="store_true",
                    help="try again files that failed in an earlier run")
-    _add_common(p)
+    add_common_args(p)
     p.set_defaults(func=cmd_embed)
 
     p = sub.add_parser("enrich", help="add landmarks and head pose to cached faces",
                        description=cmd_enrich.__doc__ + "\n\nOnly faces without landmarks "
                        "are processed; resumable like embed. Pose comes from the 3D landmark "
                        "model with buffalo_l, else from solvePnP on the 2D landmarks "
-                       "(recorded per face in face_pose_method).", formatter_class=_Formatter)
+                       "(recorded per face in face_pose_method).", formatter_class=HelpFormatter)
     p.add_argument("cache", metavar="CACHE", help="cache written by `embed`")
     p.add_argument("--model-dir", metavar="DIR",
                    help="folder holding the pack's .onnx files; unset: the pack's usual place")
@@ -2487,32 +2508,32 @@ def build_parser():
                    help="onnxruntime intra-op threads")
     p.add_argument("--strict", action="store_true",
                    help="stop at the first photo that vanished or changed since embed")
-    _add_common(p)
+    add_common_args(p)
     p.set_defaults(func=cmd_enrich)
 
     p = sub.add_parser("cluster", help="group cached faces into person_NNN/ folders",
-                       description=cmd_cluster.__doc__, formatter_class=_Formatter)
+                       description=cmd_cluster.__doc__, formatter_class=HelpFormatter)
     p.add_argument("cache", metavar="CACHE", help="cache written by `embed`")
     p.add_argument("out", metavar="OUT", help="output folder (created)")
     _add_pack_args(p, default=None)
     g = p.add_argument_group("clustering")
     g.add_argument("--threshold", type=float, default=None, metavar="DIST",
                    help="cosine distance under which faces join (average linkage); unset: "
-                        "the pack's calibrated value, " + _pack_defaults("cluster"))
+                        "the pack's calibrated value, " + pack_defaults_help("cluster"))
     g.add_argument("--min-cluster-size", type=int, default=MIN_CLUSTER_SIZE, metavar="N",
                    help="smaller clusters go to _singletons/")
     g.add_argument("--top", type=int, default=0, metavar="N",
                    help="write only the N largest people (0: all)")
     _add_face_filters(g)
     _add_output_args(p)
-    _add_common(p)
+    add_common_args(p)
     p.set_defaults(func=cmd_cluster)
 
     p = sub.add_parser("refine", help="quality-gated per-identity faceset_NNN/ folders",
                        description=cmd_refine.__doc__ + "\n\nCluster -> merge over-split "
                        "clusters by centroid -> size/blur/score gates -> outlier rejection "
                        "-> minimum size. Numbers are assigned afresh; use `extend` to update "
-                       "an existing result without renumbering.", formatter_class=_Formatter)
+                       "an existing result without renumbering.", formatter_class=HelpFormatter)
     p.add_argument("cache", metavar="CACHE", help="cache written by `embed`")
     p.add_argument("out", metavar="OUT", help="output folder (created)")
     _add_pack_args(p, default=None)
@@ -2522,7 +2543,7 @@ def build_parser():
                             ("--outlier-threshold", "outlier",
                              "drop faces farther from their centroid (clusters of >= 4)")):
         g.add_argument(flag, type=float, default=None, metavar="DIST",
-                       help=f"{what}, cosine distance; unset: " + _pack_defaults(key))
+                       help=f"{what}, cosine distance; unset: " + pack_defaults_help(key))
     g = p.add_argument_group("quality gates")
     g.add_argument("--min-short", type=float, default=MIN_SHORT, metavar="PX",
                    help="smallest face short edge, original pixels")
@@ -2534,14 +2555,14 @@ def build_parser():
                    help="unique source images a faceset needs")
     _add_face_filters(g)
     _add_output_args(p)
-    _add_common(p)
+    add_common_args(p)
     p.set_defaults(func=cmd_refine)
 
     p = sub.add_parser("dedup", help="report byte-identical and near-duplicate photos",
                        description=cmd_dedup.__doc__ + "\n\nWrites <cache>.duplicates.json "
                        "(schema in the README). Near-duplicates: the same photo re-saved, "
                        "resized, recompressed, lightly cropped or mirrored.",
-                       formatter_class=_Formatter)
+                       formatter_class=HelpFormatter)
     p.add_argument("cache", metavar="CACHE", help="cache written by `embed`")
     _add_pack_args(p, default=None)
     p.add_argument("--hamming", type=int, default=DUP_HAMMING, metavar="BITS",
@@ -2555,7 +2576,7 @@ def build_parser():
                         "faces on one or both sides)")
     p.add_argument("--out", metavar="FILE",
                    help="report path; unset: <cache without .npz>.duplicates.json")
-    _add_common(p)
+    add_common_args(p)
     p.set_defaults(func=cmd_dedup)
 
     p = sub.add_parser("extend", help="fold new faces into existing results, no renumbering",
@@ -2563,18 +2584,18 @@ def build_parser():
                        "existing person whose centroid is within --threshold; the rest are "
                        "clustered among themselves and numbered after the current maximum. "
                        "Nothing existing moves; a second run adds nothing.",
-                       formatter_class=_Formatter)
+                       formatter_class=HelpFormatter)
     p.add_argument("cache", metavar="CACHE", help="the cache the results were made from")
     p.add_argument("raw_out", metavar="RAW_OUT", help="a `cluster` output folder")
     p.add_argument("--refine-out", metavar="DIR", help="also extend this `refine` output")
     _add_pack_args(p, default=None)
     p.add_argument("--threshold", type=float, default=None, metavar="DIST",
                    help="largest face-to-centroid cosine distance to join a person; unset: "
-                        + _pack_defaults("extend") + " (refine outputs use their own "
+                        + pack_defaults_help("extend") + " (refine outputs use their own "
                         "outlier threshold)")
     p.add_argument("--link", choices=("copy", "hardlink", "symlink"), default="copy",
                    help="how photos land in the folders (sources are never moved)")
-    _add_common(p)
+    add_common_args(p)
     p.set_defaults(func=cmd_extend)
 
     p = sub.add_parser("export-swap", help="face-swap-ready PNG crops and .fsz bundles",
@@ -2582,13 +2603,13 @@ def build_parser():
                        "outlier gate, near-duplicate collapse, size gate, composite quality "
                        "rank, square single-face PNG crops, <name>_top<N>.fsz and "
                        "<name>_all.fsz (zips that roop-unleashed loads), <name>.npy mean "
-                       "embedding. Needs `enrich` first.", formatter_class=_Formatter)
+                       "embedding. Needs `enrich` first.", formatter_class=HelpFormatter)
     p.add_argument("cache", metavar="CACHE", help="cache written by `embed` and `enrich`")
     p.add_argument("refine_manifest", metavar="REFINE_MANIFEST",
                    help="refine_manifest.json of a `refine` output")
     p.add_argument("out", metavar="OUT", help="output folder (created)")
     _add_pack_args(p, default=None)
-    _add_swap_args(p)
+    add_swap_args(p)
     g = p.add_argument_group("candidates")
     g.add_argument("--candidates", action="store_true",
                    help="also write singletons that look like a faceset to _candidates/")
@@ -2600,7 +2621,7 @@ def build_parser():
                    metavar="Q", help="smallest composite quality of a candidate")
     p.add_argument("--clean", action="store_true",
                    help="remove what earlier runs wrote in OUT first (other files are left)")
-    _add_common(p)
+    add_common_args(p)
     p.set_defaults(func=cmd_export_swap)
     return parser
 
@@ -2610,13 +2631,19 @@ def build_parser():
 # ============================================================================
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    return run_step(args.step, args.func, args)
+
+
+def run_step(step, func, args):
+    """Run func(args) as one logged step: SortFacesError -> one `error:` line, exit 1;
+    Ctrl-C or SIGTERM -> exit 130. work/ scripts call this too."""
     CONSOLE.quiet = args.quiet
-    CONSOLE.open_log(args.step, args.log_dir)
+    CONSOLE.open_log(step, args.log_dir)
     previous = signal.getsignal(signal.SIGTERM)
     if previous is signal.SIG_DFL:      # a kill flushes like Ctrl-C does
         signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
-        return args.func(args)
+        return func(args)
     except SortFacesError as exc:
         CONSOLE._to_log(f"error: {exc}")
         print(f"error: {exc}", file=sys.stderr)

@@ -1,0 +1,145 @@
+#!/usr/bin/env python3
+"""Face sets from folders you already sorted by person.
+
+Each --trusted folder is one person (its name is the label). Their faces in the cache
+(byte-identical aliases included) give the person's centroid by two-pass outlier rejection,
+so bystanders in group photos drop out; faces under --mixed folders are routed to every
+person whose centroid is close enough. Each person is exported like `export-swap` into
+SWAP_OUT, named after the folder, with a <label>.txt marker. Facesets already in SWAP_OUT
+are never touched: re-running adds only new trusted folders.
+
+  python sort_faces.py embed ~/Pictures work/cache/photos.npz
+  python sort_faces.py enrich work/cache/photos.npz
+  python work/build_folders.py --cache work/cache/photos.npz --out facesets_swap_ready \\
+      --trusted ~/Pictures/people/Anna ~/Pictures/people/Ben --mixed ~/Pictures/2023
+"""
+import argparse
+import datetime
+import os
+import re
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import sort_faces as sf  # noqa: E402
+
+FIRST_PASS, SECOND_PASS = 0.55, 0.45   #: cosine distances of the two centroid passes
+
+
+def label_of(folder):
+    """A faceset name from a folder name: letters, digits, - and _ only."""
+    name = re.sub(r"[^\w-]+", "_", os.path.basename(os.path.normpath(folder))).strip("_")
+    if not name:
+        raise sf.SortFacesError(f"{folder}: cannot make a faceset name from this folder")
+    return name
+
+
+def identity(cache, faces, passes=(FIRST_PASS, SECOND_PASS)):
+    """The faces of a trusted folder that are its person: keep those near the centroid,
+    recompute, tighten (a group photo's bystanders fall out in the second pass)."""
+    faces = np.asarray(faces, np.int64)
+    for limit in passes:
+        if not len(faces):
+            break
+        d = 1.0 - cache.face_emb[faces] @ sf.centroid(cache.face_emb[faces])
+        faces = faces[d <= limit]
+    return faces.tolist()
+
+
+def route(cache, mixed, people, threshold):
+    """Mixed faces -> the people whose centroid is within threshold; one photo's faces
+    never go to the same person twice (the nearest wins)."""
+    if not people or not len(mixed):
+        return {}
+    names = list(people)
+    cents = np.stack([sf.centroid(cache.face_emb[people[n]]) for n in names])
+    d = 1.0 - cache.face_emb[mixed] @ cents.T
+    routed, taken = {}, set()
+    for flat in np.argsort(d, axis=None, kind="stable"):
+        k, g = divmod(int(flat), len(names))
+        if d[k, g] > threshold:
+            break
+        key = (int(cache.face_file[mixed[k]]), g)
+        if key in taken or int(mixed[k]) in people[names[g]]:
+            continue
+        taken.add(key)
+        routed.setdefault(names[g], []).append(int(mixed[k]))
+    return routed
+
+
+def run(args):
+    cache = sf.load_cache(args.cache)
+    out, manifest = sf.open_swap_out(args.out, cache.meta.get("roots", []), False,
+                                     cache.meta["pack"])
+    done = {e["name"] for e in manifest["facesets"]}
+    people, folders, skipped = {}, {}, []
+    for folder in args.trusted:
+        if not os.path.isdir(folder):
+            raise sf.SortFacesError(f"--trusted folder not found: {folder}")
+        label = label_of(folder)
+        if label in done:
+            skipped.append(label)
+            continue
+        faces = identity(cache, sf.faces_under(cache, [folder]))
+        if not faces:
+            sf.CONSOLE.warn(folder, "no faces of this folder's person in the cache "
+                                    "(run `embed` on it first)")
+            continue
+        people[label], folders[label] = faces, os.path.abspath(folder)
+    mixed = sf.faces_under(cache, args.mixed) if args.mixed else np.zeros(0, np.int64)
+    routed = route(cache, mixed, people, sf.pack_threshold(cache, "route",
+                                                           args.route_threshold))
+    for label, faces in people.items():
+        sf.CONSOLE.info(f"{label}: {len(faces)} faces from its folder, "
+                        f"{len(routed.get(label, []))} routed from mixed folders")
+    if skipped:
+        sf.CONSOLE.info(f"already in {out}, left as they are: {', '.join(skipped)}")
+    if args.dry_run or not people:
+        sf.log_result(f"build_folders: {len(people)} new facesets"
+                       + (" [dry run: nothing written]" if args.dry_run else ""))
+        return 0
+    stamp = datetime.datetime.now().isoformat(timespec="seconds")
+    for label, faces in people.items():
+        extra = {"source": "build_folders", "trusted": folders[label], "at": stamp,
+                 "mixed": [os.path.abspath(m) for m in args.mixed],
+                 "routed": len(routed.get(label, []))}
+        sf.export_swap(cache, [(label, faces + routed.get(label, []))], manifest, out, args,
+                       extra)
+        with open(os.path.join(out, label, f"{label}.txt"), "w", encoding="utf-8") as f:
+            f.write(f"{label}\nbuilt by work/build_folders.py at {stamp}\n"
+                    f"trusted folder: {folders[label]}\n"
+                    f"routed from mixed folders: {extra['routed']}\n")
+        sf.write_json_atomic(os.path.join(out, "manifest.json"), manifest)   # each one kept
+    sf.log_result(f"build_folders: {len(people)} new facesets ({', '.join(people)}); "
+                   f"wrote {out}")
+    return 0
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=sf.HelpFormatter)
+    p.add_argument("--cache", required=True, metavar="CACHE", help="cache (embedded, enriched)")
+    p.add_argument("--out", required=True, metavar="SWAP_OUT",
+                   help="export-swap output folder (created when absent)")
+    p.add_argument("--trusted", nargs="+", required=True, metavar="DIR",
+                   help="folders that each hold one person")
+    p.add_argument("--mixed", nargs="*", default=[], metavar="DIR",
+                   help="folders of other photos to route to those people")
+    p.add_argument("--route-threshold", type=float, default=None, metavar="DIST",
+                   help="largest face-to-person-centroid distance to route a mixed face; "
+                        "unset: " + sf.pack_defaults_help("route"))
+    p.add_argument("--model-dir", metavar="DIR",
+                   help="folder holding the pack's .onnx files; unset: the pack's usual place")
+    p.add_argument("--dry-run", action="store_true", help="print what would happen, write nothing")
+    sf.add_swap_args(p)
+    sf.add_common_args(p)
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    return sf.run_step("build_folders", run, args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,148 @@
+#!/usr/bin/env python3
+"""New people in a mixed folder, added to an export-swap output.
+
+Faces under --source (byte-identical aliases included) that are not already one of the
+facesets in SWAP_OUT (within --existing-threshold of a faceset's mean embedding) are
+clustered; refine's gates apply (face size, blur, detector score, outlier rejection for
+clusters of >= 4), and clusters with at least --min-faces unique photos become new facesets,
+numbered after the highest faceset_NNN there and exported like `export-swap`, each with a
+<name>.txt provenance marker. Nothing already in SWAP_OUT changes.
+
+  python sort_faces.py embed ~/Pictures/party work/cache/photos.npz
+  python sort_faces.py enrich work/cache/photos.npz
+  python work/discover.py --cache work/cache/photos.npz --out facesets_swap_ready \\
+      --source ~/Pictures/party --dry-run
+"""
+import argparse
+import datetime
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import sort_faces as sf  # noqa: E402
+
+
+def existing_centroids(out, manifest):
+    """Mean embeddings of every faceset (and thin era) already in SWAP_OUT."""
+    cents = []
+    for e in manifest["facesets"] + manifest.get("thin_eras", []):
+        if e.get("embedding"):
+            path = os.path.join(out, e["embedding"])
+            try:
+                cents.append(np.load(path, allow_pickle=False))
+            except (OSError, ValueError) as exc:
+                raise sf.SortFacesError(f"{path}: unreadable faceset embedding ({exc})")
+    return np.stack(cents).astype(np.float32) if cents else np.zeros((0, 512), np.float32)
+
+
+def candidates(cache, faces, cents, threshold):
+    """Faces farther than threshold from every existing faceset."""
+    if not len(cents) or not len(faces):
+        return np.asarray(faces, np.int64)
+    d = 1.0 - cache.face_emb[faces] @ cents.T
+    return np.asarray(faces, np.int64)[d.min(axis=1) > threshold]
+
+
+def new_facesets(cache, faces, args):
+    """Cluster, gate and size-filter: (facesets, per-cluster reports, gate counts)."""
+    threshold = sf.pack_threshold(cache, "cluster", args.cluster_threshold)
+    outlier = sf.pack_threshold(cache, "outlier", args.outlier_threshold_refine)
+    labels = sf.agglomerate(cache.face_emb[faces], threshold, groups=cache.face_file[faces])
+    clusters = sorted((faces[labels == k].tolist() for k in range(labels.max() + 1)),
+                      key=lambda c: (-len(c), c[0])) if len(faces) else []
+    kept_sets, reports = [], []
+    for members in clusters:
+        dropped = []
+        kept = sf.quality_gate(cache, members, args.min_short, args.min_blur,
+                               args.min_det_score, dropped)
+        kept = sf.finish_faceset(cache, kept, outlier, args.min_faces, dropped)
+        gates = {}
+        for _, gate, _ in dropped:
+            gates[gate] = gates.get(gate, 0) + 1
+        reports.append((len(members), len(kept), gates))
+        if kept:
+            kept_sets.append(kept)
+    kept_sets.sort(key=lambda f: (-len(f), f[0]))
+    return kept_sets, reports
+
+
+def run(args):
+    cache = sf.load_cache(args.cache)
+    for folder in args.source:
+        if not os.path.isdir(folder):
+            raise sf.SortFacesError(f"--source folder not found: {folder}")
+    out, manifest = sf.open_swap_out(args.out, cache.meta.get("roots", []), False,
+                                     cache.meta["pack"])
+    faces = sf.faces_under(cache, args.source)
+    cents = existing_centroids(out, manifest)
+    left = candidates(cache, faces, cents,
+                      sf.pack_threshold(cache, "route", args.existing_threshold))
+    sf.CONSOLE.info(f"{len(faces)} faces under --source, {len(faces) - len(left)} belong to "
+                    f"the {len(cents)} facesets already in {out}, {len(left)} left")
+    sets, reports = new_facesets(cache, left, args)
+    for k, (size, kept, gates) in enumerate(reports, 1):
+        if size >= 2:
+            sf.CONSOLE.info(f"cluster {k}: {size} faces -> {kept} kept; removed "
+                            f"{gates or 'nothing'}")
+    names = sf.next_faceset_names(manifest, len(sets))
+    if args.dry_run or not sets:
+        sf.log_result(f"discover: {len(sets)} new facesets {names} (sizes "
+                      f"{[len(s) for s in sets]})"
+                      + (" [dry run: nothing written]" if args.dry_run else ""))
+        return 0
+    stamp = datetime.datetime.now().isoformat(timespec="seconds")
+    extra = {"source": "discover", "source_dirs": [os.path.abspath(s) for s in args.source],
+             "at": stamp}
+    for name, members in zip(names, sets):
+        sf.export_swap(cache, [(name, members)], manifest, out, args, extra)
+        with open(os.path.join(out, name, f"{name}.txt"), "w", encoding="utf-8") as f:
+            f.write(f"{name}\ndiscovered by work/discover.py at {stamp}\n"
+                    f"in: {', '.join(extra['source_dirs'])}\nfaces: {len(members)}\n")
+        sf.write_json_atomic(os.path.join(out, "manifest.json"), manifest)
+    sf.log_result(f"discover: {len(sets)} new facesets {names} (sizes "
+                  f"{[len(s) for s in sets]}); wrote {out}")
+    return 0
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=sf.HelpFormatter)
+    p.add_argument("--cache", required=True, metavar="CACHE", help="cache (embedded, enriched)")
+    p.add_argument("--out", required=True, metavar="SWAP_OUT",
+                   help="export-swap output folder (created when absent)")
+    p.add_argument("--source", nargs="+", required=True, metavar="DIR",
+                   help="mixed folders to look for new people in")
+    g = p.add_argument_group("identity")
+    g.add_argument("--existing-threshold", type=float, default=None, metavar="DIST",
+                   help="a face this close to an existing faceset belongs to it; unset: "
+                        + sf.pack_defaults_help("route"))
+    g.add_argument("--cluster-threshold", type=float, default=None, metavar="DIST",
+                   help="average-linkage threshold; unset: " + sf.pack_defaults_help("cluster"))
+    g.add_argument("--outlier-threshold-refine", type=float, default=None, metavar="DIST",
+                   help="refine's outlier rejection; unset: " + sf.pack_defaults_help("outlier"))
+    g.add_argument("--min-faces", type=int, default=6, metavar="N",
+                   help="unique photos a new faceset needs")
+    g = p.add_argument_group("quality gates (as refine)")
+    g.add_argument("--min-short", type=float, default=sf.MIN_SHORT, metavar="PX",
+                   help="smallest face short edge")
+    g.add_argument("--min-blur", type=float, default=sf.MIN_BLUR, metavar="VAR",
+                   help="smallest variance of Laplacian of the aligned face")
+    g.add_argument("--min-det-score", type=float, default=sf.MIN_DET_SCORE, metavar="SCORE",
+                   help="smallest detector score")
+    p.add_argument("--model-dir", metavar="DIR",
+                   help="folder holding the pack's .onnx files; unset: the pack's usual place")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the candidate clusters and what each gate removed; write nothing")
+    sf.add_swap_args(p)
+    sf.add_common_args(p)
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    return sf.run_step("discover", run, args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
