@@ -2066,6 +2066,24 @@ def write_fsz(path, members):
     _write_atomic(path, write)
 
 
+def write_reactor_model(path, cache, faces):
+    """A ReActor face model (.safetensors): the averaged identity as the embedding, the other
+    fields of the best-ranked face (faces[0]). The packs have no gender/age model: -1."""
+    from safetensors.numpy import save
+    best = faces[0]
+    tensors = {
+        "bbox": cache.face_bbox[best].astype(np.float32),
+        "kps": cache.face_kps[best].astype(np.float32),
+        "det_score": np.array(cache.face_det_score[best], np.float32),
+        "landmark_3d_68": cache.face_lmk68[best].astype(np.float32),
+        "pose": cache.face_pose[best].astype(np.float32),
+        "landmark_2d_106": cache.face_lmk106[best].astype(np.float32),
+        "embedding": centroid(cache.face_emb[faces]).astype(np.float32),
+        "gender": np.array(-1, np.int64), "age": np.array(-1, np.int64)}
+    data = save(tensors)
+    _write_atomic(path, lambda f: f.write(data))
+
+
 def near_duplicate_files(cache):
     """file index -> near-duplicate group id (from `find_duplicates`)."""
     _, near = find_duplicates(cache)
@@ -2117,7 +2135,7 @@ def export_faceset(cache, name, members, out, det, args, dup_group, aliases):
         shutil.rmtree(folder) if os.path.isdir(folder) and not os.path.islink(folder) \
             else os.unlink(folder)
     os.makedirs(folder)
-    pngs, records = [], []
+    pngs, records, exported = [], [], []     # exported: cache faces in rank order
     for i in progress(kept, unit="face", desc=name, leave=False):
         bgr, why = _source_image(cache, int(cache.face_file[i]), aliases, cache.face_bbox[i],
                                  args.out_size, args.pad_ratio)
@@ -2131,6 +2149,7 @@ def export_faceset(cache, name, members, out, det, args, dup_group, aliases):
         fname = f"{name}_{rank:04d}.png"
         ok, buf = cv2.imencode(".png", crop)
         pngs.append((fname, buf.tobytes()))
+        exported.append(i)
         records.append({**face_record(cache, i, aliases, fname), "rank": rank,
                         "quality": quality[i], "crop_fix": fix})
     for fname, data in pngs:
@@ -2142,10 +2161,8 @@ def export_faceset(cache, name, members, out, det, args, dup_group, aliases):
         write_fsz(os.path.join(folder, top), pngs[: args.top_n])
         write_fsz(os.path.join(folder, f"{name}_all.fsz"), pngs)
         bundles = {"top": f"{name}/{top}", "all": f"{name}/{name}_all.fsz"}
-        exported = [cache_index for cache_index in kept if any(
-            r["sha256"] == str(cache.file_sha256[cache.face_file[cache_index]]) and
-            r["bbox"] == face_record(cache, cache_index, aliases)["bbox"] for r in records)]
         np.save(os.path.join(folder, f"{name}.npy"), centroid(cache.face_emb[exported]))
+        write_reactor_model(os.path.join(folder, f"{name}.safetensors"), cache, exported)
     counts = {}
     for _, gate, _ in dropped:
         counts[gate] = counts.get(gate, 0) + 1
@@ -2154,7 +2171,8 @@ def export_faceset(cache, name, members, out, det, args, dup_group, aliases):
         "dropped": [{**face_record(cache, i, aliases), "gate": g, "value": round(v, 4)}
                     for i, g, v in dropped]})
     return {"name": name, "pngs": len(pngs), "bundles": bundles,
-            "embedding": f"{name}/{name}.npy" if pngs else None, "dropped": counts}
+            "embedding": f"{name}/{name}.npy" if pngs else None,
+            "reactor_model": f"{name}/{name}.safetensors" if pngs else None, "dropped": counts}
 
 
 def _source_image(cache, f, aliases, bbox, out_size, pad_ratio):
