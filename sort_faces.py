@@ -43,7 +43,7 @@ __all__ = [
     "add_swap_args", "load_cache", "Cache", "locate_pack", "load_models", "embed_tree",
     "enrich_cache", "agglomerate", "centroid", "safe_dst_name", "write_json_atomic",
     "faces_under", "quality_gate", "finish_faceset", "open_swap_out", "export_swap",
-    "next_faceset_names", "pack_threshold", "decode_image",
+    "next_faceset_names", "pack_threshold", "decode_image", "swap_out_centroids",
 ]
 
 # ============================================================================
@@ -2227,7 +2227,7 @@ def _write_png(path, bgr):
         f.write(buf.tobytes())
 
 
-def open_swap_out(out, roots, clean, pack):
+def open_swap_out(out, roots, clean, pack, create=True):
     """An export-swap OUT: its manifest (or a new one). Refuses a source tree, another
     pack's OUT, and files the tool did not write (unless --clean, which removes what
     earlier runs wrote and leaves other files alone)."""
@@ -2262,8 +2262,22 @@ def open_swap_out(out, roots, clean, pack):
             if os.path.isdir(p) and not os.path.islink(p):
                 shutil.rmtree(p)
         m["facesets"], m["thin_eras"] = [], []
-    os.makedirs(out, exist_ok=True)
+    if create:
+        os.makedirs(out, exist_ok=True)
     return out, m
+
+
+def swap_out_centroids(out, manifest):
+    """Mean embeddings of every faceset (and thin era) already in an export-swap OUT."""
+    cents = []
+    for e in manifest["facesets"] + manifest.get("thin_eras", []):
+        if e.get("embedding"):
+            path = os.path.join(out, e["embedding"])
+            try:
+                cents.append(np.load(path, allow_pickle=False))
+            except (OSError, ValueError) as exc:
+                raise SortFacesError(f"{path}: unreadable faceset embedding ({_short(exc)})")
+    return np.stack(cents).astype(np.float32) if cents else np.zeros((0, 512), np.float32)
 
 
 def swap_models(cache, model_dir=None):

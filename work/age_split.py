@@ -166,7 +166,7 @@ def probe(cache, faces, years, th):
 def run(args):
     cache = sf.load_cache(args.cache)
     out, manifest = sf.open_swap_out(args.out, cache.meta.get("roots", []), False,
-                                     cache.meta["pack"])
+                                     cache.meta["pack"], create=False)
     entry = next((e for e in manifest["facesets"] if e["name"] == args.faceset), None)
     if entry is None or not entry.get("embedding"):
         raise sf.SortFacesError(f"{args.faceset} is not an exported faceset in {out}")
@@ -209,10 +209,15 @@ def run(args):
         holder = {"facesets": manifest.get("thin_eras", []) if thin else manifest["facesets"]}
         entries = sf.export_swap(cache, [(name, faces[members].tolist())], holder, target,
                                  args, extra)
-        if thin:
+        if thin:     # paths in OUT/manifest.json are relative to OUT
             for e in entries:
                 e["path"] = f"_thin/{name}"
+                e["bundles"] = {k: f"_thin/{v}" for k, v in e["bundles"].items()}
+                for k in ("embedding", "reactor_model"):
+                    e[k] = e[k] and f"_thin/{e[k]}"
             manifest["thin_eras"] = holder["facesets"]
+        else:
+            manifest["facesets"] = holder["facesets"]
         with open(os.path.join(target, name, f"{name}.txt"), "w", encoding="utf-8") as f:
             f.write(f"{name}\nera of {args.faceset}, split by work/age_split.py at {stamp}\n"
                     f"years: {extra['years'] or 'unknown'}\nfaces: {len(members)} ({kind})\n")

@@ -47,14 +47,18 @@ def identity(cache, faces, passes=(FIRST_PASS, SECOND_PASS)):
     return faces.tolist()
 
 
-def route(cache, mixed, people, threshold):
+def route(cache, mixed, people, threshold, existing=None):
     """Mixed faces -> the people whose centroid is within threshold; one photo's faces
-    never go to the same person twice (the nearest wins)."""
+    never go to the same person twice (the nearest wins), and a face nearer to a faceset
+    already exported (existing centroids) stays out."""
     if not people or not len(mixed):
         return {}
     names = list(people)
     cents = np.stack([sf.centroid(cache.face_emb[people[n]]) for n in names])
     d = 1.0 - cache.face_emb[mixed] @ cents.T
+    if existing is not None and len(existing):
+        known = (1.0 - cache.face_emb[mixed] @ existing.T).min(axis=1)
+        d[known[:, None] < d] = np.inf
     routed, taken = {}, set()
     for flat in np.argsort(d, axis=None, kind="stable"):
         k, g = divmod(int(flat), len(names))
@@ -71,7 +75,7 @@ def route(cache, mixed, people, threshold):
 def run(args):
     cache = sf.load_cache(args.cache)
     out, manifest = sf.open_swap_out(args.out, cache.meta.get("roots", []), False,
-                                     cache.meta["pack"])
+                                     cache.meta["pack"], create=not args.dry_run)
     done = {e["name"] for e in manifest["facesets"]}
     people, folders, skipped = {}, {}, []
     for folder in args.trusted:
@@ -88,8 +92,8 @@ def run(args):
             continue
         people[label], folders[label] = faces, os.path.abspath(folder)
     mixed = sf.faces_under(cache, args.mixed) if args.mixed else np.zeros(0, np.int64)
-    routed = route(cache, mixed, people, sf.pack_threshold(cache, "route",
-                                                           args.route_threshold))
+    routed = route(cache, mixed, people, sf.pack_threshold(cache, "route", args.route_threshold),
+                   sf.swap_out_centroids(out, manifest))
     for label, faces in people.items():
         sf.CONSOLE.info(f"{label}: {len(faces)} faces from its folder, "
                         f"{len(routed.get(label, []))} routed from mixed folders")

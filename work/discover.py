@@ -24,19 +24,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import sort_faces as sf  # noqa: E402
 
 
-def existing_centroids(out, manifest):
-    """Mean embeddings of every faceset (and thin era) already in SWAP_OUT."""
-    cents = []
-    for e in manifest["facesets"] + manifest.get("thin_eras", []):
-        if e.get("embedding"):
-            path = os.path.join(out, e["embedding"])
-            try:
-                cents.append(np.load(path, allow_pickle=False))
-            except (OSError, ValueError) as exc:
-                raise sf.SortFacesError(f"{path}: unreadable faceset embedding ({exc})")
-    return np.stack(cents).astype(np.float32) if cents else np.zeros((0, 512), np.float32)
-
-
 def candidates(cache, faces, cents, threshold):
     """Faces farther than threshold from every existing faceset."""
     if not len(cents) or not len(faces):
@@ -74,9 +61,9 @@ def run(args):
         if not os.path.isdir(folder):
             raise sf.SortFacesError(f"--source folder not found: {folder}")
     out, manifest = sf.open_swap_out(args.out, cache.meta.get("roots", []), False,
-                                     cache.meta["pack"])
+                                     cache.meta["pack"], create=not args.dry_run)
     faces = sf.faces_under(cache, args.source)
-    cents = existing_centroids(out, manifest)
+    cents = sf.swap_out_centroids(out, manifest)
     left = candidates(cache, faces, cents,
                       sf.pack_threshold(cache, "route", args.existing_threshold))
     sf.CONSOLE.info(f"{len(faces)} faces under --source, {len(faces) - len(left)} belong to "
