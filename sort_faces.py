@@ -2006,17 +2006,20 @@ def _crop_at(bgr, bbox, out_size, pad_ratio):
     return crop, box
 
 
-def _faces_in(det, img):
-    """Every face a swap tool could find in img: native size and a 640 letterbox (as
-    insightface's FaceAnalysis sees it), at the swap tools' usual score 0.5, merged."""
-    b1, _, _ = detect_faces(det, img, det_thresh=RECHECK_THRESH)
-    b2, _ = det.detect(img, input_size=(640, 640), det_thresh=RECHECK_THRESH)
-    boxes = list(b1) + [b[:4] for b in b2]
-    merged = []
-    for b in boxes:
-        if all(box_iou(b, m) < 0.4 for m in merged):
-            merged.append(np.asarray(b[:4], np.float32))
-    return merged
+def _face_views(det, img):
+    """Faces a swap tool could find in img, per view: native size, and the 640x640
+    letterbox insightface's FaceAnalysis uses; both at the swap tools' usual score 0.5."""
+    native, _, _ = detect_faces(det, img, det_thresh=RECHECK_THRESH)
+    letterbox, _ = det.detect(img, input_size=(640, 640), det_thresh=RECHECK_THRESH)
+    return [list(native[:, :4]), list(letterbox[:, :4])]
+
+
+def _one_face(det, img, box):
+    """(is the face at box found in every view, the other faces any view finds)."""
+    views = _face_views(det, img)
+    found = all(any(box_iou(f, box) >= 0.3 for f in view) for view in views)
+    others = [f for view in views for f in view if box_iou(f, box) < 0.3]
+    return found, others
 
 
 def box_iou(a, b):
@@ -2027,30 +2030,31 @@ def box_iou(a, b):
 
 
 def single_face_crop(det, bgr, bbox, out_size=OUT_SIZE, pad_ratio=PAD_RATIO):
-    """A crop that holds exactly one detectable face, the one at bbox: shrink the padding,
-    then mask the other faces. Returns (crop, what was done) or (None, why not)."""
+    """A crop that holds exactly one detectable face, the one at bbox, in every view a swap
+    tool may use: shrink the padding while the face stays detectable (a face that fills
+    the crop is missed in a 640 letterbox), else mask the other faces at full padding.
+    Returns (crop, what was done) or (None, why not)."""
     import cv2
-    pads = [pad_ratio] + [p for p in (0.3, 0.15, 0.05) if p < pad_ratio]
-    for pad in pads:
-        crop, box = _crop_at(bgr, bbox, out_size, pad)
-        found = _faces_in(det, crop)
-        mine = [f for f in found if box_iou(f, box) >= 0.3]
-        others = [f for f in found if box_iou(f, box) < 0.3]
-        if mine and not others:
-            return crop, "none" if pad == pad_ratio else f"padding {pad}"
-    if not mine:
+    crop, box = _crop_at(bgr, bbox, out_size, pad_ratio)
+    found, others = _one_face(det, crop, box)
+    if not found:
         return None, "the face is not found again in its crop"
+    if not others:
+        return crop, "none"
+    for pad in (p for p in (0.3, 0.15) if p < pad_ratio):
+        smaller, sbox = _crop_at(bgr, bbox, out_size, pad)
+        ok, rest = _one_face(det, smaller, sbox)
+        if ok and not rest:
+            return smaller, f"padding {pad}"
     masked = crop.copy()
     for f in others:
         x1, y1, x2, y2 = np.clip(np.round(f), 0, out_size).astype(int)
-        masked[y1:y2, x1:x2] = cv2.blur(masked[y1:y2, x1:x2], (51, 51)) if x2 > x1 and \
-            y2 > y1 else masked[y1:y2, x1:x2]
-        masked[y1:y2, x1:x2] = masked[y1:y2, x1:x2].mean(axis=(0, 1)) if x2 > x1 and \
-            y2 > y1 else masked[y1:y2, x1:x2]
-    found = _faces_in(det, masked)
-    if len(found) == 1 and box_iou(found[0], box) >= 0.3:
-        return masked, f"padding {pads[-1]}, masked {len(others)} other face(s)"
-    return None, f"{len(found)} faces remain after masking"
+        if x2 > x1 and y2 > y1 and box_iou(f, box) < 0.3:
+            masked[y1:y2, x1:x2] = cv2.blur(masked[y1:y2, x1:x2], (31, 31)).mean(axis=(0, 1))
+    ok, rest = _one_face(det, masked, box)
+    if ok and not rest:
+        return masked, f"masked {len(others)} other face detection(s)"
+    return None, f"{len(rest)} other faces remain after masking"
 
 
 def write_fsz(path, members):
