@@ -19,7 +19,6 @@ import argparse
 import concurrent.futures
 import contextlib
 import datetime
-import errno
 import fcntl
 import glob
 import hashlib
@@ -36,7 +35,10 @@ import time
 import warnings
 from dataclasses import dataclass, field
 
+import faiss
 import numpy as np
+from scipy.sparse import coo_matrix, csr_matrix
+from scipy.sparse.csgraph import connected_components
 
 __all__ = [
     "SortFacesError", "main", "build_parser", "run_step", "HelpFormatter", "add_common_args",
@@ -58,6 +60,11 @@ DET_THRESH = 0.65             #: detector score; see docs/calibration.md (pets v
 DECODE_FACTOR = 2             #: decode at >= this many times DET_SIZE, so embeddings see detail
 MAX_MEGAPIXELS = 120          #: megapixels; larger images are refused as decompression bombs
 FLUSH_EVERY = 50              #: new files between cache flushes
+EXACT_MAX_FACES = 20000       #: faces; above this clustering builds no N x N matrix
+_LIST = 32                    #: candidate partners remembered per cluster (graph path)
+_FLAT_PAIRS = 4e8             #: query x base pairs searched brute force, else an IVF index
+_NPROBE = 16                  #: IVF lists probed per query (8 splits small identities more)
+_CHUNK = 1 << 16              #: rows gathered at a time, to keep temporaries small
 MIN_CLUSTER_SIZE = 2          #: faces; smaller clusters go to _singletons/
 MIN_SHORT = 90                #: pixels, refine: smallest face short edge kept
 MIN_BLUR = 40.0               #: variance of Laplacian of the aligned face, refine gate
@@ -907,6 +914,7 @@ class _Job:
     mtime_ns: int
     sha256: str = ""
     decoded: Decoded = None
+    phash: tuple = (0, 0)
     error: str = ""
 
 
@@ -923,6 +931,7 @@ def _read_job(path, st, known, min_side, max_megapixels):
     if job.sha256 not in known:
         try:
             job.decoded = decode_image(data, min_side, max_megapixels)
+            job.phash = perceptual_hashes(job.decoded.bgr)    # here, beside the models
         except BadFile as exc:
             job.error = str(exc)
     return job
@@ -1072,7 +1081,7 @@ def _embed_one(job, writer, models, stats, det_size, fail):
     d = job.decoded
     faces = embed_faces(models, d, det_size)
     writer.add(job.path, status="ok", width=d.width, height=d.height, faces=faces,
-               phash=perceptual_hashes(d.bgr), **rec)
+               phash=job.phash, **rec)
     stats.new += 1
     stats.faces += len(faces)
 
@@ -1180,35 +1189,319 @@ def enrich_cache(cache_path, model_dir=None, flush_every=FLUSH_EVERY, threads=No
 # ============================================================================
 # Clustering primitives
 # ============================================================================
-def agglomerate(emb, threshold, groups=None, method="auto"):
-    """Average-linkage clustering under cosine distance with a cannot-link rule: faces
-    with the same group id (same photo) never share a cluster. Returns labels 0..K-1."""
-    from sklearn.cluster import AgglomerativeClustering
+
+def agglomerate(emb: np.ndarray, threshold: float, groups: np.ndarray | None = None,
+                method: str = "auto") -> np.ndarray:
+    """Average-linkage agglomerative clustering under cosine distance.
+    emb: (N, D) float32 L2-normalised rows. threshold: cosine distance; clusters merge while
+    their average pairwise cosine distance is <= threshold. groups: (N,) int, faces with the same
+    group id (same photo) must never end in one cluster (cannot-link), -1 = no constraint.
+    method: "exact" (small N), "graph" (scalable), "auto" (exact when N <= EXACT_MAX_FACES).
+    Returns (N,) int64 labels 0..K-1, deterministic."""
+    emb = np.ascontiguousarray(emb, dtype=np.float32)
     n = len(emb)
+    groups = np.full(n, -1, np.int64) if groups is None else np.asarray(groups, np.int64)
+    if method == "auto":
+        method = "exact" if n <= EXACT_MAX_FACES else "graph"
+    if method not in ("exact", "graph"):
+        raise ValueError(f"unknown method {method!r}")
     if n < 2:
         return np.zeros(n, np.int64)
-    labels = AgglomerativeClustering(n_clusters=None, metric="cosine", linkage="average",
-                                     distance_threshold=threshold).fit_predict(emb)
-    if groups is not None:   # split a cluster that holds two faces of one photo
-        next_label = labels.max() + 1
-        for lab in np.unique(labels):
-            idx = np.flatnonzero(labels == lab)
-            seen = {}
-            for i in idx:
-                g = groups[i]
-                if g >= 0 and g in seen:
-                    seen[g] = seen[g] + 1
-                    labels[i] = next_label + seen[g] - 1
-                else:
-                    seen.setdefault(g, 0)
-            next_label = labels.max() + 1
-    return np.unique(labels, return_inverse=True)[1].astype(np.int64)
+    run = _exact if method == "exact" else _graph
+    _, first, inverse = np.unique(_roots(run(emb, np.float32(1 - threshold), groups)),
+                                  return_index=True, return_inverse=True)
+    rank = np.empty(len(first), np.int64)          # number clusters by first face: stable ids
+    rank[np.argsort(first)] = np.arange(len(first))
+    return rank[inverse.ravel()]
+
+
+def _roots(parent):
+    """Union-find parent array -> root of every element."""
+    while not np.array_equal(up := parent[parent], parent):
+        parent = up
+    return parent
+
+
+def _group_pairs(groups):
+    """(P, 2) face pairs that share a photo."""
+    idx = np.flatnonzero(groups >= 0)
+    idx = idx[np.argsort(groups[idx], kind="stable")]
+    g, pairs = groups[idx], [np.empty((0, 2), np.int64)]
+    for d in range(1, len(idx)):          # sorted: members of a group are less than size apart
+        same = g[:-d] == g[d:]
+        if not same.any():
+            break
+        pairs.append(np.stack([idx[:-d][same], idx[d:][same]], 1))
+    return np.concatenate(pairs)
+
+
+# ---------------------------------------------------------------- exact: dense NN-chain
+def _exact(emb, s_min, groups):
+    """Nearest-neighbour chain on the dense similarity matrix; returns union-find parents."""
+    n = len(emb)
+    sim = emb @ emb.T                     # numpy uses syrk for x @ x.T: exactly symmetric
+    np.fill_diagonal(sim, -np.inf)
+    gp = _group_pairs(groups)
+    sim[gp[:, 0], gp[:, 1]] = sim[gp[:, 1], gp[:, 0]] = -np.inf   # cannot-link
+    size, parent, alive = [1] * n, np.arange(n), [True] * n
+    chain, start = [], 0
+    while True:
+        if not chain:
+            while start < n and not alive[start]:
+                start += 1
+            if start == n:
+                return parent
+            chain.append(start)
+        a = chain[-1]
+        row = sim[a]
+        b = int(row.argmax())
+        if len(chain) > 1 and row[chain[-2]] >= row[b]:
+            b = chain[-2]                 # on ties go back, so the chain cannot cycle
+        if row[b] < s_min:                # best partner too far: never merges again
+            alive[a] = False
+            chain.pop()
+        elif len(chain) > 1 and b == chain[-2]:
+            del chain[-2:]
+            i, j = (a, b) if a < b else (b, a)   # reciprocal nearest neighbours: j into i
+            w = size[i] / (size[i] + size[j])
+            new = sim[i] * np.float32(w)
+            new += sim[j] * np.float32(1 - w)  # -inf (dead, cannot-link) survives the mean
+            new[i] = new[j] = -np.inf
+            sim[i], sim[:, i], sim[j], sim[:, j] = new, new, -np.inf, -np.inf
+            size[i] += size[j]
+            alive[j], parent[j] = False, i
+        else:
+            chain.append(b)
+
+
+# ---------------------------------------------------------------- graph: no N×N matrix
+def _graph(emb, s_min, groups):
+    """Memory O(N·(D + _LIST)).
+    1. k-NN candidate lists of all faces (brute force, or IVF when N is large).
+    2. A merge needs average similarity >= s_min, hence some face pair >= s_min: clusters never
+       cross connected components of that graph. Components of <= EXACT_MAX_FACES faces are
+       clustered exactly by the dense NN-chain.
+    3. Components that may miss edges (a member's list was full above s_min) or are too big
+       continue with rounds of mutual-best merges on cluster means (usually none merge)."""
+    faiss.omp_set_num_threads(len(os.sched_getaffinity(0)))
+    n, everyone = len(emb), np.arange(len(emb))
+    faces = _Rounds(emb, s_min)
+    faces.search(everyone, everyone)
+    r, c = np.nonzero(faces.csim >= s_min)
+    edges = coo_matrix((np.ones(len(r), np.int8), (r, faces.cand[r, c])), shape=(n, n))
+    _, comp = connected_components(edges, directed=True, connection="weak")
+    sizes = np.bincount(comp)
+    unsure = sizes > EXACT_MAX_FACES
+    unsure[comp[faces.bound >= s_min]] = True     # a member may have unlisted neighbours
+    order, ends, parent = np.argsort(comp, kind="stable"), np.cumsum(sizes), everyone.copy()
+    x, y = order[ends[sizes == 2] - 2], order[ends[sizes == 2] - 1]    # two-face components
+    ok = (faces.sims(x, y[:, None])[:, 0] >= s_min) & ((groups[x] != groups[y]) | (groups[x] < 0))
+    parent[y[ok]] = x[ok]
+    del faces, edges                              # free the lists and the index
+    for c in np.flatnonzero((sizes > 2) & (sizes <= EXACT_MAX_FACES)):
+        f = order[ends[c] - sizes[c]:ends[c]]
+        parent[f] = f[_roots(_exact(emb[f], s_min, groups[f]))]
+    # step 3 on the clusters of unsure components, renumbered 0..len(todo)-1
+    todo = np.flatnonzero((parent == everyone) & unsure[comp])
+    if len(todo) > 1:
+        size = np.bincount(parent, minlength=n)[todo]
+        member = np.flatnonzero(np.isin(parent, todo))
+        row = np.searchsorted(todo, parent[member])
+        means = csr_matrix((1 / size[row].astype(np.float32), (row, member)),
+                           shape=(len(todo), n)) @ emb
+        gp = parent[_group_pairs(groups)]
+        gp = np.searchsorted(todo, gp[np.isin(gp, todo).all(1)])
+        rounds = _Rounds(means, s_min, gp, size)
+        rounds.run()
+        parent[todo] = todo[_roots(rounds.parent)]
+    return parent
+
+
+class _Rounds:
+    """Clusters as (mean, size); a merge keeps the smaller id. Each keeps up to _LIST
+    candidate partners with their similarities, plus `bound` >= its similarity to any
+    unlisted cluster (reducibility keeps it valid through merges); a cluster is searched
+    again only when an unlisted one could beat its best listed partner."""
+
+    def __init__(self, means, s_min, gpairs=np.empty((0, 2), np.int64), size=None):
+        n = len(means)
+        self.s_min, self.means, self.parent = s_min, means, np.arange(n)
+        self.size = np.ones(n) if size is None else size.astype(float)
+        self.cand = np.repeat(np.arange(n)[:, None], _LIST, 1)   # own id = empty slot
+        self.csim = np.full((n, _LIST), -np.inf, np.float32)
+        self.bound = np.full(n, np.inf, np.float32)
+        self.gpairs, self.keys = gpairs, _conflict_keys(gpairs, self.parent, n)
+        self.ivf = _IVF(means) if float(n) * n > _FLAT_PAIRS else None
+
+    def run(self):
+        """Rounds of merging all mutual best pairs, in place on self.means."""
+        n = len(self.means)
+        active = np.arange(n)
+        alive, grown = np.ones(n, bool), np.zeros(n, bool)
+        while len(active) > 1:
+            self.refresh(active, grown)
+            bid, bsim = self.best(active, alive)
+            need = active[(self.bound[active] > bsim) & (self.bound[active] >= self.s_min)]
+            if len(need):
+                self.search(need, active)
+                bid, bsim = self.best(active, alive)
+            ok = bsim >= self.s_min
+            best = np.full(n, -1)
+            best[active[ok]] = bid[ok]
+            a, b = active[ok], bid[ok]
+            mutual = (best[b] == a) & (a < b)
+            if not mutual.any():
+                return
+            a, b = a[mutual], b[mutual]
+            self.merge(a, b)
+            grown[:] = False
+            grown[a] = True
+            alive[active[~ok]] = alive[b] = False      # frozen or merged away
+            active = active[alive[active]]
+
+    def sims(self, owner, other, out=None):
+        """Similarity of cluster owner[i] to clusters other[i, :] (computed unless given in
+        `out`); -inf for itself and for cannot-link partners."""
+        if out is None:
+            out = np.empty(other.shape, np.float32)
+            step = max(1, _CHUNK // other.shape[1])
+            for s in range(0, len(owner), step):
+                o, t = self.means[owner[s:s + step], :, None], self.means[other[s:s + step]]
+                out[s:s + step] = np.matmul(t, o)[..., 0]
+        bad = other == owner[:, None]
+        if len(self.keys):
+            k = _pair_key(owner[:, None], other, len(self.means))
+            bad |= self.keys[np.minimum(np.searchsorted(self.keys, k), len(self.keys) - 1)] == k
+        out[bad] = -np.inf
+        return out
+
+    def best(self, active, alive):
+        """Best live listed partner; ties go to the lowest id so that mutual pairs always exist.
+        (A frozen candidate can only look good through an approximate search: skip it.)"""
+        cand = self.cand[active]
+        csim = np.where(alive[cand], self.csim[active], -np.inf)
+        bsim = csim.max(1)
+        return np.where(csim == bsim[:, None], cand, len(alive)).min(1), bsim
+
+    def refresh(self, active, grown):
+        """Re-point candidates that were merged away; recompute sims to clusters that grew."""
+        rows = self.cand[active]
+        new = self.parent[rows]
+        r, c = np.nonzero((new != rows) | grown[new])
+        if len(r):
+            self.cand[active[r], c] = new[r, c]
+            self.csim[active[r], c] = self.sims(active[r], new[r, c][:, None])[:, 0]
+
+    def search(self, need, active):
+        """Fresh candidate lists for clusters `need` by k-NN among the active means."""
+        approx = self.ivf is not None and float(len(need)) * len(active) > _FLAT_PAIRS
+        knn = (self.ivf.searcher if approx else _flat_searcher)(self.means, active)
+        k = _LIST + 1
+        while len(need):
+            for s in range(0, len(need), 4 * _CHUNK):
+                q = need[s:s + 4 * _CHUNK]
+                sims, pos = knn(q, k)                      # pos -1: fewer than k found
+                ids = np.where(pos >= 0, active[np.maximum(pos, 0)], q[:, None])
+                # the k-th similarity bounds the clusters that were not returned
+                full = (pos >= 0).all(1) & (k < len(active))
+                kth = np.where(full, np.where(ids == q[:, None], np.inf, sims).min(1), -np.inf)
+                self.cand[q], self.csim[q], self.bound[q] = _keep_top(
+                    q, ids, self.sims(q, ids, sims), kth.astype(np.float32))
+            # rare: cannot-link rejected all k, yet an unreturned cluster may qualify
+            need = need[(self.csim[need, 0] < self.bound[need]) & (self.bound[need] >= self.s_min)]
+            k *= 4
+
+    def merge(self, a, b):
+        """Merge clusters b[i] into a[i]."""
+        if self.ivf is not None:          # the merged cluster probes where its bigger part did
+            self.ivf.probes[a] = self.ivf.probes[np.where(self.size[a] >= self.size[b], a, b)]
+        w = (self.size[a] / (self.size[a] + self.size[b])).astype(np.float32)[:, None]
+        for s in range(0, len(a), _CHUNK):
+            i, j, ws = a[s:s + _CHUNK], b[s:s + _CHUNK], w[s:s + _CHUNK]
+            self.means[i] = ws * self.means[i] + (1 - ws) * self.means[j]
+        self.size[a] += self.size[b]
+        self.parent[b] = a
+        self.parent = self.parent[self.parent]   # depth was <= 1 before, so this compresses
+        self.keys = _conflict_keys(self.gpairs, self.parent, len(self.parent))
+        for s in range(0, len(a), _CHUNK // _LIST):
+            i, j = a[s:s + _CHUNK // _LIST], b[s:s + _CHUNK // _LIST]
+            ids = self.parent[np.hstack([self.cand[i], self.cand[j]])]   # union of both lists
+            self.cand[i], self.csim[i], self.bound[i] = _keep_top(
+                i, ids, self.sims(i, ids), np.maximum(self.bound[i], self.bound[j]))
+
+
+def _conflict_keys(gpairs, parent, n):
+    """Sorted keys lo*n+hi of current cluster pairs that share a photo."""
+    r = parent[gpairs]
+    r = r[r[:, 0] != r[:, 1]]
+    return np.unique(_pair_key(r[:, 0], r[:, 1], n))
+
+
+def _pair_key(a, b, n):
+    return np.minimum(a, b) * n + np.maximum(a, b)
+
+
+def _keep_top(owner, ids, sims, bound):
+    """Rows (>= _LIST wide) sorted by similarity, duplicates emptied, cut to _LIST; what is cut
+    off becomes unlisted, so it raises the bound."""
+    order = np.argsort(ids, 1, kind="stable")
+    ids, sims = np.take_along_axis(ids, order, 1), np.take_along_axis(sims, order, 1)
+    dup = np.zeros(ids.shape, bool)
+    dup[:, 1:] = ids[:, 1:] == ids[:, :-1]
+    sims[dup] = -np.inf
+    ids = np.where(dup, owner[:, None], ids)
+    order = np.argsort(-sims, 1, kind="stable")
+    ids, sims = np.take_along_axis(ids, order, 1), np.take_along_axis(sims, order, 1)
+    if ids.shape[1] > _LIST:
+        bound = np.maximum(bound, sims[:, _LIST])
+    return ids[:, :_LIST], sims[:, :_LIST], bound
+
+
+def _flat_searcher(means, base):
+    """Exact k-NN by inner product of means[query] against means[base] (positions in base)."""
+    def knn(query, k):
+        heap, q = faiss.ResultHeap(len(query), k, keep_max=True), means[query]
+        for s in range(0, len(base), _CHUNK):
+            d, i = faiss.knn(q, means[base[s:s + _CHUNK]], k, faiss.METRIC_INNER_PRODUCT)
+            heap.add_result(d, np.where(i >= 0, i + s, -1))
+        heap.finalize()
+        return heap.D, heap.I
+    return knn
+
+
+class _IVF:
+    """Inverted-file index for large N, fp16 codes (so its similarities are approximate).
+    The coarse assignment (the expensive part) is done once for the initial vectors and
+    inherited on merges; a search only re-encodes the active means."""
+
+    def __init__(self, emb):
+        n, dim = emb.shape
+        nlist = int(np.clip(4 * np.sqrt(n), 16, 4096))
+        sample = emb[np.sort(np.random.default_rng(0).choice(n, min(n, 12 * nlist), False))]
+        km = faiss.Kmeans(dim, nlist, niter=6, spherical=True, seed=1, min_points_per_centroid=1)
+        km.train(sample)
+        self.quantizer = faiss.IndexFlatIP(dim)
+        self.quantizer.add(km.centroids)
+        self.index = faiss.IndexIVFScalarQuantizer(
+            self.quantizer, dim, nlist, faiss.ScalarQuantizer.QT_fp16,
+            faiss.METRIC_INNER_PRODUCT, False)
+        self.index.train(sample[:1])      # the quantizer is trained; fp16 needs no statistics
+        self.index.nprobe = _NPROBE
+        self.probes = np.vstack([self.quantizer.search(emb[s:s + _CHUNK], _NPROBE)[1]
+                                 for s in range(0, n, _CHUNK)])
+
+    def searcher(self, means, base):
+        self.index.reset()
+        for s in range(0, len(base), _CHUNK):
+            x, home = means[base[s:s + _CHUNK]], self.probes[base[s:s + _CHUNK], 0]
+            self.index.add_core(len(x), faiss.swig_ptr(x), None, faiss.swig_ptr(home))
+        no_coarse = np.zeros((4 * _CHUNK, _NPROBE), np.float32)    # unused without residuals
+        return lambda query, k: self.index.search_preassigned(
+            means[query], k, self.probes[query], no_coarse[:len(query)])
 
 
 def connected_groups(n, pairs):
     """Connected components of n nodes joined by pairs: lists of node indices (size >= 2)."""
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
     if not len(pairs):
         return []
     pairs = np.asarray(pairs)
@@ -1312,7 +1605,6 @@ def face_record(cache, i, aliases, file_name=None):
 def face_thumbnails(cache, faces, size=THUMB_PX):
     """{face index: square BGR thumbnail} for faces, decoding each source image once.
     A source that cannot be read any more gets a grey tile and one warning."""
-    import cv2
     by_file = {}
     for i in faces:
         by_file.setdefault(int(cache.face_file[i]), []).append(i)

@@ -139,7 +139,6 @@ def main():
             sort_faces.embed_tree(os.path.join(DATA, "groups"), cache_path, **kw)
     cache = sort_faces.load_cache(cache_path)
     truth = labeled_faces(cache)
-    idx = np.arange(cache.n_faces)
     emb, groups = cache.face_emb, cache.face_file
     lab_idx = np.array(sorted(truth))
     true = [truth[i] for i in lab_idx]

@@ -7,7 +7,6 @@ import os
 import shutil
 from collections import Counter
 
-import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
