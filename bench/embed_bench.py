@@ -18,6 +18,9 @@ ms/image covers the images only. Everything else embed_tree does is inside the t
 Both sides run in this process on the same files; methods are run round-robin within each
 repeat so that drift in machine load hits all of them alike; the median is reported.
 The last line of stdout is one JSON object with all figures.
+
+--module benchmarks another sort_faces.py (e.g. `git show REV:sort_faces.py > /tmp/sf.py`),
+to compare revisions or settings; the JSON records the file's SHA-256.
 """
 
 import argparse
@@ -38,11 +41,8 @@ import warnings
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-sys.path.insert(0, ROOT)
 
-import numpy as np  # noqa: E402
-
-import sort_faces  # noqa: E402
+sort_faces = None     # the module under test; imported in main() (see --module)
 
 DEFAULT_BIG = ("dlib_bald_guys.jpg,face_recognition_obama_and_biden.jpg,insightface_t1.jpg,"
                "wikimedia_Abstract_Wikipedia_Team_group_2022.jpg,"
@@ -53,12 +53,30 @@ DEFAULT_BIG = ("dlib_bald_guys.jpg,face_recognition_obama_and_biden.jpg,insightf
 # Models: loaded once per thread count, shared by both sides
 # ----------------------------------------------------------------------------
 _MODEL_CACHE = {}
-_ORIG_LOAD_MODELS = sort_faces.load_models
+_ORIG_LOAD_MODELS = None
 MODEL_LOAD_S = {}
 
 
-def memo_load_models(pack, threads=None, det_thresh=sort_faces.DET_THRESH):
+def import_tool(path):
+    """Import sort_faces from `path` and route its load_models through the memo below."""
+    global sort_faces, _ORIG_LOAD_MODELS
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("sort_faces", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["sort_faces"] = mod
+    spec.loader.exec_module(mod)
+    sort_faces = mod
+    _ORIG_LOAD_MODELS = mod.load_models
+    # embed_tree's _LazyModels calls sort_faces.load_models: route it through the memo so
+    # the tool never pays model load inside the timed region (nor does the naive loop).
+    mod.load_models = memo_load_models
+    return mod
+
+
+def memo_load_models(pack, threads=None, det_thresh=None):
     threads = threads or os.cpu_count() or 1
+    if det_thresh is None:
+        det_thresh = sort_faces.DET_THRESH
     key = (pack.name, pack.folder, threads, det_thresh)
     if key not in _MODEL_CACHE:
         t0 = time.perf_counter()
@@ -67,17 +85,10 @@ def memo_load_models(pack, threads=None, det_thresh=sort_faces.DET_THRESH):
     return _MODEL_CACHE[key]
 
 
-# embed_tree's _LazyModels calls sort_faces.load_models: route it through the memo so the
-# tool never pays model load inside the timed region (and neither does the naive loop).
-sort_faces.load_models = memo_load_models
-
-
 def warm_models(models, img):
-    """One detection at a few canvas shapes and one recognizer batch, untimed."""
-    import cv2
+    """Untimed: both detector paths (640 letterbox, tool canvas) and recognizer batches."""
     from insightface.utils import face_align
     det, rec = models["det"], models["rec"]
-    det.detect(img, input_size=(640, 640))
     sort_faces.detect_faces(det, img)
     _, kps = det.detect(img, input_size=(640, 640))
     if kps is not None and len(kps):
@@ -176,6 +187,9 @@ def stage_breakdown(paths, models):
     min_side = sort_faces.DET_SIZE * sort_faces.DECODE_FACTOR
     naive = dict(decode=0.0, detect=0.0, embed=0.0)
     tool = dict(read=0.0, hash=0.0, decode=0.0, detect=0.0, align_embed=0.0)
+    phash = getattr(sort_faces, "perceptual_hashes", None)    # newer versions only
+    if phash:
+        tool["phash"] = 0.0
     det_px = dict(naive=0, tool=0)
     dec_px = dict(naive=0, tool=0)
     for p in paths:
@@ -208,6 +222,9 @@ def stage_breakdown(paths, models):
             rec.get_feat(crops)
             [cv2.Laplacian(cv2.cvtColor(c, cv2.COLOR_BGR2GRAY), cv2.CV_64F).var() for c in crops]
         t5 = time.perf_counter()
+        if phash:
+            phash(dec.bgr)
+            tool["phash"] += time.perf_counter() - t5
         tool["read"] += t1 - t0
         tool["hash"] += t2 - t1
         tool["decode"] += t3 - t2
@@ -269,6 +286,8 @@ def versions():
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--module", default=os.path.join(ROOT, "sort_faces.py"),
+                   help="the sort_faces.py to benchmark (e.g. a snapshot of a commit)")
     p.add_argument("--data", default=os.path.normpath(os.path.join(ROOT, "..", "shared", "data")),
                    help="folder holding labeled/ and groups/")
     p.add_argument("--sets", default="labeled,large,big",
@@ -292,7 +311,7 @@ def build_parser():
                    help="WIDTHxHEIGHT of the 'big' set (centre-cropped, bicubic upscale)")
     p.add_argument("--big-quality", type=int, default=92, help="JPEG quality of the 'big' set")
     p.add_argument("--tmp-dir", default=None,
-                   help="where temporary image sets and caches go (default: system temp)")
+                   help="where temporary image sets and caches go; unset: the system temp folder")
     p.add_argument("--stages", action=argparse.BooleanOptionalAction, default=True,
                    help="also print a serial per-stage time breakdown (decode / detect / "
                         "embed / hash) of both sides per set")
@@ -304,6 +323,7 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    import_tool(os.path.abspath(args.module))
     warnings.simplefilter("ignore", FutureWarning)    # skimage deprecation in insightface
     sort_faces.CONSOLE.quiet = True                   # no progress bars
     import cv2
@@ -361,6 +381,7 @@ def main(argv=None):
         print(f"# embed benchmark: {machine()['nproc']} CPUs, {machine()['cpu_model']}; "
               f"repeat={args.repeat}, warmup={args.warmup}", file=sys.stderr)
         for set_name in sets:
+            load_before = os.getloadavg()
             times = {m: [] for m, _ in methods}
             faces = {}
             failed = {}
@@ -388,6 +409,7 @@ def main(argv=None):
                     "images": n, "faces": faces[m], "failed": failed[m],
                     "median_s": round(med, 4),
                     "ms_per_image": round(1000 * med / n, 2),
+                    "best_ms_per_image": round(1000 * min(times[m]) / n, 2),
                     "faces_per_s": round(faces[m] / med, 1) if med > 0 else None,
                     "ratio_vs_naive": round(base / med, 2) if med > 0 else None,
                     "runs_s": [round(x, 4) for x in times[m]],
@@ -398,7 +420,9 @@ def main(argv=None):
                                  "images": n, "files": [os.path.basename(p)
                                                         for p in files[set_name]]
                                  if set_name != "labeled" else None,
-                                 "methods": rows}
+                                 "methods": rows,
+                                 "loadavg_1m_before_after": [round(load_before[0], 2),
+                                                             round(os.getloadavg()[0], 2)]}
             if args.stages:
                 results[set_name]["stages"] = stage_breakdown(files[set_name], naive_models)
             if args.cprofile:
@@ -408,17 +432,20 @@ def main(argv=None):
                                    args.cprofile), file=sys.stderr)
 
         # ---- table ----
-        hdr = ("set", "method", "images", "faces", "ms/image", "faces/s", "x naive", "spread")
+        hdr = ("set", "method", "images", "faces", "ms/image", "faces/s", "x naive", "spread",
+               "best ms/img")
         lines = [hdr]
         for set_name, res in results.items():
             for row in res["methods"]:
                 lines.append((set_name, row["method"], str(row["images"]), str(row["faces"]),
                               f"{row['ms_per_image']:.1f}", f"{row['faces_per_s']:.1f}",
-                              f"{row['ratio_vs_naive']:.2f}", f"{row['spread_pct']:.0f}%"))
+                              f"{row['ratio_vs_naive']:.2f}", f"{row['spread_pct']:.0f}%",
+                              f"{row['best_ms_per_image']:.1f}"))
         widths = [max(len(r[i]) for r in lines) for i in range(len(hdr))]
         print("Timing: models preloaded and warmed for both sides (model load excluded); "
               f"median of {args.repeat} runs; ms/image over the images only; "
-              "x naive = naive_time / method_time; spread = (max-min)/median.")
+              "x naive = naive_time / method_time; spread = (max-min)/median; "
+              "best = fastest run.")
         print("| " + " | ".join(h.ljust(w) for h, w in zip(hdr, widths)) + " |")
         print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
         for r in lines[1:]:
@@ -438,6 +465,8 @@ def main(argv=None):
             "command": " ".join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:]),
             "timing": "models preloaded and warmed for both sides (load excluded); "
                       "median wall time of the timed runs; ms/image over images only",
+            "module": os.path.abspath(args.module),
+            "module_sha256": hashlib.sha256(open(args.module, "rb").read()).hexdigest(),
             "repeat": args.repeat, "warmup": args.warmup,
             "machine": machine(), "versions": versions(),
             "model_load_s_per_threads": {str(k): round(v, 3) for k, v in MODEL_LOAD_S.items()},
