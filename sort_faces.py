@@ -49,6 +49,10 @@ __all__ = [
     "add_gate_args", "add_model_dir_arg",
 ]
 
+# insightface's alignment calls a scikit-image API deprecated in 0.26; the warning is noise
+# for users (a process-wide filter: catch_warnings is not thread-safe).
+warnings.filterwarnings("ignore", message=".*`estimate` is deprecated", category=FutureWarning)
+
 # ============================================================================
 # Constants and defaults
 # ============================================================================
@@ -520,9 +524,7 @@ def embed_faces(models, decoded, det_size=DET_SIZE):
     if n == 0:
         return Faces(np.zeros((0, 512), np.float32), bbox, kps, score,
                      np.zeros(0, np.float32), np.zeros(0, np.float32))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)   # skimage deprecation inside insightface
-        crops = [face_align.norm_crop(decoded.bgr, k) for k in kps]
+    crops = [face_align.norm_crop(decoded.bgr, k) for k in kps]
     emb = models["rec"].get_feat(crops).astype(np.float32)
     emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
     blur = np.array([cv2.Laplacian(cv2.cvtColor(c, cv2.COLOR_BGR2GRAY), cv2.CV_64F).var()
@@ -919,11 +921,22 @@ class _Job:
     sha256: str = ""
     decoded: Decoded = None
     phash: tuple = (0, 0)
+    faces: Faces = None
     error: str = ""
 
 
+def _run_job(path, st, known, min_side, max_megapixels, models, det_size):
+    """Worker: all the work of one file (read, hash, decode, detect, embed). Workers run in
+    parallel threads: onnxruntime and the decoders release the GIL."""
+    job = _read_job(path, st, known, min_side, max_megapixels)
+    if job.decoded is not None:
+        job.faces = embed_faces(models, job.decoded, det_size)
+        job.decoded = Decoded(None, job.decoded.width, job.decoded.height)   # free pixels
+    return job
+
+
 def _read_job(path, st, known, min_side, max_megapixels):
-    """Worker: read the file once, hash it, decode it unless the content is known."""
+    """Read the file once, hash it, decode it unless the content is known."""
     job = _Job(path, st.st_size, st.st_mtime_ns)
     try:
         with open(path, "rb") as f:
@@ -963,7 +976,7 @@ class EmbedStats:
 
 
 def embed_tree(src, cache_path, pack_name="default", model_dir=None, flush_every=FLUSH_EVERY,
-               strict=False, threads=None, decode_workers=1, det_size=DET_SIZE,
+               strict=False, threads=1, workers=None, det_size=DET_SIZE,
                det_thresh=DET_THRESH, max_megapixels=MAX_MEGAPIXELS, retry_failed=False):
     """Scan src and fold every new image into the cache. Returns EmbedStats."""
     t0 = time.monotonic()
@@ -979,7 +992,8 @@ def embed_tree(src, cache_path, pack_name="default", model_dir=None, flush_every
     stats = EmbedStats()
     try:
         models = _LazyModels(pack, threads, det_thresh)
-        _embed_loop(root, writer, models, stats, flush_every, strict, decode_workers,
+        workers = (os.cpu_count() or 1) if workers is None else workers
+        _embed_loop(root, writer, models, stats, flush_every, strict, workers,
                     det_size, max_megapixels, retry_failed)
         writer.consolidate()
     except KeyboardInterrupt:
@@ -999,13 +1013,16 @@ class _LazyModels(dict):
     def __init__(self, pack, threads, det_thresh):
         super().__init__()
         self._args = (pack, threads, det_thresh)
+        self._lock = __import__("threading").Lock()
 
     def __missing__(self, role):
-        self.update(load_models(*self._args))
-        return self[role]
+        with self._lock:            # workers may ask at the same moment
+            if not dict.__contains__(self, role):
+                self.update(load_models(*self._args))
+        return dict.__getitem__(self, role)
 
 
-def _embed_loop(root, writer, models, stats, flush_every, strict, decode_workers, det_size,
+def _embed_loop(root, writer, models, stats, flush_every, strict, workers, det_size,
                 max_megapixels, retry_failed):
     cache = writer.cache
 
@@ -1033,8 +1050,8 @@ def _embed_loop(root, writer, models, stats, flush_every, strict, decode_workers
             continue
         todo.append((path, st))
     min_side = det_size * DECODE_FACTOR
-    pool = concurrent.futures.ThreadPoolExecutor(max(1, decode_workers))
-    lookahead = 2 * max(1, decode_workers) + 1
+    pool = concurrent.futures.ThreadPoolExecutor(max(1, workers))
+    lookahead = 2 * max(1, workers) + 1
     jobs = iter(todo)
     pending = []
     try:
@@ -1044,13 +1061,13 @@ def _embed_loop(root, writer, models, stats, flush_every, strict, decode_workers
                     nxt = next(jobs, None)
                     if nxt is None:
                         break
-                    args = (*nxt, writer.known, min_side, max_megapixels)
-                    pending.append(pool.submit(_read_job, *args) if decode_workers > 0
-                                   else _done_future(_read_job(*args)))
+                    args = (*nxt, writer.known, min_side, max_megapixels, models, det_size)
+                    pending.append(pool.submit(_run_job, *args) if workers > 0
+                                   else _done_future(_run_job(*args)))
                 if not pending:
                     break
                 job = pending.pop(0).result()
-                _embed_one(job, writer, models, stats, det_size, fail)
+                _record_job(job, writer, stats, fail)
                 bar.update(1)
                 if writer.pending >= flush_every:
                     writer.flush()
@@ -1066,7 +1083,7 @@ def _done_future(value):
     return fut
 
 
-def _embed_one(job, writer, models, stats, det_size, fail):
+def _record_job(job, writer, stats, fail):
     rec = dict(sha256=job.sha256, size=job.size, mtime_ns=job.mtime_ns)
     if job.sha256:
         stats.hashed += 1
@@ -1083,11 +1100,10 @@ def _embed_one(job, writer, models, stats, det_size, fail):
         fail(job.path, job.error, **rec)
         return
     d = job.decoded
-    faces = embed_faces(models, d, det_size)
-    writer.add(job.path, status="ok", width=d.width, height=d.height, faces=faces,
+    writer.add(job.path, status="ok", width=d.width, height=d.height, faces=job.faces,
                phash=job.phash, **rec)
     stats.new += 1
-    stats.faces += len(faces)
+    stats.faces += len(job.faces)
 
 
 def _inside(path, root):
@@ -2649,7 +2665,7 @@ def cmd_export_swap(args):
 def cmd_embed(args):
     """Detect and embed every face under SRC into CACHE (incremental, resumable)."""
     stats = embed_tree(args.src, args.cache, args.pack, args.model_dir, args.flush_every,
-                       args.strict, args.threads, args.decode_workers, args.det_size,
+                       args.strict, args.threads, args.workers, args.det_size,
                        args.det_thresh, args.max_megapixels, args.retry_failed)
     log_result(stats.line())
     return 130 if stats.interrupted else 0
@@ -2831,10 +2847,12 @@ def build_parser():
     g = p.add_argument_group("run")
     g.add_argument("--flush-every", type=int, default=FLUSH_EVERY, metavar="N",
                    help="save progress to the cache every N processed files")
-    g.add_argument("--threads", type=int, default=os.cpu_count() or 1, metavar="N",
-                   help="onnxruntime intra-op threads")
-    g.add_argument("--decode-workers", type=int, default=1, metavar="N",
-                   help="threads that read, hash and decode ahead of the models (0: none)")
+    g.add_argument("--workers", type=int, default=os.cpu_count() or 1, metavar="N",
+                   help="photos processed at once, each read, decoded, detected and embedded "
+                        "by its own thread (0: all in the main thread)")
+    g.add_argument("--threads", type=int, default=1, metavar="N",
+                   help="onnxruntime intra-op threads per model call (workers already use "
+                        "the cores: docs/benchmarks.md)")
     g.add_argument("--strict", action="store_true",
                    help="stop with an error at the first bad file instead of reporting it")
     g.add_argument("--retry-failed", action="store_true",

@@ -7,7 +7,7 @@ FaceAnalysis does by default), then one recognizer call per face (norm_crop + ge
 No hashing, no prefetch, no cache.
 
 The tool: sort_faces.embed_tree(src, fresh_temp_cache, ...) with its defaults, plus thread
-layouts (ORT intra-op threads x decode workers). It does strictly more work than the naive
+layouts (ORT intra-op threads x parallel workers, each doing a whole photo). It does strictly more work than the naive
 loop: it scans the tree, hashes every file, handles EXIF orientation, writes and consolidates
 the .npz cache, and SHA-256-checks the model files on every call (locate_pack).
 
@@ -156,15 +156,15 @@ def naive_run(paths, models):
     return faces, 0
 
 
-def tool_run(src, tmp_root, threads, decode_workers):
+def tool_run(src, tmp_root, threads, workers):
     """embed_tree into a fresh cache; returns (faces, failed)."""
     d = tempfile.mkdtemp(prefix="cache-", dir=tmp_root)
     try:
         kw = {}
         if threads is not None:
             kw["threads"] = threads
-        if decode_workers is not None:
-            kw["decode_workers"] = decode_workers
+        if workers is not None:
+            kw["workers"] = workers
         stats = sort_faces.embed_tree(src, os.path.join(d, "c.npz"), "default", **kw)
         return stats.faces, stats.failed
     finally:
@@ -296,9 +296,10 @@ def build_parser():
                    help="timed runs per method and set; the median is reported")
     p.add_argument("--warmup", type=int, default=1,
                    help="untimed runs per method and set before the timed ones")
-    p.add_argument("--layouts", default="2x1,2x0,1x1,1x2",
-                   help="tool variants as THREADSxDECODE_WORKERS (ORT intra-op threads x "
-                        "decode/prefetch threads), comma separated")
+    p.add_argument("--layouts", default="1x2,2x1,1x1,2x2",
+                   help="tool variants as THREADSxWORKERS (ORT intra-op threads x worker "
+                        "threads that each read, decode, detect and embed a photo; 0 = all in "
+                        "the main thread), comma separated")
     p.add_argument("--no-default", action="store_true",
                    help="do not run embed_tree with its own defaults when they differ from "
                         "every --layouts entry")
@@ -331,10 +332,10 @@ def main(argv=None):
     sets_wanted = [s.strip() for s in args.sets.split(",") if s.strip()]
     layouts = parse_layouts(args.layouts)
     ncpu = os.cpu_count() or 1
-    default_layout = (ncpu, 1)        # embed_tree(threads=None -> cpu_count, decode_workers=1)
+    default_layout = (1, ncpu)        # embed_tree(threads=1, workers=None -> cpu_count)
     methods = [("naive", None)]
     for t, d in layouts:
-        tag = f"tool t{t} d{d}" + (" (default)" if (t, d) == default_layout else "")
+        tag = f"tool t{t} w{d}" + (" (default)" if (t, d) == default_layout else "")
         methods.append((tag, (t, d)))
     if default_layout not in layouts and not args.no_default:
         methods.insert(1, ("tool (default)", (None, None)))
@@ -404,8 +405,8 @@ def main(argv=None):
                 rows.append({
                     "method": m,
                     "threads": None if spec is None else (spec[0] or ncpu),
-                    "decode_workers": None if spec is None else
-                    (1 if spec[1] is None else spec[1]),
+                    "workers": None if spec is None else
+                    (ncpu if spec[1] is None else spec[1]),
                     "images": n, "faces": faces[m], "failed": failed[m],
                     "median_s": round(med, 4),
                     "ms_per_image": round(1000 * med / n, 2),
