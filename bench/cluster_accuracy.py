@@ -88,14 +88,16 @@ def algorithms(emb, groups, threshold):
     from sklearn.cluster import DBSCAN
     return {
         f"average@{threshold} (default)": lambda: sort_faces.agglomerate(emb, threshold, groups),
-        "average@0.55 no cannot-link": lambda: sort_faces.agglomerate(emb, 0.55),
-        "average@0.55 graph path": lambda: sort_faces.agglomerate(emb, 0.55, groups,
-                                                                   method="graph"),
+        f"average@{threshold} no cannot-link": lambda: sort_faces.agglomerate(emb, threshold),
+        f"average@{threshold} graph path": lambda: sort_faces.agglomerate(emb, threshold, groups,
+                                                                          method="graph"),
+        "average@0.55 (seed)": lambda: sort_faces.agglomerate(emb, 0.55, groups),
         "single@0.40 (connected components)": lambda: _single(emb, 0.40),
         "complete@0.70": lambda: _sk(emb, 0.70, "complete"),
-        "DBSCAN eps=0.45 min=2": lambda: DBSCAN(eps=0.45, min_samples=2, metric="cosine")
-            .fit_predict(emb),
-        "Chinese whispers @0.50": lambda: chinese_whispers(emb, 0.50),
+        **{f"DBSCAN eps={e} min=2": (lambda e=e: DBSCAN(eps=e, min_samples=2, metric="cosine")
+                                     .fit_predict(emb)) for e in (0.45, 0.60, 0.70)},
+        **{f"Chinese whispers @{t}": (lambda t=t: chinese_whispers(emb, t))
+           for t in (0.50, 0.60, 0.70)},
     }
 
 
@@ -148,7 +150,7 @@ def main():
     print(f"{'method':40s} {'pairP':>6s} {'pairR':>6s} {'pairF':>6s} {'bcubF':>6s} {'NMI':>6s}")
     rows = [(f"average@{t:.2f} sweep", lambda t=t: sort_faces.agglomerate(emb, t, groups))
             for t in map(float, args.sweep.split(","))]
-    rows += list(algorithms(emb, groups, sort_faces.CLUSTER_THRESHOLD).items())
+    rows += list(algorithms(emb, groups, sort_faces.pack_threshold(cache, "cluster")).items())
     for name, fn in rows:
         labels = _unique_noise(fn())
         s = scores(true, labels[lab_idx])
