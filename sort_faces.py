@@ -197,6 +197,12 @@ def progress(iterable=None, **kw):
 CONSOLE = Console()
 
 
+def log_result(line):
+    """A step's result line: stdout, and the run's log."""
+    CONSOLE._to_log(line)
+    print(line, flush=True)
+
+
 def write_json_atomic(path, obj):
     """Write JSON via temp file + fsync + rename, so readers never see half a file."""
     try:
@@ -1112,6 +1118,10 @@ def _inside(path, root):
     return p == r or p.startswith(r.rstrip(os.sep) + os.sep)
 
 
+def _inside_any(path, roots):
+    return any(_inside(path, r) for r in roots)
+
+
 # ============================================================================
 # Enriching cached faces
 # ============================================================================
@@ -1725,7 +1735,7 @@ def by_centrality(emb_all, faces):
 
 
 # ============================================================================
-# Subcommands
+# Steps: what cluster, refine, dedup, extend and export-swap do
 # ============================================================================
 def select_faces(cache, max_faces_per_image=0, skip_partial=False):
     """Indices of the cached faces a step works on, after the per-image filters."""
@@ -2006,43 +2016,8 @@ def find_duplicates(cache, hamming=DUP_HAMMING, face_distance=DUP_FACE_DISTANCE,
     return identical, near
 
 
-def cmd_dedup(args):
-    """Report byte-identical and visual near-duplicate photos; never deletes anything."""
-    cache = load_cache(args.cache, args.pack)
-    identical, near = find_duplicates(cache, args.hamming, args.face_distance,
-                                      args.hamming_noface)
-    saved_identical = sum(g["size"] * (len(g["paths"]) - 1) for g in identical)
-    saved_near = sum(f["size"] for g in near for f in g["files"] if f["path"] != g["keep"])
-    report = {"schema": MANIFEST_SCHEMA, "tool_version": __version__, "step": "dedup",
-              "cache": cache.path, "pack": cache.meta["pack"],
-              "params": {"hamming": args.hamming, "face_distance": args.face_distance,
-                         "hamming_noface": args.hamming_noface},
-              "identical": identical, "near": near,
-              "summary": {"identical_groups": len(identical),
-                          "identical_files": sum(len(g["paths"]) for g in identical),
-                          "identical_bytes_saved": saved_identical,
-                          "near_groups": len(near),
-                          "near_files": sum(len(g["files"]) for g in near),
-                          "near_bytes_saved": saved_near}}
-    out = args.out or cache.path[:-4] + ".duplicates.json" if cache.path.endswith(".npz") \
-        else cache.path + ".duplicates.json"
-    if _inside_any(out, cache.meta.get("roots", [])):
-        raise SortFacesError(f"{out} is inside a source tree; pass --out elsewhere")
-    write_json_atomic(out, report)
-    sm = report["summary"]
-    log_result(f"dedup: {sm['identical_groups']} byte-identical groups "
-                f"({sm['identical_files']} files, {_mb(saved_identical)} could be saved), "
-                f"{sm['near_groups']} near-duplicate groups ({sm['near_files']} files, "
-                f"{_mb(saved_near)} could be saved); wrote {out}")
-    return 0
-
-
 def _mb(n):
     return f"{n / 1e6:.1f} MB"
-
-
-def _inside_any(path, roots):
-    return any(_inside(path, r) for r in roots)
 
 
 def face_key(sha256, bbox):
@@ -2245,24 +2220,6 @@ def extend_refined(cache, out, link):
         cache.face_emb, manifest_members(keys, fs["faces"]))) for fs in m["facesets"]], [])
     write_json_atomic(mpath, m)
     return summary
-
-
-def cmd_extend(args):
-    """Fold newly embedded faces into existing results without renumbering anything."""
-    cache = load_cache(args.cache, args.pack)
-    roots = cache.meta.get("roots", [])
-    outs = [os.path.abspath(args.raw_out)] + ([os.path.abspath(args.refine_out)]
-                                              if args.refine_out else [])
-    for out in outs:
-        if _inside_any(out, roots):
-            raise SortFacesError(f"{out} lies inside a source tree; refusing to write there")
-    raw = extend_raw(cache, outs[0], args.link, args.threshold)
-    lines = [_extend_line("raw", raw, "new_people")]
-    if args.refine_out:
-        lines.append(_extend_line("refine", extend_refined(cache, outs[1], args.link),
-                                  "new_facesets"))
-    log_result("extend: " + "; ".join(lines))
-    return 0
 
 
 def _extend_line(what, summary, new_key):
@@ -2631,50 +2588,14 @@ def export_swap(cache, facesets, out_manifest, out, args, extra=None):
     return entries
 
 
-def cmd_export_swap(args):
-    """Face-swap-ready crops and .fsz bundles per faceset of a refine manifest."""
-    cache = load_cache(args.cache, args.pack)
-    refined = read_manifest(args.refine_manifest, "refine", cache)
-    if args.candidates and not args.raw_manifest:
-        raise SortFacesError("--candidates needs --raw-manifest (a cluster manifest.json)")
-    raw = read_manifest(args.raw_manifest, "cluster", cache) if args.candidates else None
-    out, m = open_swap_out(args.out, cache.meta.get("roots", []), args.clean,
-                           cache.meta["pack"])
-    keys = cache_face_keys(cache)
-    facesets = [(fs["name"], manifest_members(keys, fs["faces"])) for fs in refined["facesets"]]
-    m["params"] = {k: getattr(args, k) for k in (
-        "outlier_threshold", "min_face_short", "out_size", "pad_ratio", "top_n",
-        "candidate_match_threshold", "candidate_min_score")}
-    entries = export_swap(cache, facesets, m, out, args,
-                          {"source": "refine", "refine_manifest":
-                           os.path.abspath(args.refine_manifest)})
-    if raw is not None:
-        shutil.rmtree(os.path.join(out, "_candidates"), ignore_errors=True)
-        kept = {e["name"] for e in entries if e["pngs"]}
-        m["candidates"] = export_candidates(cache, raw, [f for f in facesets if f[0] in kept],
-                                            out, swap_models(cache, args.model_dir), args,
-                                            cache.aliases())
-    write_json_atomic(os.path.join(out, "manifest.json"), m)
-    pngs = sum(e["pngs"] for e in entries)
-    extra = (f", {sum(map(len, m['candidates'].values()))} candidates"
-             if raw is not None else "")
-    log_result(f"export-swap: {len(entries)} facesets, {pngs} PNGs{extra}; wrote {out}")
-    return 0
-
-
+# ============================================================================
+# Subcommands
+# ============================================================================
 def cmd_embed(args):
     """Detect and embed every face under SRC into CACHE (incremental, resumable)."""
     stats = embed_tree(args.src, args.cache, args.pack, args.model_dir, args.flush_every,
                        args.strict, args.threads, args.workers, args.det_size,
                        args.det_thresh, args.max_megapixels, args.retry_failed)
-    log_result(stats.line())
-    return 130 if stats.interrupted else 0
-
-
-def cmd_enrich(args):
-    """Add 106-point landmarks (and 68-point 3D ones with buffalo_l) and head pose."""
-    stats = enrich_cache(args.cache, args.model_dir, args.flush_every, args.threads,
-                         args.strict)
     log_result(stats.line())
     return 130 if stats.interrupted else 0
 
@@ -2729,10 +2650,92 @@ def cmd_refine(args):
     return 0
 
 
-def log_result(line):
-    """A step's result line: stdout, and the run's log."""
-    CONSOLE._to_log(line)
-    print(line, flush=True)
+def cmd_dedup(args):
+    """Report byte-identical and visual near-duplicate photos; never deletes anything."""
+    cache = load_cache(args.cache, args.pack)
+    identical, near = find_duplicates(cache, args.hamming, args.face_distance,
+                                      args.hamming_noface)
+    saved_identical = sum(g["size"] * (len(g["paths"]) - 1) for g in identical)
+    saved_near = sum(f["size"] for g in near for f in g["files"] if f["path"] != g["keep"])
+    report = {"schema": MANIFEST_SCHEMA, "tool_version": __version__, "step": "dedup",
+              "cache": cache.path, "pack": cache.meta["pack"],
+              "params": {"hamming": args.hamming, "face_distance": args.face_distance,
+                         "hamming_noface": args.hamming_noface},
+              "identical": identical, "near": near,
+              "summary": {"identical_groups": len(identical),
+                          "identical_files": sum(len(g["paths"]) for g in identical),
+                          "identical_bytes_saved": saved_identical,
+                          "near_groups": len(near),
+                          "near_files": sum(len(g["files"]) for g in near),
+                          "near_bytes_saved": saved_near}}
+    out = args.out or cache.path[:-4] + ".duplicates.json" if cache.path.endswith(".npz") \
+        else cache.path + ".duplicates.json"
+    if _inside_any(out, cache.meta.get("roots", [])):
+        raise SortFacesError(f"{out} is inside a source tree; pass --out elsewhere")
+    write_json_atomic(out, report)
+    sm = report["summary"]
+    log_result(f"dedup: {sm['identical_groups']} byte-identical groups "
+                f"({sm['identical_files']} files, {_mb(saved_identical)} could be saved), "
+                f"{sm['near_groups']} near-duplicate groups ({sm['near_files']} files, "
+                f"{_mb(saved_near)} could be saved); wrote {out}")
+    return 0
+
+
+def cmd_extend(args):
+    """Fold newly embedded faces into existing results without renumbering anything."""
+    cache = load_cache(args.cache, args.pack)
+    roots = cache.meta.get("roots", [])
+    outs = [os.path.abspath(args.raw_out)] + ([os.path.abspath(args.refine_out)]
+                                              if args.refine_out else [])
+    for out in outs:
+        if _inside_any(out, roots):
+            raise SortFacesError(f"{out} lies inside a source tree; refusing to write there")
+    raw = extend_raw(cache, outs[0], args.link, args.threshold)
+    lines = [_extend_line("raw", raw, "new_people")]
+    if args.refine_out:
+        lines.append(_extend_line("refine", extend_refined(cache, outs[1], args.link),
+                                  "new_facesets"))
+    log_result("extend: " + "; ".join(lines))
+    return 0
+
+
+def cmd_enrich(args):
+    """Add 106-point landmarks (and 68-point 3D ones with buffalo_l) and head pose."""
+    stats = enrich_cache(args.cache, args.model_dir, args.flush_every, args.threads,
+                         args.strict)
+    log_result(stats.line())
+    return 130 if stats.interrupted else 0
+
+
+def cmd_export_swap(args):
+    """Face-swap-ready crops and .fsz bundles per faceset of a refine manifest."""
+    cache = load_cache(args.cache, args.pack)
+    refined = read_manifest(args.refine_manifest, "refine", cache)
+    if args.candidates and not args.raw_manifest:
+        raise SortFacesError("--candidates needs --raw-manifest (a cluster manifest.json)")
+    raw = read_manifest(args.raw_manifest, "cluster", cache) if args.candidates else None
+    out, m = open_swap_out(args.out, cache.meta.get("roots", []), args.clean,
+                           cache.meta["pack"])
+    keys = cache_face_keys(cache)
+    facesets = [(fs["name"], manifest_members(keys, fs["faces"])) for fs in refined["facesets"]]
+    m["params"] = {k: getattr(args, k) for k in (
+        "outlier_threshold", "min_face_short", "out_size", "pad_ratio", "top_n",
+        "candidate_match_threshold", "candidate_min_score")}
+    entries = export_swap(cache, facesets, m, out, args,
+                          {"source": "refine", "refine_manifest":
+                           os.path.abspath(args.refine_manifest)})
+    if raw is not None:
+        shutil.rmtree(os.path.join(out, "_candidates"), ignore_errors=True)
+        kept = {e["name"] for e in entries if e["pngs"]}
+        m["candidates"] = export_candidates(cache, raw, [f for f in facesets if f[0] in kept],
+                                            out, swap_models(cache, args.model_dir), args,
+                                            cache.aliases())
+    write_json_atomic(os.path.join(out, "manifest.json"), m)
+    pngs = sum(e["pngs"] for e in entries)
+    extra = (f", {sum(map(len, m['candidates'].values()))} candidates"
+             if raw is not None else "")
+    log_result(f"export-swap: {len(entries)} facesets, {pngs} PNGs{extra}; wrote {out}")
+    return 0
 
 
 # ============================================================================
