@@ -46,7 +46,7 @@ __all__ = [
     "enrich_cache", "agglomerate", "centroid", "safe_dst_name", "write_json_atomic",
     "faces_under", "quality_gate", "finish_faceset", "open_swap_out", "export_swap",
     "next_faceset_names", "pack_threshold", "decode_image", "swap_out_centroids",
-    "add_gate_args", "add_model_dir_arg",
+    "add_gate_args", "add_model_dir_arg", "add_workflow_args", "export_marked",
 ]
 
 # insightface's alignment calls a scikit-image API deprecated in 0.26; the warning is noise
@@ -2591,6 +2591,15 @@ def export_swap(cache, facesets, out_manifest, out, args, extra=None):
 # ============================================================================
 # Subcommands
 # ============================================================================
+def export_marked(cache, name, members, holder, target, args, extra, note):
+    """export_swap one faceset into target (recorded in holder["facesets"]) and write its
+    <name>.txt provenance marker: what the work/ workflows do for each set they add."""
+    entries = export_swap(cache, [(name, members)], holder, target, args, extra)
+    with open(os.path.join(target, name, f"{name}.txt"), "w", encoding="utf-8") as f:
+        f.write(f"{name}\n{note.rstrip()}\n")
+    return entries
+
+
 def cmd_embed(args):
     """Detect and embed every face under SRC into CACHE (incremental, resumable)."""
     stats = embed_tree(args.src, args.cache, args.pack, args.model_dir, args.flush_every,
@@ -2786,6 +2795,13 @@ def _add_output_args(p):
                    help="replace what an earlier run wrote in OUT")
     g.add_argument("--dry-run", action="store_true",
                    help="print the cluster sizes, write nothing")
+
+
+def add_workflow_args(p):
+    """--cache and --out of the work/ workflows."""
+    p.add_argument("--cache", required=True, metavar="CACHE", help="cache (embedded, enriched)")
+    p.add_argument("--out", required=True, metavar="SWAP_OUT",
+                   help="export-swap output folder (created when absent)")
 
 
 def add_gate_args(p):

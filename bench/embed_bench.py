@@ -7,8 +7,8 @@ FaceAnalysis does by default), then one recognizer call per face (norm_crop + ge
 No hashing, no prefetch, no cache.
 
 The tool: sort_faces.embed_tree(src, fresh_temp_cache, ...) with its defaults, plus thread
-layouts (ORT intra-op threads x parallel workers, each doing a whole photo). It does strictly more work than the naive
-loop: it scans the tree, hashes every file, handles EXIF orientation, writes and consolidates
+layouts (ORT intra-op threads x parallel workers, each doing a whole photo). It does
+strictly more work than the naive loop: it scans the tree, hashes every file, handles EXIF orientation, writes and consolidates
 the .npz cache, and SHA-256-checks the model files on every call (locate_pack).
 
 Model load time is EXCLUDED from both sides: load_models() is memoised per thread count and

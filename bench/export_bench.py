@@ -73,7 +73,8 @@ def main():
     print(f"export-swap: {pngs} PNGs, median {statistics.median(export_s):.2f} s "
           f"-> {x_ms:.1f} ms per PNG (runs: {', '.join(f'{s:.2f}' for s in export_s)}; "
           f"includes detector load and the one-face re-check)")
-    print(json.dumps({"faces": faces, "model_load_s": round(load_s, 3), "enrich_ms_per_face": round(e_ms, 2), "pngs": pngs,
+    print(json.dumps({"faces": faces, "model_load_s": round(load_s, 3),
+                      "enrich_ms_per_face": round(e_ms, 2), "pngs": pngs,
                       "export_ms_per_png": round(x_ms, 2), "repeat": args.repeat,
                       "enrich_runs_s": [round(s, 3) for s in enrich_s],
                       "export_runs_s": [round(s, 3) for s in export_s]}))

@@ -207,8 +207,10 @@ def run(args):
         target = os.path.join(out, "_thin") if thin else out
         os.makedirs(target, exist_ok=True)
         holder = {"facesets": manifest.get("thin_eras", []) if thin else manifest["facesets"]}
-        entries = sf.export_swap(cache, [(name, faces[members].tolist())], holder, target,
-                                 args, extra)
+        entries = sf.export_marked(
+            cache, name, faces[members].tolist(), holder, target, args, extra,
+            f"era of {args.faceset}, split by work/age_split.py at {stamp}\n"
+            f"years: {extra['years'] or 'unknown'}\nfaces: {len(members)} ({kind})")
         if thin:     # paths in OUT/manifest.json are relative to OUT
             for e in entries:
                 e["path"] = f"_thin/{name}"
@@ -218,9 +220,6 @@ def run(args):
             manifest["thin_eras"] = holder["facesets"]
         else:
             manifest["facesets"] = holder["facesets"]
-        with open(os.path.join(target, name, f"{name}.txt"), "w", encoding="utf-8") as f:
-            f.write(f"{name}\nera of {args.faceset}, split by work/age_split.py at {stamp}\n"
-                    f"years: {extra['years'] or 'unknown'}\nfaces: {len(members)} ({kind})\n")
         sf.write_json_atomic(os.path.join(out, "manifest.json"), manifest)
     sf.log_result(f"age_split: {args.faceset} -> {len(plan)} eras "
                   f"({sum(len(m) >= args.anchor_min for _, m, _ in plan)} full, "
@@ -230,9 +229,7 @@ def run(args):
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=sf.HelpFormatter)
-    p.add_argument("--cache", required=True, metavar="CACHE", help="cache (embedded, enriched)")
-    p.add_argument("--out", required=True, metavar="SWAP_OUT",
-                   help="export-swap output folder holding the faceset")
+    sf.add_workflow_args(p)
     p.add_argument("--faceset", required=True, metavar="NAME", help="faceset to split")
     p.add_argument("--probe", action="store_true",
                    help="print distances, sub-cluster sizes and years; write nothing")

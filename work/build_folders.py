@@ -108,12 +108,10 @@ def run(args):
         extra = {"source": "build_folders", "trusted": folders[label], "at": stamp,
                  "mixed": [os.path.abspath(m) for m in args.mixed],
                  "routed": len(routed.get(label, []))}
-        sf.export_swap(cache, [(label, faces + routed.get(label, []))], manifest, out, args,
-                       extra)
-        with open(os.path.join(out, label, f"{label}.txt"), "w", encoding="utf-8") as f:
-            f.write(f"{label}\nbuilt by work/build_folders.py at {stamp}\n"
-                    f"trusted folder: {folders[label]}\n"
-                    f"routed from mixed folders: {extra['routed']}\n")
+        sf.export_marked(cache, label, faces + routed.get(label, []), manifest, out, args, extra,
+                         f"built by work/build_folders.py at {stamp}\n"
+                         f"trusted folder: {folders[label]}\n"
+                         f"routed from mixed folders: {extra['routed']}")
         sf.write_json_atomic(os.path.join(out, "manifest.json"), manifest)   # each one kept
     sf.log_result(f"build_folders: {len(people)} new facesets ({', '.join(people)}); "
                    f"wrote {out}")
@@ -122,9 +120,7 @@ def run(args):
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=sf.HelpFormatter)
-    p.add_argument("--cache", required=True, metavar="CACHE", help="cache (embedded, enriched)")
-    p.add_argument("--out", required=True, metavar="SWAP_OUT",
-                   help="export-swap output folder (created when absent)")
+    sf.add_workflow_args(p)
     p.add_argument("--trusted", nargs="+", required=True, metavar="DIR",
                    help="folders that each hold one person")
     p.add_argument("--mixed", nargs="*", default=[], metavar="DIR",

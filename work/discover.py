@@ -83,10 +83,9 @@ def run(args):
     extra = {"source": "discover", "source_dirs": [os.path.abspath(s) for s in args.source],
              "at": stamp}
     for name, members in zip(names, sets):
-        sf.export_swap(cache, [(name, members)], manifest, out, args, extra)
-        with open(os.path.join(out, name, f"{name}.txt"), "w", encoding="utf-8") as f:
-            f.write(f"{name}\ndiscovered by work/discover.py at {stamp}\n"
-                    f"in: {', '.join(extra['source_dirs'])}\nfaces: {len(members)}\n")
+        sf.export_marked(cache, name, members, manifest, out, args, extra,
+                         f"discovered by work/discover.py at {stamp}\n"
+                         f"in: {', '.join(extra['source_dirs'])}\nfaces: {len(members)}")
         sf.write_json_atomic(os.path.join(out, "manifest.json"), manifest)
     sf.log_result(f"discover: {len(sets)} new facesets {names} (sizes "
                   f"{[len(s) for s in sets]}); wrote {out}")
@@ -95,9 +94,7 @@ def run(args):
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=sf.HelpFormatter)
-    p.add_argument("--cache", required=True, metavar="CACHE", help="cache (embedded, enriched)")
-    p.add_argument("--out", required=True, metavar="SWAP_OUT",
-                   help="export-swap output folder (created when absent)")
+    sf.add_workflow_args(p)
     p.add_argument("--source", nargs="+", required=True, metavar="DIR",
                    help="mixed folders to look for new people in")
     g = p.add_argument_group("identity")
