@@ -46,7 +46,7 @@ __all__ = [
     "enrich_cache", "agglomerate", "centroid", "safe_dst_name", "write_json_atomic",
     "faces_under", "quality_gate", "finish_faceset", "open_swap_out", "export_swap",
     "next_faceset_names", "pack_threshold", "decode_image", "swap_out_centroids",
-    "add_gate_args", "add_model_dir_arg", "add_workflow_args", "export_marked",
+    "add_gate_args", "add_model_dir_arg", "add_workflow_args", "export_marked", "count_gates",
 ]
 
 # insightface's alignment calls a scikit-image API deprecated in 0.26; the warning is noise
@@ -1857,6 +1857,14 @@ def merge_clusters(cache, clusters, threshold):
     return merged
 
 
+def count_gates(dropped, into=None):
+    """{gate: faces it dropped} of (face, gate, value) triples, added to `into` if given."""
+    counts = into if into is not None else {}
+    for _, gate, _ in dropped:
+        counts[gate] = counts.get(gate, 0) + 1
+    return counts
+
+
 def quality_gate(cache, faces, min_short, min_blur, min_det, dropped):
     """Faces passing the size/blur/score gates; the others go to dropped with the gate."""
     gates = (("min_short", cache.face_short, min_short), ("min_blur", cache.face_blur, min_blur),
@@ -1914,10 +1922,9 @@ def write_refine_output(cache, plan, out, link, params):
                                      "faces": faces})
         jobs += [(r["path"], os.path.join(out, name, r["file"])) for r in faces]
         sections.append((name, name, by_centrality(cache.face_emb, members)))
-    for i, gate, value in plan.dropped:
-        manifest["dropped"].append({**face_record(cache, i, aliases), "gate": gate,
-                                    "value": round(value, 4)})
-        manifest["gate_counts"][gate] = manifest["gate_counts"].get(gate, 0) + 1
+    manifest["dropped"] = [{**face_record(cache, i, aliases), "gate": gate,
+                            "value": round(value, 4)} for i, gate, value in plan.dropped]
+    manifest["gate_counts"] = count_gates(plan.dropped)
     _place_all(jobs, link)
     write_review(cache, out, sections, [])
     write_json_atomic(os.path.join(out, "refine_manifest.json"), manifest)
@@ -2207,9 +2214,9 @@ def extend_refined(cache, out, link):
                               "images": len({r["sha256"] for r in recs}), "faces": recs,
                               "added_by_extend": run})
         jobs += [(r["path"], os.path.join(out, name, r["file"])) for r in recs]
-    for i, gate, value in dropped:
-        m["dropped"].append({**record(i), "gate": gate, "value": round(value, 4)})
-        m["gate_counts"][gate] = m["gate_counts"].get(gate, 0) + 1
+    m["dropped"] += [{**record(i), "gate": gate, "value": round(value, 4)}
+                     for i, gate, value in dropped]
+    count_gates(dropped, into=m["gate_counts"])
     summary = {"run": run, "at": datetime.datetime.now().isoformat(timespec="seconds"),
                "faces": len(new), "dropped": len(dropped),
                "joined": {m["facesets"][g]["name"]: len(v) for g, v in joined.items()},
@@ -2436,9 +2443,7 @@ def export_faceset(cache, name, members, out, det, args, dup_group, aliases):
         bundles = {"top": f"{name}/{top}", "all": f"{name}/{name}_all.fsz"}
         np.save(os.path.join(folder, f"{name}.npy"), centroid(cache.face_emb[exported]))
         write_reactor_model(os.path.join(folder, f"{name}.safetensors"), cache, exported)
-    counts = {}
-    for _, gate, _ in dropped:
-        counts[gate] = counts.get(gate, 0) + 1
+    counts = count_gates(dropped)
     write_json_atomic(os.path.join(folder, "manifest.json"), {
         "schema": MANIFEST_SCHEMA, "name": name, "pngs": records,
         "dropped": [{**face_record(cache, i, aliases), "gate": g, "value": round(v, 4)}
@@ -2640,9 +2645,7 @@ def cmd_refine(args):
     idx = select_faces(cache, args.max_faces_per_image, args.skip_partial)
     plan = plan_refine(cache, idx, initial, merge, outlier, args.min_short, args.min_blur,
                        args.min_det_score, args.min_faces)
-    counts = {}
-    for _, gate, _ in plan.dropped:
-        counts[gate] = counts.get(gate, 0) + 1
+    counts = count_gates(plan.dropped)
     summary = (f"refine: {len(idx)} faces -> {len(plan.facesets)} facesets (sizes "
                f"{[len(f) for f in plan.facesets][:10]}); dropped {counts or 'none'}")
     if args.dry_run:

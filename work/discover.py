@@ -45,10 +45,7 @@ def new_facesets(cache, faces, args):
         kept = sf.quality_gate(cache, members, args.min_short, args.min_blur,
                                args.min_det_score, dropped)
         kept = sf.finish_faceset(cache, kept, outlier, args.min_faces, dropped)
-        gates = {}
-        for _, gate, _ in dropped:
-            gates[gate] = gates.get(gate, 0) + 1
-        reports.append((len(members), len(kept), gates))
+        reports.append((len(members), len(kept), sf.count_gates(dropped)))
         if kept:
             kept_sets.append(kept)
     kept_sets.sort(key=lambda f: (-len(f), f[0]))
