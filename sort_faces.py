@@ -622,6 +622,13 @@ class Cache:
         self.embedded = {s for s, st in zip(c["file_sha256"].tolist(), c["file_status"].tolist())
                          if st == "ok"}
 
+    def memo(self, key, make):
+        """make() once per loaded cache (models, duplicate groups a step needs repeatedly)."""
+        store = self.__dict__.setdefault("_memo", {})
+        if key not in store:
+            store[key] = make()
+        return store[key]
+
     def __getattr__(self, name):
         cols = self.__dict__.get("cols", {})
         for prefix in ("file_", "face_"):
@@ -2116,18 +2123,45 @@ def _next_names(prefix, existing, count):
     return [f"{prefix}{top + k:0{width}d}" for k in range(1, count + 1)]
 
 
+def _unplaced(cache, keys, params, placed):
+    """Faces an output's filters select that none of its manifest entries `placed` holds."""
+    done = set(manifest_members(keys, placed))
+    idx = select_faces(cache, params.get("max_faces_per_image", 0),
+                       params.get("skip_partial", False))
+    return [int(i) for i in idx if int(i) not in done]
+
+
+def _grow_groups(cache, groups, members, joined, fresh, prefix, record, out, run, images):
+    """Add joined faces to existing manifest groups and fresh clusters as new groups
+    numbered after the highest (entries edited in place). Returns (new names, copy jobs)."""
+    jobs = []
+
+    def add(entry, faces, all_faces):
+        recs = [record(i) for i in faces]
+        entry["faces"] = entry.get("faces", []) + recs
+        entry.update(cluster_stats(cache.face_emb[all_faces]))
+        if images:
+            entry["images"] = len({f["sha256"] for f in entry["faces"]})
+        jobs.extend((r["path"], os.path.join(out, entry["name"], r["file"])) for r in recs)
+
+    for g, faces in joined.items():
+        add(groups[g], faces, members[g] + faces)
+    names = _next_names(prefix, [e["name"] for e in groups], len(fresh))
+    for name, faces in zip(names, fresh):
+        groups.append({"name": name, "added_by_extend": run})
+        add(groups[-1], faces, faces)
+    return names, jobs
+
+
 def extend_raw(cache, out, link, join_threshold=None):
     """Fold new cache faces into a `cluster` output; returns a summary dict or None."""
     mpath = os.path.join(out, "manifest.json")
     m = read_manifest(mpath, "cluster", cache)
     keys = cache_face_keys(cache)
     members = [manifest_members(keys, c["faces"]) for c in m["clusters"]]
-    placed = {face_key(f["sha256"], f["bbox"]) for c in m["clusters"] for f in c["faces"]}
-    placed |= {face_key(f["sha256"], f["bbox"]) for f in m["singletons"]}
     p = m["params"]
-    idx = select_faces(cache, p.get("max_faces_per_image", 0), p.get("skip_partial", False))
-    new = [int(i) for i in idx if face_key(cache.file_sha256[cache.face_file[i]],
-                                          cache.face_bbox[i]) not in placed]
+    new = _unplaced(cache, keys, p, [f for c in m["clusters"] for f in c["faces"]]
+                    + m["singletons"])
     known_noface = set(m["noface"])
     aliases = cache.aliases()
     noface = [f for f in range(cache.n_files) if cache.file_status[f] == "ok"
@@ -2140,19 +2174,9 @@ def extend_raw(cache, out, link, join_threshold=None):
     fresh = [c for c in clusters if len(c) >= min_size]
     singles = [i for c in clusters if len(c) < min_size for i in c]
     run = len(m.get("extends", [])) + 1
-    jobs, record = [], lambda i: {**face_record(cache, i, aliases), "added_by_extend": run}
-    for g, faces in joined.items():
-        c = m["clusters"][g]
-        recs = [record(i) for i in faces]
-        c["faces"] += recs
-        c.update(cluster_stats(cache.face_emb[members[g] + faces]))
-        jobs += [(r["path"], os.path.join(out, c["name"], r["file"])) for r in recs]
-    names = _next_names("person_", [c["name"] for c in m["clusters"]], len(fresh))
-    for name, faces in zip(names, fresh):
-        recs = [record(i) for i in faces]
-        m["clusters"].append({"name": name, **cluster_stats(cache.face_emb[faces]),
-                              "faces": recs, "added_by_extend": run})
-        jobs += [(r["path"], os.path.join(out, name, r["file"])) for r in recs]
+    record = lambda i: {**face_record(cache, i, aliases), "added_by_extend": run}
+    names, jobs = _grow_groups(cache, m["clusters"], members, joined, fresh, "person_",
+                               record, out, run, images=False)
     for i in singles:
         r = record(i)
         m["singletons"].append(r)
@@ -2183,11 +2207,8 @@ def extend_refined(cache, out, link):
     p = m["params"]
     keys = cache_face_keys(cache)
     members = [manifest_members(keys, fs["faces"]) for fs in m["facesets"]]
-    placed = {face_key(f["sha256"], f["bbox"]) for fs in m["facesets"] for f in fs["faces"]}
-    placed |= {face_key(f["sha256"], f["bbox"]) for f in m["dropped"]}
-    idx = select_faces(cache, p.get("max_faces_per_image", 0), p.get("skip_partial", False))
-    new = [int(i) for i in idx if face_key(cache.file_sha256[cache.face_file[i]],
-                                          cache.face_bbox[i]) not in placed]
+    new = _unplaced(cache, keys, p, [f for fs in m["facesets"] for f in fs["faces"]]
+                    + m["dropped"])
     if not new:
         return None
     dropped = []
@@ -2199,21 +2220,9 @@ def extend_refined(cache, out, link):
                                         dropped) for c in clusters) if f]
     aliases = cache.aliases()
     run = len(m.get("extends", [])) + 1
-    jobs, record = [], lambda i: {**face_record(cache, i, aliases), "added_by_extend": run}
-    for g, faces in joined.items():
-        fs = m["facesets"][g]
-        recs = [record(i) for i in faces]
-        fs["faces"] += recs
-        fs.update(cluster_stats(cache.face_emb[members[g] + faces]))
-        fs["images"] = len({f["sha256"] for f in fs["faces"]})
-        jobs += [(r["path"], os.path.join(out, fs["name"], r["file"])) for r in recs]
-    names = _next_names("faceset_", [fs["name"] for fs in m["facesets"]], len(fresh))
-    for name, faces in zip(names, fresh):
-        recs = [record(i) for i in faces]
-        m["facesets"].append({"name": name, **cluster_stats(cache.face_emb[faces]),
-                              "images": len({r["sha256"] for r in recs}), "faces": recs,
-                              "added_by_extend": run})
-        jobs += [(r["path"], os.path.join(out, name, r["file"])) for r in recs]
+    record = lambda i: {**face_record(cache, i, aliases), "added_by_extend": run}
+    names, jobs = _grow_groups(cache, m["facesets"], members, joined, fresh, "faceset_",
+                               record, out, run, images=True)
     m["dropped"] += [{**record(i), "gate": gate, "value": round(value, 4)}
                      for i, gate, value in dropped]
     count_gates(dropped, into=m["gate_counts"])
@@ -2559,9 +2568,11 @@ def swap_out_centroids(out, manifest):
 
 
 def swap_models(cache, model_dir=None):
-    """The detector of the cache's pack (for the one-face check)."""
-    pack = locate_pack(cache.meta["pack"]["name"], model_dir, roles=("det",))
-    return load_models(pack)["det"]
+    """The detector of the cache's pack (for the one-face check), loaded once per cache."""
+    def load():
+        pack = locate_pack(cache.meta["pack"]["name"], model_dir, roles=("det",))
+        return load_models(pack)["det"]
+    return cache.memo(("det", model_dir), load)
 
 
 def require_enriched(cache, faces):
@@ -2576,7 +2587,7 @@ def export_swap(cache, facesets, out_manifest, out, args, extra=None):
     the same name replaced, others kept). extra: fields added to every entry."""
     require_enriched(cache, [i for _, m in facesets for i in m])
     det = swap_models(cache, getattr(args, "model_dir", None))
-    dup_group = near_duplicate_files(cache)
+    dup_group = cache.memo("dup_group", lambda: near_duplicate_files(cache))
     aliases = cache.aliases()
     entries = []
     for name, members in facesets:
