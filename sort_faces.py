@@ -18,14 +18,17 @@ __version__ = "0.1.0"
 import argparse
 import concurrent.futures
 import contextlib
+import dataclasses
 import datetime
+import errno
 import fcntl
-import glob
 import hashlib
 import importlib.util
 import io
+import itertools
 import json
 import os
+import re
 import shutil
 import signal
 import stat
@@ -44,9 +47,10 @@ __all__ = [
     "SortFacesError", "main", "build_parser", "run_step", "HelpFormatter", "add_common_args",
     "add_swap_args", "load_cache", "Cache", "locate_pack", "load_models", "embed_tree",
     "enrich_cache", "agglomerate", "centroid", "safe_dst_name", "write_json_atomic",
-    "faces_under", "quality_gate", "finish_faceset", "open_swap_out", "export_swap",
-    "next_faceset_names", "pack_threshold", "decode_image", "swap_out_centroids",
-    "add_gate_args", "add_model_dir_arg", "add_workflow_args", "export_marked", "count_gates",
+    "faces_under", "quality_gate", "finish_faceset", "SwapOut", "OutDir", "ExportOptions",
+    "export_swap", "pack_threshold", "decode_image", "read_json", "read_bytes",
+    "open_regular", "safe_component", "add_gate_args", "add_model_dir_arg",
+    "add_workflow_args", "export_marked", "count_gates", "describe_counts",
 ]
 
 # insightface's alignment calls a scikit-image API deprecated in 0.26; the warning is noise
@@ -241,6 +245,430 @@ def _write_atomic(path, write):
 
 
 # ============================================================================
+# Files and folders
+# ============================================================================
+# Every file the tool reads that a user could have replaced is opened with open_regular();
+# every name that becomes a path goes through safe_component(); every output folder is an
+# OutDir, which writes and removes only what its ledger says the tool owns.
+NAME_MAX = 255                #: bytes in one file or folder name (Linux, macOS)
+STATE_DIR = ".sort_faces"     #: OUT/.sort_faces/: ownership ledger, staging, trash, lock
+
+
+def _errno_text(exc):
+    return getattr(exc, "strerror", None) or _short(exc)
+
+
+def open_regular(path):
+    """Open path for reading only if it is a regular file. O_NONBLOCK lets opening a FIFO
+    return at once and fstat judges what was opened, so a special file can never hang a
+    step, even one swapped in after a check."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file (a FIFO, device or socket)",
+                          os.fspath(path))
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_bytes(path):
+    with open_regular(path) as f:
+        return f.read()
+
+
+def read_json(path, what):
+    """A JSON file (a manifest, a ledger, a people file); SortFacesError if unreadable."""
+    try:
+        return json.loads(read_bytes(path).decode("utf-8"))
+    except (OSError, ValueError) as exc:       # UnicodeDecodeError is a ValueError
+        raise SortFacesError(f"{path}: unreadable {what} ({_errno_text(exc)})")
+
+
+def safe_component(name, where, suffix_bytes=0):
+    """name if it can be one file or folder name inside OUT: not empty, not hidden ('.'
+    starts the tool's own names), no separator or NUL, at most NAME_MAX bytes together with
+    the longest suffix the tool adds to it; otherwise a SortFacesError naming `where`."""
+    why = None
+    if not isinstance(name, str) or not name:
+        why = "is empty or not text"
+    elif name.startswith("."):
+        why = "starts with '.' (., .. and hidden names are not allowed)"
+    elif "/" in name or "\0" in name or (os.altsep and os.altsep in name):
+        why = "holds a path separator or NUL"
+    else:
+        try:
+            size = len(os.fsencode(name)) + suffix_bytes
+        except UnicodeError:
+            size, why = 0, "is not a valid file name"
+        if size > NAME_MAX:
+            why = f"is longer than {NAME_MAX - suffix_bytes} bytes"
+    if why:
+        raise SortFacesError(f"{where}: name {name!r} {why}; a name must be one plain file "
+                             f"or folder name")
+    return name
+
+
+def safe_relpath(rel, where, depth=2):
+    """A relative path of at most `depth` safe components ('_thin/faceset_003_2001')."""
+    parts = rel.split("/") if isinstance(rel, str) else [rel]
+    if not 1 <= len(parts) <= depth:
+        raise SortFacesError(f"{where}: {rel!r} is not a folder name inside the output")
+    for part in parts:
+        safe_component(part, where)
+    return rel
+
+
+def _inside(path, root):
+    """True if path is root or lies under it (symlinks resolved)."""
+    p, r = os.path.realpath(path), os.path.realpath(root)
+    return p == r or p.startswith(r.rstrip(os.sep) + os.sep)
+
+
+def _inside_any(path, roots):
+    return any(_inside(path, r) for r in roots)
+
+
+def _walk_files(folder):
+    """Relative paths of every file (and link) under folder; links are never followed."""
+    out = []
+    for here, _, files in os.walk(folder):
+        rel = os.path.relpath(here, folder)
+        out += [f if rel == "." else f"{rel}/{f}" for f in files]
+    return sorted(out)
+
+
+def place_file(src, dst, link="copy"):
+    """Copy (or link) src to dst via a temporary name and a rename, so a kill never leaves
+    half a photo. The source is only read, and only if it is a regular file: a problem
+    with it is BadFile (the caller warns and goes on), one with dst an OSError."""
+    if os.path.lexists(dst):
+        return
+    tmp = os.path.join(os.path.dirname(dst), f".tmp-{os.getpid()}-{next(_TMP_SEQ)}.part")
+    try:
+        st = os.stat(src)
+    except OSError as exc:
+        raise BadFile(f"cannot read: {_errno_text(exc)}")
+    if not stat.S_ISREG(st.st_mode):
+        raise BadFile("not a regular file")
+    try:
+        if link == "symlink":
+            os.symlink(os.path.abspath(src), tmp)
+        elif link == "hardlink" and _try_link(src, tmp):
+            pass
+        else:
+            try:
+                fin = open_regular(src)
+            except OSError as exc:
+                raise BadFile(f"cannot read: {_errno_text(exc)}")
+            with fin, open(tmp, "xb") as fout:
+                shutil.copyfileobj(fin, fout, 1 << 20)
+            shutil.copystat(src, tmp)
+        os.replace(tmp, dst)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+_TMP_SEQ = itertools.count()
+
+
+def _try_link(src, dst):
+    try:
+        os.link(src, dst)
+        return True
+    except OSError:                 # another filesystem, or links not allowed: copy
+        return False
+
+
+class OutDir:
+    """An output folder and what sort_faces owns in it.
+
+    OUT/.sort_faces/owned.json (the ledger) names every entry the tool wrote in OUT (a
+    top-level file or folder, or a folder one level down such as `_thin/<era>`) and every
+    file inside its folders. Only what the ledger names is ever replaced or removed, and
+    never through a link. A result is built in OUT/.sort_faces/staging/ and swapped in by
+    renames (`commit`): the ledger is written before the swap, so a kill leaves nothing
+    unrecorded, and the manifest, staged with the rest, goes in last, so it always matches
+    the disk. A commit cut short is finished by the next step that opens OUT; leftovers of
+    a run killed before its commit are removed."""
+
+    def __init__(self, path, step, roots=()):
+        self.path = os.path.abspath(os.path.expanduser(os.fspath(path)))
+        self.step = step
+        if os.path.lexists(self.path) and not os.path.isdir(self.path):
+            raise SortFacesError(f"{self.path} exists and is not a folder; give a folder "
+                                 f"for the output")
+        for r in roots:
+            if _inside(self.path, r) or _inside(r, self.path):
+                raise SortFacesError(f"output {self.path} overlaps the source tree {r}; "
+                                     f"choose an output folder outside it")
+        self.state = os.path.join(self.path, STATE_DIR)
+        if os.path.lexists(self.state) and (os.path.islink(self.state)
+                                            or not os.path.isdir(self.state)):
+            raise SortFacesError(f"{self.state} is not sort_faces' own folder (a link or a "
+                                 f"file); remove it")
+        self.ledger = self._read_ledger()
+        self.entries = self.ledger["entries"]      # rel -> [files inside] | None (a file)
+        self.interrupted = bool(self.ledger.get("pending"))
+        self._lock = None
+
+    # ------------------------------------------------------------------ what is there
+    def _read_ledger(self):
+        path = os.path.join(self.state, "owned.json")
+        empty = {"entries": {}}
+        if not os.path.lexists(path):
+            return empty
+        led = read_json(path, "ownership ledger")
+        try:
+            entries = led["entries"]
+            for rel, files in entries.items():
+                safe_relpath(rel, path)
+                for f in files or []:
+                    if not f or "\0" in f or any(p in ("", ".", "..") for p in f.split("/")):
+                        raise SortFacesError(f"{path}: {f!r} is not a file inside {rel}")
+            pending = led.get("pending") or {}
+            for rel in pending.get("swap", []) + pending.get("drop", []):
+                safe_relpath(rel, path)
+        except (KeyError, TypeError, AttributeError):
+            raise SortFacesError(f"{path}: damaged ownership ledger; move OUT aside and "
+                                 f"run again")
+        return led
+
+    def foreign(self):
+        """Top-level names in OUT the tool did not write."""
+        if not os.path.isdir(self.path):
+            return []
+        top = {rel.split("/")[0] for rel in self.entries}
+        return sorted(e for e in os.listdir(self.path) if e != STATE_DIR and e not in top)
+
+    def check(self, *, clean=False, replace=False, needs=None, reserved=(), prefixes=()):
+        """The one rule for writing into OUT. An OUT holding files the tool did not write
+        is refused unless it also holds a result of the tool (then they are left alone,
+        but never where the new result must go: `reserved` names, names with `prefixes`).
+        replace: the step writes a whole new result, which needs --clean when one is
+        there (not after a run cut short). needs: the step the result must come from."""
+        foreign = self.foreign()
+        if foreign and not self.entries:
+            raise SortFacesError(f"{self.path} holds files sort_faces did not write (e.g. "
+                                 f"{foreign[0]!r}); choose an empty or new folder")
+        clash = [e for e in foreign if e in reserved or e.startswith(tuple(prefixes))]
+        if clash:
+            raise SortFacesError(f"{os.path.join(self.path, clash[0])} was not written by "
+                                 f"sort_faces and is where a result goes; move it away")
+        for rel, files in self.entries.items():
+            if os.path.islink(os.path.join(self.path, rel)):
+                raise SortFacesError(f"{os.path.join(self.path, rel)} is now a link; "
+                                     f"sort_faces never writes through links: remove it")
+        step = self.ledger.get("step")
+        if needs and not os.path.isdir(self.path):
+            raise SortFacesError(f"{self.path} not found: run `{needs}` into it first")
+        if needs and step != needs:
+            raise SortFacesError(f"{self.path} holds no `{needs}` result"
+                                 + (f" (it holds a `{step}` result)" if step else "")
+                                 + f"; run `{needs}` into it first")
+        if self.entries and not replace and step != self.step:
+            raise SortFacesError(f"{self.path} holds a `{step}` result, not {self.step}'s; "
+                                 f"choose another folder")
+        if replace and self.entries and not clean and not self.interrupted:
+            raise SortFacesError(f"{self.path} already holds results; pass --clean to "
+                                 f"replace them")
+        if foreign:
+            CONSOLE.info(f"{self.path}: left alone (not written by sort_faces): "
+                         + ", ".join(foreign[:5]) + (" …" if len(foreign) > 5 else ""))
+        return self
+
+    # ------------------------------------------------------------------ writing
+    def lock(self):
+        """Create OUT, hold its lock, finish a commit cut short, drop leftovers."""
+        os.makedirs(self.state, exist_ok=True)
+        self._lock = FileLock(os.path.join(self.state, "lock"), self.path)
+        if self.ledger.get("pending"):
+            CONSOLE.info(f"{self.path}: finishing the swap of a run that was cut short")
+            self._apply(self.ledger["pending"])
+            self._write_ledger(self._final(self.ledger["pending"]))
+        for leftover in ("staging", "trash"):
+            _rmtree(os.path.join(self.state, leftover))
+        return self
+
+    def close(self):
+        if self._lock:
+            self._lock.release()
+            self._lock = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        _rmtree(os.path.join(self.state, "staging"))
+        self.close()
+
+    @property
+    def staging(self):
+        return os.path.join(self.state, "staging")
+
+    def stage(self, rel):
+        """A fresh staging folder for entry rel (its final place is OUT/rel)."""
+        path = os.path.join(self.staging, rel)
+        _rmtree(path)
+        os.makedirs(path)
+        return path
+
+    def add_files(self, rel, files):
+        """Record files about to be written straight into the owned folder rel."""
+        listing = self.entries.setdefault(rel, [])
+        known = set(listing)
+        listing += [f for f in files if f not in known]
+        self._write_ledger(self.entries)
+
+    def commit(self, rels, drop=()):
+        """Swap the staged entries rels into OUT, replacing owned entries of the same name
+        (files a user added inside an owned folder stay), and remove the owned entries in
+        drop. Manifests go in last, so a reader never sees one ahead of its files."""
+        rels = sorted(rels, key=lambda r: (r.endswith(".json"), r))
+        new = {r: None if os.path.isfile(os.path.join(self.staging, r))
+               else _walk_files(os.path.join(self.staging, r)) for r in rels}
+        drop = sorted(set(drop) & set(self.entries) - set(rels))
+        pending = {"swap": rels, "drop": drop, "new": new,
+                   "old": {r: self.entries[r] for r in rels + drop if r in self.entries}}
+        self._write_ledger({**self.entries, **new}, pending)
+        self._apply(pending)
+        self._write_ledger(self._final(pending))
+        _rmtree(os.path.join(self.state, "trash"))
+
+    def _final(self, pending):
+        entries = {**self.ledger["entries"], **pending["new"]}
+        for rel, skipped in getattr(self, "_skipped", {}).items():
+            entries[rel] = [f for f in entries[rel] if f not in skipped]
+        return {r: v for r, v in entries.items() if r not in pending["drop"]}
+
+    def _write_ledger(self, entries, pending=None):
+        self.ledger = {"schema": 1, "tool": "sort_faces", "tool_version": __version__,
+                       "step": self.step, "entries": entries}
+        if pending:
+            self.ledger["pending"] = pending
+        self.entries = entries
+        write_json_atomic(os.path.join(self.state, "owned.json"), self.ledger)
+
+    def _apply(self, pending):
+        """Do (or finish) a commit; each move checks what is already done."""
+        self._skipped = {}
+        old = pending.get("old", {})
+        for rel in pending["drop"]:
+            self._retire(rel, old.get(rel))
+            self._prune(os.path.dirname(rel))
+        for rel in pending["swap"]:
+            src, dst = os.path.join(self.staging, rel), os.path.join(self.path, rel)
+            if not os.path.lexists(src):
+                continue                              # moved before a kill
+            if rel in old:
+                self._retire(rel, old[rel])
+            if os.path.lexists(dst):                  # a folder that keeps a user's files
+                self._skipped[rel] = self._merge(src, dst)
+            else:
+                os.makedirs(os.path.dirname(dst), exist_ok=True)
+                os.rename(src, dst)
+
+    def _retire(self, rel, listing):
+        """Move what the tool owns at OUT/rel to the trash, leaving anything else."""
+        dst, trash = os.path.join(self.path, rel), os.path.join(self.state, "trash", rel)
+        if not os.path.lexists(dst):
+            return
+        if listing is None:                       # a file: whatever is there now, unless
+            if os.path.islink(dst) or not os.path.isdir(dst):     # a user put a folder
+                _move(dst, trash)
+            return
+        if os.path.islink(dst) or not os.path.isdir(dst):
+            return
+        present = set(_walk_files(dst))
+        if present <= set(listing) and not os.path.lexists(trash):
+            _move(dst, trash)
+            return
+        for f in sorted(present & set(listing)):
+            if not os.path.lexists(os.path.join(trash, f)):   # else: a new file (merged)
+                _move(os.path.join(dst, f), os.path.join(trash, f))
+        self._prune(rel)
+
+    def _merge(self, src, dst):
+        """Move staged files into a folder that keeps a user's files; a user's file of the
+        same name wins. Returns the names not written."""
+        skipped = []
+        for f in _walk_files(src):
+            target = os.path.join(dst, f)
+            if os.path.lexists(target):
+                skipped.append(f)
+                CONSOLE.warn(target, "kept (not written by sort_faces); the new file of "
+                                     "that name is not written")
+                continue
+            _move(os.path.join(src, f), target)
+        return skipped
+
+    def _prune(self, rel):
+        """Remove empty folders under (and at) OUT/rel, never OUT itself."""
+        if not rel:
+            return
+        top = os.path.join(self.path, rel)
+        if os.path.islink(top) or not os.path.isdir(top):
+            return
+        for here, _, _ in sorted(os.walk(top), key=lambda w: -len(w[0])):
+            with contextlib.suppress(OSError):
+                os.rmdir(here)
+
+
+class FileLock:
+    """An exclusive lock held through a lock file, which is removed on release. After
+    locking, the file must still be the one at path (a releaser may have just removed it),
+    so two holders can never both believe they hold it."""
+
+    def __init__(self, path, what):
+        while True:
+            f = open(path, "a+")
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                f.seek(0)
+                other = f.read().strip() or "?"
+                f.close()
+                raise SortFacesError(f"{what} is being written by another sort_faces "
+                                     f"process (pid {other}); wait for it to finish")
+            try:
+                if os.path.samestat(os.fstat(f.fileno()), os.stat(path)):
+                    break
+            except FileNotFoundError:
+                pass
+            f.close()
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+        self.path, self._f = path, f
+
+    def release(self):
+        if self._f:
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)          # while still held: no one else is inside
+            self._f.close()
+            self._f = None
+
+
+def _move(src, dst):
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    os.rename(src, dst)
+
+
+def _rmtree(path):
+    """Remove a folder of the tool's own (staging, trash); links inside are unlinked,
+    never followed."""
+    if os.path.islink(path):
+        os.unlink(path)
+    elif os.path.isdir(path):
+        shutil.rmtree(path)
+
+
+# ============================================================================
 # Model packs
 # ============================================================================
 @dataclass
@@ -258,7 +686,7 @@ class Pack:
 
 def _file_sha256(path, chunk=1 << 20):
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         for block in iter(lambda: f.read(chunk), b""):
             h.update(block)
     return h.hexdigest()
@@ -349,9 +777,10 @@ def _pil():
     return Image, ImageOps
 
 
-def scan_images(src, on_problem):
+def scan_images(src, on_problem, linked=None):
     """Yield (path, stat) of image files under src, sorted, following directory links
-    once (a link loop is reported, not followed)."""
+    once (a link loop is reported, not followed); the real folders that links lead to are
+    appended to `linked` (they are source trees too)."""
     seen_dirs = set()
 
     def walk(folder):
@@ -377,6 +806,8 @@ def scan_images(src, on_problem):
             except OSError:
                 is_dir = False
             if is_dir:
+                if linked is not None and entry.is_symlink():
+                    linked.append(os.path.realpath(path))
                 yield from walk(path)
                 continue
             if os.path.splitext(entry.name)[1].lower() not in IMAGE_EXTS:
@@ -660,8 +1091,22 @@ def _parts_dir(path):
     return path + ".parts"
 
 
+def _part_files(path, warn=True):
+    """The part files of a cache, in log order; anything else in CACHE.parts/ is named
+    in a warning and left alone."""
+    folder, parts = _parts_dir(path), []
+    if not os.path.isdir(folder):
+        return parts
+    for name in sorted(os.listdir(folder)):
+        if len(name) == 12 and name.endswith(".npz") and name[:8].isdigit():
+            parts.append(os.path.join(folder, name))
+        elif warn and not name.startswith(".tmp-"):
+            CONSOLE.warn(os.path.join(folder, name), "not a cache part, ignored")
+    return parts
+
+
 def _read_npz(path):
-    with np.load(path, allow_pickle=False) as z:
+    with open_regular(path) as f, np.load(f, allow_pickle=False) as z:
         meta = json.loads(str(z["meta"]))
         cols = {k: z[k] for k in z.files if k != "meta"}
     for k, empty in _empty_columns().items():      # columns added since the file was made
@@ -681,28 +1126,28 @@ def _check_format(meta, path):
 def load_cache(path, pack_name=None, must_exist=True):
     """Read CACHE plus its unmerged parts. pack_name, if given, must match the cache."""
     path = os.path.abspath(os.path.expanduser(path))
-    chunks, enrichments, meta = [], [], None
-    if os.path.exists(path):
+    chunks, enrichments, meta, merged_parts = [], [], None, []
+    if os.path.lexists(path):
         try:
             meta, cols = _read_npz(path)
         except Exception as exc:
-            raise SortFacesError(f"{path}: not a sort_faces cache ({_short(exc)})")
+            raise SortFacesError(f"{path}: not a sort_faces cache ({_errno_text(exc)})")
         _check_format(meta, path)
         chunks.append(cols)
-    for part in sorted(glob.glob(os.path.join(_parts_dir(path), "*.npz"))):
-        try:
+    for part in _part_files(path):
+        try:           # a torn part cannot happen (atomic rename); a foreign one is left
             pmeta, cols = _read_npz(part)
-        except Exception as exc:   # a torn part cannot happen (atomic rename); say so if it did
-            CONSOLE.warn(part, f"unreadable cache part skipped ({_short(exc)})")
+            _check_format(pmeta, part)
+            if meta is not None and pmeta.get("pack") != meta.get("pack"):
+                raise SortFacesError(f"made by pack {pmeta['pack']['name']!r}, the cache "
+                                     f"by {meta['pack']['name']!r}")
+        except Exception as exc:
+            CONSOLE.warn(part, f"cache part skipped and kept ({_errno_text(exc)})")
             continue
-        _check_format(pmeta, part)
-        if meta is None:
-            meta = pmeta
-        elif pmeta.get("pack") != meta.get("pack"):
-            raise SortFacesError(f"{part}: made by pack {pmeta['pack']['name']!r}, the cache "
-                                 f"by {meta['pack']['name']!r}; move the part away")
+        meta = meta or pmeta
         meta["roots"] = sorted(set(meta.get("roots", [])) | set(pmeta.get("roots", [])))
         (enrichments if pmeta.get("kind") == "enrich" else chunks).append(cols)
+        merged_parts.append(part)
     if meta is None:
         if must_exist:
             raise SortFacesError(f"cache not found: {path}; create it with "
@@ -715,7 +1160,33 @@ def load_cache(path, pack_name=None, must_exist=True):
     cols = merge_columns(chunks)
     for e in enrichments:
         apply_enrichment(cols, e)
-    return Cache(path, meta, cols)
+    cache = Cache(path, meta, cols)
+    cache.merged_parts = merged_parts
+    return cache
+
+
+def read_source(cache, f, aliases=None, min_side=None):
+    """(path, Decoded) of cached file f's photo, read from its own path or a byte-identical
+    alias: a path whose size and mtime match the cache is trusted, any other must hash to
+    the cached sha256. JPEGs are decoded reduced to no less than min_side. Raises BadFile
+    with the reason when no copy can be used."""
+    sha = str(cache.file_sha256[f])
+    reason = "source file vanished"
+    paths = (aliases or {}).get(sha) or [str(cache.file_path[f])]
+    for path in paths:
+        try:
+            with open_regular(path) as fh:
+                st, data = os.fstat(fh.fileno()), fh.read()
+        except OSError as exc:
+            reason = f"source unreadable: {_errno_text(exc)}"
+            continue
+        row = cache.by_path.get(path)
+        same = row is not None and int(cache.file_size[row]) == st.st_size \
+            and int(cache.file_mtime_ns[row]) == st.st_mtime_ns
+        if same or hashlib.sha256(data).hexdigest() == sha:
+            return path, decode_image(data, min_side)
+        reason = "source file changed since embed (sha256 differs)"
+    raise BadFile(reason)
 
 
 def apply_enrichment(cols, e):
@@ -800,19 +1271,7 @@ class CacheWriter:
         self.path = os.path.abspath(os.path.expanduser(path))
         self.pack = pack
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        self._lock = open(self.path + ".lock", "a+")
-        try:
-            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            self._lock.seek(0)
-            other = self._lock.read().strip() or "?"
-            self._lock.close()
-            raise SortFacesError(f"{self.path} is being written by another sort_faces "
-                                 f"process (pid {other}); wait for it to finish")
-        self._lock.seek(0)
-        self._lock.truncate()
-        self._lock.write(str(os.getpid()))
-        self._lock.flush()
+        self._lock = FileLock(self.path + ".lock", self.path)
         try:
             self.cache = load_cache(self.path, must_exist=False)
         except BaseException:    # a refused cache must not stay locked
@@ -869,9 +1328,10 @@ class CacheWriter:
 
     def _write_part(self, meta, cols):
         os.makedirs(_parts_dir(self.path), exist_ok=True)
-        existing = glob.glob(os.path.join(_parts_dir(self.path), "*.npz"))
+        existing = _part_files(self.path, warn=False) if not self.flushes else [self._last_part]
         seq = 1 + max([int(os.path.basename(p)[:8]) for p in existing] or [0])
-        _write_npz(os.path.join(_parts_dir(self.path), f"{seq:08d}.npz"), meta, cols)
+        self._last_part = os.path.join(_parts_dir(self.path), f"{seq:08d}.npz")
+        _write_npz(self._last_part, meta, cols)
         self.flushes += 1
 
     def flush(self):
@@ -898,22 +1358,19 @@ class CacheWriter:
     def consolidate(self):
         """Fold every part into CACHE (one atomic rewrite), then drop the parts."""
         self.flush()
-        parts = sorted(glob.glob(os.path.join(_parts_dir(self.path), "*.npz")))
-        if not parts and os.path.exists(self.path):
+        if not os.path.isdir(_parts_dir(self.path)) and os.path.exists(self.path):
             return
         merged = load_cache(self.path, must_exist=False)
         cols = merged.cols if merged else _empty_columns()
-        meta = dict(self.meta)
-        _write_npz(self.path, meta, cols)
-        for p in parts:     # a crash here only leaves parts that merge idempotently
-            os.unlink(p)
+        _write_npz(self.path, dict(self.meta), cols)
+        for p in merged.merged_parts if merged else []:   # a crash here only leaves parts
+            os.unlink(p)                                    # that merge idempotently
         with contextlib.suppress(OSError):
             os.rmdir(_parts_dir(self.path))
 
     def close(self):
         if self._lock:
-            fcntl.flock(self._lock, fcntl.LOCK_UN)
-            self._lock.close()
+            self._lock.release()
             self._lock = None
 
 
@@ -952,10 +1409,9 @@ def _read_job(path, st, known, min_side, max_megapixels):
     """Read the file once, hash it, decode it unless the content is known."""
     job = _Job(path, st.st_size, st.st_mtime_ns)
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        data = read_bytes(path)
     except OSError as exc:
-        job.error = f"cannot read: {exc.strerror or exc}"
+        job.error = f"cannot read: {_errno_text(exc)}"
         return job
     job.sha256 = hashlib.sha256(data).hexdigest()
     if job.sha256 not in known:
@@ -1051,9 +1507,9 @@ def _embed_loop(root, writer, models, stats, flush_every, strict, workers, det_s
             writer.flush()
             raise SortFacesError(f"{path}: {reason} (--strict stops at the first bad file)")
 
-    todo = []
+    todo, linked = [], []
     for path, st in scan_images(root, lambda p, r: fail(p, r) if not os.path.isdir(p)
-                                else CONSOLE.warn(p, r)):
+                                else CONSOLE.warn(p, r), linked):
         stats.seen += 1
         i = cache.by_path.get(path) if cache else None
         if i is not None and int(cache.file_size[i]) == st.st_size \
@@ -1062,6 +1518,11 @@ def _embed_loop(root, writer, models, stats, flush_every, strict, workers, det_s
             stats.unchanged += 1
             continue
         todo.append((path, st))
+    for folder in linked:
+        if _inside(writer.path, folder):
+            raise SortFacesError(f"cache {writer.path} is inside {folder}, a source folder "
+                                 f"(linked from {root}); put the cache elsewhere")
+    writer.meta["roots"] = sorted(set(writer.meta["roots"]) | set(linked))
     min_side = det_size * DECODE_FACTOR
     pool = concurrent.futures.ThreadPoolExecutor(max(1, workers))
     lookahead = 2 * max(1, workers) + 1
@@ -1119,41 +1580,9 @@ def _record_job(job, writer, stats, fail):
     stats.faces += len(job.faces)
 
 
-def _inside(path, root):
-    """True if path is root or lies under it (symlinks resolved)."""
-    p, r = os.path.realpath(path), os.path.realpath(root)
-    return p == r or p.startswith(r.rstrip(os.sep) + os.sep)
-
-
-def _inside_any(path, roots):
-    return any(_inside(path, r) for r in roots)
-
-
 # ============================================================================
 # Enriching cached faces
 # ============================================================================
-def _source_for(cache, f, aliases):
-    """(path, bytes) of an unchanged copy of file f's content, or (None, reason). A path
-    whose size and mtime match the cache is trusted; otherwise its sha256 must match."""
-    sha = str(cache.file_sha256[f])
-    reason = "source file vanished"
-    for path in aliases.get(sha, [str(cache.file_path[f])]):
-        try:
-            st = os.stat(path)
-            with open(path, "rb") as fh:
-                data = fh.read()
-        except OSError as exc:
-            reason = f"source unreadable: {exc.strerror or exc}"
-            continue
-        row = cache.by_path.get(path)
-        same = row is not None and int(cache.file_size[row]) == st.st_size \
-            and int(cache.file_mtime_ns[row]) == st.st_mtime_ns
-        if same or hashlib.sha256(data).hexdigest() == sha:
-            return path, data
-        reason = "source file changed since embed (sha256 differs)"
-    return None, reason
-
-
 @dataclass
 class EnrichStats:
     faces: int = 0
@@ -1190,19 +1619,16 @@ def enrich_cache(cache_path, model_dir=None, flush_every=FLUSH_EVERY, threads=No
         models = _LazyModels(pack, threads, DET_THRESH)
         aliases = cache.aliases()
         with progress(total=len(todo), unit="face", desc="enrich") as bar:
-            for f, faces in by_file.items():
-                path, data = _source_for(cache, f, aliases)
+            for done, (f, faces) in enumerate(by_file.items(), 1):
                 try:
-                    decoded = decode_image(data, DET_SIZE * DECODE_FACTOR) if path else None
+                    _, decoded = read_source(cache, f, aliases, DET_SIZE * DECODE_FACTOR)
                 except BadFile as exc:
-                    path, data = None, str(exc)
-                if decoded is None:
                     stats.failed += 1
-                    CONSOLE.warn(cache.file_path[f], data)
-                    writer.add_enrich_error(str(cache.file_path[f]), data)
+                    CONSOLE.warn(cache.file_path[f], str(exc))
+                    writer.add_enrich_error(str(cache.file_path[f]), str(exc))
                     if strict:
                         writer.flush()
-                        raise SortFacesError(f"{cache.file_path[f]}: {data} (--strict)")
+                        raise SortFacesError(f"{cache.file_path[f]}: {exc} (--strict)")
                 else:
                     sha = str(cache.file_sha256[f])
                     writer.add_enrichment([(sha, cache.face_bbox[i], *landmarks_and_pose(
@@ -1210,7 +1636,7 @@ def enrich_cache(cache_path, model_dir=None, flush_every=FLUSH_EVERY, threads=No
                     stats.faces += len(faces)
                     stats.files += 1
                 bar.update(len(faces))
-                if stats.files % max(1, flush_every) == 0:
+                if done % max(1, flush_every) == 0:
                     writer.flush()
         writer.consolidate()
     except KeyboardInterrupt:
@@ -1559,69 +1985,168 @@ def centroid(emb):
 # ============================================================================
 # Output writers
 # ============================================================================
-TOOL_ENTRIES = ("manifest.json", "refine_manifest.json", "index.html", "_singletons",
-                "_noface", "_thumbs")
+FLAT_BYTES = 120              #: bytes of a source path kept in its flattened output name
 
 
 def safe_dst_name(path, keep=3):
     """Stable flat file name for a source path: its last folders and name, plus a short
-    hash of the absolute path, so two sources never collide and names never change."""
+    hash of the absolute path, so two sources never collide and names never change. The
+    kept part is cut by bytes (at a character boundary): names stay under NAME_MAX."""
     ap = os.path.abspath(path)
     stem, ext = os.path.splitext(ap)
     parts = [p for p in stem.split(os.sep) if p][-keep:]
-    flat = "__".join(parts)
-    flat = "".join(ch if ch.isprintable() and ch not in '<>:"\\|?*' else "_" for ch in flat)
+    flat = "".join(ch if ch.isprintable() and ch not in '<>:"\\|?*' else "_"
+                   for ch in "__".join(parts))
+    flat = flat.encode("utf-8")[-FLAT_BYTES:].decode("utf-8", "ignore").lstrip(".") or "_"
     digest = hashlib.sha1(ap.encode("utf-8", "surrogateescape")).hexdigest()[:8]
-    return f"{flat[-120:]}__{digest}{ext.lower()}"
+    return f"{flat}__{digest}{ext.lower()[:16]}"
 
 
-def prepare_out(out, roots, clean, own=TOOL_ENTRIES, prefixes=("person_", "faceset_")):
-    """Make OUT ready: refuse a source tree or a folder holding files we did not write;
-    with clean, remove what a previous run wrote."""
-    out = os.path.abspath(os.path.expanduser(out))
-    for r in roots:
-        if _inside(out, r) or _inside(r, out):
-            raise SortFacesError(f"output {out} overlaps the source tree {r}; "
-                                 f"choose an output folder outside it")
-    if os.path.isdir(out) and os.listdir(out):
-        foreign = [e for e in os.listdir(out)
-                   if e not in own and not e.startswith(prefixes) and not e.startswith(".tmp-")]
-        if foreign:
-            raise SortFacesError(f"{out} holds files sort_faces did not write "
-                                 f"(e.g. {foreign[0]!r}); choose an empty or new folder")
-        if not clean:
-            raise SortFacesError(f"{out} already holds results; pass --clean to replace them")
-        for e in os.listdir(out):
-            p = os.path.join(out, e)
-            shutil.rmtree(p) if os.path.isdir(p) and not os.path.islink(p) else os.unlink(p)
-    os.makedirs(out, exist_ok=True)
-    return out
-
-
-def place_file(src, dst, link="copy"):
-    """Copy (or link) src to dst; never moves or touches the source."""
-    if os.path.lexists(dst):
-        return
-    if link == "hardlink":
-        try:
-            os.link(src, dst)
-            return
-        except OSError:
-            pass                  # other filesystem: fall back to a copy
-    elif link == "symlink":
-        os.symlink(os.path.abspath(src), dst)
-        return
-    shutil.copy2(src, dst)
-
-
-def _place_all(jobs, link):
-    """Copy/link every (source, destination); a vanished source is one warning."""
+def place_all(jobs, link):
+    """Copy/link every (source, destination). A source that cannot be used is one warning
+    (returned as {destination: reason}); a destination problem (a full disk) is raised."""
+    failed = {}
     for src, dst in progress(jobs, unit="file", desc="write"):
         os.makedirs(os.path.dirname(dst), exist_ok=True)
         try:
             place_file(src, dst, link)
-        except OSError as exc:
-            CONSOLE.warn(src, f"not copied: {exc.strerror or exc}")
+        except BadFile as exc:
+            CONSOLE.warn(src, f"not copied: {exc}")
+            failed[dst] = str(exc)
+    return failed
+
+
+def encode_image(bgr, ext=".jpg", quality=85):
+    """The one image encoder: bytes of bgr as JPEG or PNG."""
+    import cv2
+    params = [cv2.IMWRITE_JPEG_QUALITY, quality] if ext == ".jpg" else []
+    ok, buf = cv2.imencode(ext, bgr, params)
+    if not ok:
+        raise SortFacesError(f"could not encode a {bgr.shape} image as {ext}")
+    return buf.tobytes()
+
+
+def write_file(path, data, atomic=False):
+    """Write bytes to path (a folder of its own, or atomically where a reader may look)."""
+    if atomic:
+        _write_atomic(path, lambda f: f.write(data))
+        return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+def face_thumbnails(cache, faces, size=THUMB_PX):
+    """{face index: square BGR thumbnail} for faces, decoding each source image once.
+    A source that cannot be read any more gets a grey tile and one warning."""
+    by_file = {}
+    for i in faces:
+        by_file.setdefault(int(cache.face_file[i]), []).append(i)
+    thumbs, aliases = {}, cache.aliases()
+    for f, members in progress(sorted(by_file.items()), unit="img", desc="thumbnails"):
+        try:
+            _, dec = read_source(cache, f, aliases, DET_SIZE * DECODE_FACTOR)
+        except BadFile as exc:
+            CONSOLE.warn(cache.file_path[f], f"no thumbnail: {exc}")
+            dec = None
+        for i in members:
+            if dec is None:
+                thumbs[i] = np.full((size, size, 3), 128, np.uint8)
+                continue
+            x1, y1, x2, y2 = cache.face_bbox[i] / dec.scale
+            side = max(x2 - x1, y2 - y1) * 1.3
+            thumbs[i] = square_crop(dec.bgr, (x1 + x2) / 2, (y1 + y2) / 2, side, size)
+    return thumbs
+
+
+def square_crop(bgr, cx, cy, side, size):
+    """A size x size crop of side pixels centred on (cx, cy); outside the image is padded
+    with a replicated border, never stretched."""
+    import cv2
+    s = size / max(side, 1.0)
+    m = np.array([[s, 0, size / 2 - s * cx], [0, s, size / 2 - s * cy]], np.float32)
+    return cv2.warpAffine(bgr, m, (size, size), flags=cv2.INTER_AREA,
+                          borderMode=cv2.BORDER_REPLICATE)
+
+
+def contact_sheet(tiles, cols=5):
+    """One grid image of up to cols x cols tiles."""
+    tiles = tiles[: cols * cols]
+    rows = -(-len(tiles) // cols)
+    h, w = tiles[0].shape[:2]
+    sheet = np.full((rows * h, cols * w, 3), 255, np.uint8)
+    for k, t in enumerate(tiles):
+        r, c = divmod(k, cols)
+        sheet[r * h:(r + 1) * h, c * w:(c + 1) * w] = t
+    return sheet
+
+
+def write_review(cache, root, sections, noface_paths):
+    """root/index.html (static, opens from disk) with face thumbnails per section under
+    root/_thumbs/. sections: [(name, folder or None, faces)], faces ordered closest to the
+    cluster centre first. Returns {section name: contact sheet} of the sections with a
+    folder, for the caller to put in that folder."""
+    import html
+    from urllib.parse import quote
+    thumbs = face_thumbnails(cache, [i for _, _, faces in sections for i in faces])
+    parts, sheets = [], {}
+    for name, folder, faces in sections:
+        imgs = []
+        for k, i in enumerate(faces):
+            rel = f"_thumbs/{name}/{k + 1:05d}.jpg"
+            write_file(os.path.join(root, rel), encode_image(thumbs[i]))
+            title = html.escape(str(cache.file_path[int(cache.face_file[i])]))
+            imgs.append(f'<img src="{quote(rel)}" title="{title}" loading="lazy" '
+                        f'width="{THUMB_PX}" height="{THUMB_PX}" alt="">')
+        if folder and faces:
+            sheets[name] = contact_sheet([thumbs[i] for i in faces[:CONTACT_FACES]])
+        link = f' <a href="{quote(folder)}/">open folder</a>' if folder else ""
+        parts.append(f'<section id="{html.escape(name)}"><h2>{html.escape(name)} '
+                     f'<small>{len(faces)} faces</small>{link}</h2>\n{"".join(imgs)}</section>')
+    if noface_paths:
+        items = "".join(f"<li>{html.escape(p)}</li>" for p in noface_paths)
+        parts.append(f'<section id="_noface" class="noface"><h2>_noface <small>'
+                     f'{len(noface_paths)} photos</small> <a href="_noface/">open folder</a>'
+                     f'</h2><ul>{items}</ul></section>')
+    page = ("<!doctype html><html><head><meta charset=\"utf-8\"><title>sort_faces review"
+            "</title><style>body{font-family:sans-serif;margin:1em}section{margin:1.5em 0}"
+            "img{margin:2px;border-radius:4px}h2 small{color:#666;font-weight:normal}"
+            "</style></head><body><h1>sort_faces review</h1>\n" + "\n".join(parts)
+            + "\n</body></html>\n")
+    write_file(os.path.join(root, "index.html"), page.encode("utf-8", "replace"))
+    return sheets
+
+
+def by_centrality(emb_all, faces):
+    """faces reordered closest to their centroid first (outliers last, easy to spot)."""
+    faces = list(faces)
+    if len(faces) < 3:
+        return faces
+    e = emb_all[faces]
+    d = 1.0 - e @ centroid(e)
+    return [faces[k] for k in np.argsort(d, kind="stable")]
+
+
+# ============================================================================
+# Manifests
+# ============================================================================
+# Every manifest is made by new_manifest() and read by read_manifest(); faces in them are
+# face_record()s, identified by face_key() (content + box), never by cache row.
+#: bytes export-swap may append to a faceset name ("_candidate_0001.png", "_top30.fsz", …)
+SWAP_SUFFIX_BYTES = 24
+#: the list of named groups in each step's manifest
+GROUP_LISTS = {"cluster": "clusters", "refine": "facesets", "export-swap": "facesets"}
+
+
+def new_manifest(step, cache, params, **fields):
+    """A manifest of `step` made from cache: schema, tool version, cache, pack, params."""
+    return {"schema": MANIFEST_SCHEMA, "tool_version": __version__, "step": step,
+            "cache": cache.path, "pack": cache.meta["pack"], "params": params, **fields}
+
+
+def face_key(sha256, bbox):
+    """How manifests name a face: its content hash and its box rounded as written."""
+    return (str(sha256), tuple(round(float(v), 1) for v in bbox))
 
 
 def face_record(cache, i, aliases, file_name=None):
@@ -1639,111 +2164,53 @@ def face_record(cache, i, aliases, file_name=None):
     return rec
 
 
-def face_thumbnails(cache, faces, size=THUMB_PX):
-    """{face index: square BGR thumbnail} for faces, decoding each source image once.
-    A source that cannot be read any more gets a grey tile and one warning."""
-    by_file = {}
-    for i in faces:
-        by_file.setdefault(int(cache.face_file[i]), []).append(i)
-    thumbs = {}
-    for f, members in progress(sorted(by_file.items()), unit="img", desc="thumbnails"):
-        path = str(cache.file_path[f])
-        try:
-            with open(path, "rb") as fh:
-                dec = decode_image(fh.read(), min_side=DET_SIZE * DECODE_FACTOR)
-        except (OSError, BadFile) as exc:
-            CONSOLE.warn(path, f"no thumbnail: {getattr(exc, 'strerror', None) or exc}")
-            dec = None
-        for i in members:
-            if dec is None:
-                thumbs[i] = np.full((size, size, 3), 128, np.uint8)
-                continue
-            x1, y1, x2, y2 = cache.face_bbox[i] / dec.scale
-            side = max(x2 - x1, y2 - y1) * 1.3
-            cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
-            thumbs[i] = square_crop(dec.bgr, cx, cy, side, size)
-    return thumbs
+def cache_face_keys(cache):
+    shas = cache.file_sha256[cache.face_file] if cache.n_faces else []
+    return {face_key(s, b): i for i, (s, b) in enumerate(zip(shas, cache.face_bbox))}
 
 
-def square_crop(bgr, cx, cy, side, size):
-    """A size x size crop of side pixels centred on (cx, cy); outside the image is padded
-    with a replicated border, never stretched."""
-    import cv2
-    s = size / max(side, 1.0)
-    m = np.array([[s, 0, size / 2 - s * cx], [0, s, size / 2 - s * cy]], np.float32)
-    return cv2.warpAffine(bgr, m, (size, size), flags=cv2.INTER_AREA,
-                          borderMode=cv2.BORDER_REPLICATE)
+def manifest_members(keys, faces):
+    """Cache indices of manifest face entries (entries no longer in the cache are skipped)."""
+    found = (keys.get(face_key(f["sha256"], f["bbox"])) for f in faces)
+    return [i for i in found if i is not None]
 
 
-def _write_jpeg(path, bgr, quality=85):
-    import cv2
-    ok, buf = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, quality])
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "wb") as f:
-        f.write(buf.tobytes())
-
-
-def contact_sheet(tiles, cols=5):
-    """One grid image of up to cols x cols tiles."""
-    tiles = tiles[: cols * cols]
-    rows = -(-len(tiles) // cols)
-    h, w = tiles[0].shape[:2]
-    sheet = np.full((rows * h, cols * w, 3), 255, np.uint8)
-    for k, t in enumerate(tiles):
-        r, c = divmod(k, cols)
-        sheet[r * h:(r + 1) * h, c * w:(c + 1) * w] = t
-    return sheet
-
-
-def write_review(cache, out, sections, noface_paths):
-    """OUT/index.html (static, opens from disk) with face thumbnails per section, and a
-    _contact.jpg grid in every cluster folder. sections: [(name, folder or None, faces)],
-    faces ordered closest to the cluster centre first."""
-    import html
-    from urllib.parse import quote
-    thumbs = face_thumbnails(cache, [i for _, _, faces in sections for i in faces])
-    parts = []
-    for name, folder, faces in sections:
-        imgs = []
-        for k, i in enumerate(faces):
-            rel = f"_thumbs/{name}/{k + 1:05d}.jpg"
-            _write_jpeg(os.path.join(out, rel), thumbs[i])
-            title = html.escape(str(cache.file_path[int(cache.face_file[i])]))
-            imgs.append(f'<img src="{quote(rel)}" title="{title}" loading="lazy" '
-                        f'width="{THUMB_PX}" height="{THUMB_PX}" alt="">')
-        if folder and faces:
-            _write_jpeg(os.path.join(out, folder, "_contact.jpg"),
-                        contact_sheet([thumbs[i] for i in faces[:CONTACT_FACES]]))
-        link = f' <a href="{quote(folder)}/">open folder</a>' if folder else ""
-        parts.append(f'<section id="{html.escape(name)}"><h2>{html.escape(name)} '
-                     f'<small>{len(faces)} faces</small>{link}</h2>\n{"".join(imgs)}</section>')
-    if noface_paths:
-        items = "".join(f"<li>{html.escape(p)}</li>" for p in noface_paths)
-        parts.append(f'<section id="_noface" class="noface"><h2>_noface <small>'
-                     f'{len(noface_paths)} photos</small> <a href="_noface/">open folder</a>'
-                     f'</h2><ul>{items}</ul></section>')
-    page = ("<!doctype html><html><head><meta charset=\"utf-8\"><title>sort_faces review"
-            "</title><style>body{font-family:sans-serif;margin:1em}section{margin:1.5em 0}"
-            "img{margin:2px;border-radius:4px}h2 small{color:#666;font-weight:normal}"
-            "</style></head><body><h1>sort_faces review</h1>\n" + "\n".join(parts)
-            + "\n</body></html>\n")
-    _write_atomic(os.path.join(out, "index.html"),
-                  lambda f: f.write(page.encode("utf-8", "replace")))
-
-
-def by_centrality(emb_all, faces):
-    """faces reordered closest to their centroid first (outliers last, easy to spot)."""
-    faces = list(faces)
-    if len(faces) < 3:
-        return faces
-    e = emb_all[faces]
-    d = 1.0 - e @ centroid(e)
-    return [faces[k] for k in np.argsort(d, kind="stable")]
+def read_manifest(path, step, cache, same_cache=True):
+    """A manifest written by `step` with the cache's pack (and, if same_cache, from this
+    very cache), its group names checked as names, or a clear refusal."""
+    path = os.path.abspath(os.fspath(path))
+    if not os.path.lexists(path):
+        raise SortFacesError(f"{path} not found: run `{step}` into that folder first")
+    m = read_json(path, "manifest")
+    if not isinstance(m, dict) or m.get("schema") != MANIFEST_SCHEMA \
+            or m.get("step") != step:
+        got = m if isinstance(m, dict) else {}
+        raise SortFacesError(f"{path}: not a schema-{MANIFEST_SCHEMA} `{step}` manifest "
+                             f"(schema {got.get('schema')}, step {got.get('step')!r})")
+    if m.get("pack") != cache.meta["pack"]:
+        raise SortFacesError(f"{path} was made with model pack {m.get('pack', {}).get('name')!r}"
+                             f", the cache with {cache.meta['pack']['name']!r}; they never mix")
+    if same_cache and os.path.realpath(m.get("cache", "")) != os.path.realpath(cache.path):
+        raise SortFacesError(f"{path} was made from cache {m.get('cache')}, not {cache.path}; "
+                             f"use the cache it was made from")
+    suffix = SWAP_SUFFIX_BYTES if step in ("refine", "export-swap") else 0
+    for k, group in enumerate(m.get(GROUP_LISTS[step], [])):
+        where = f"{path}: {GROUP_LISTS[step]}[{k}]"
+        safe_component(group.get("name"), where, suffix)
+        if step == "export-swap":
+            safe_relpath(group.setdefault("path", group["name"]), where)
+            if group.get("embedding"):
+                safe_relpath(group["embedding"], where, depth=3)
+    return m
 
 
 # ============================================================================
-# Steps: what cluster, refine, dedup, extend and export-swap do
+# Step: cluster and refine
 # ============================================================================
+CLUSTER_ENTRIES = ("manifest.json", "index.html", "_singletons", "_noface", "_thumbs")
+REFINE_ENTRIES = ("refine_manifest.json", "index.html", "_thumbs")
+
+
 def select_faces(cache, max_faces_per_image=0, skip_partial=False):
     """Indices of the cached faces a step works on, after the per-image filters."""
     keep = np.ones(cache.n_faces, bool)
@@ -1791,38 +2258,52 @@ def cluster_stats(emb):
             "centroid_distance_max": round(float(d.max()), 4)}
 
 
-def write_cluster_output(cache, plan, out, link, params):
-    """person_NNN/, _singletons/, _noface/ and manifest.json (written last, atomically)."""
+def _place_records(jobs, link):
+    """place_all of (record, destination); a record whose photo could not be written
+    gets "file": null and the reason."""
+    failed = place_all([(r["path"], dst) for r, dst in jobs], link)
+    for r, dst in jobs:
+        if dst in failed:
+            r["file"], r["error"] = None, failed[dst]
+
+
+def write_contact_sheets(root, sheets, atomic=False):
+    for name, sheet in sheets.items():
+        write_file(os.path.join(root, name, "_contact.jpg"), encode_image(sheet), atomic)
+
+
+def write_cluster_output(cache, plan, root, link, params):
+    """person_NNN/, _singletons/, _noface/, the review and manifest.json under root."""
     aliases = cache.aliases()
-    manifest = {"schema": MANIFEST_SCHEMA, "tool_version": __version__, "step": "cluster",
-                "cache": cache.path, "pack": cache.meta["pack"], "params": params,
-                "clusters": [], "singletons": [], "noface": [], "failed": []}
+    manifest = new_manifest("cluster", cache, params, clusters=[], singletons=[], noface=[])
     width = max(3, len(str(len(plan.clusters))))
     jobs = []
     for n, members in enumerate(plan.clusters, 1):
         name = f"person_{n:0{width}d}"
         faces = [face_record(cache, i, aliases) for i in members]
-        entry = {"name": name, **cluster_stats(cache.face_emb[members]), "faces": faces}
-        manifest["clusters"].append(entry)
-        jobs += [(r["path"], os.path.join(out, name, r["file"])) for r in faces]
+        manifest["clusters"].append({"name": name, **cluster_stats(cache.face_emb[members]),
+                                     "faces": faces})
+        jobs += [(r, os.path.join(root, name, r["file"])) for r in faces]
     for i in plan.singletons:
         r = face_record(cache, i, aliases)
         manifest["singletons"].append(r)
-        jobs.append((r["path"], os.path.join(out, "_singletons", r["file"])))
+        jobs.append((r, os.path.join(root, "_singletons", r["file"])))
+    noface_jobs = []
     for f in plan.noface:
         paths = aliases.get(str(cache.file_sha256[f]), [str(cache.file_path[f])])
         manifest["noface"].extend(paths)
-        jobs.append((paths[0], os.path.join(out, "_noface", safe_dst_name(paths[0]))))
+        noface_jobs.append((paths[0], os.path.join(root, "_noface", safe_dst_name(paths[0]))))
     manifest["failed"] = [{"path": str(p), "error": str(e)} for p, e, s in
                           zip(cache.file_path, cache.file_error, cache.file_status)
                           if s == "error"]
     manifest["omitted_faces"] = plan.omitted
-    _place_all(jobs, link)
+    _place_records(jobs, link)
+    place_all(noface_jobs, link)
     sections = [(c["name"], c["name"], by_centrality(cache.face_emb, members))
                 for c, members in zip(manifest["clusters"], plan.clusters)]
     sections.append(("_singletons", "_singletons", plan.singletons))
-    write_review(cache, out, sections, manifest["noface"])
-    write_json_atomic(os.path.join(out, "manifest.json"), manifest)
+    write_contact_sheets(root, write_review(cache, root, sections, manifest["noface"]))
+    write_json_atomic(os.path.join(root, "manifest.json"), manifest)
     return manifest
 
 
@@ -1913,13 +2394,11 @@ def plan_refine(cache, idx, initial, merge, outlier, min_short=MIN_SHORT, min_bl
     return RefinePlan(facesets, dropped)
 
 
-def write_refine_output(cache, plan, out, link, params):
-    """faceset_NNN/ folders, refine_manifest.json (with what each gate dropped), review."""
+def write_refine_output(cache, plan, root, link, params):
+    """faceset_NNN/, the review and refine_manifest.json (with what each gate dropped)."""
     aliases = cache.aliases()
     width = max(3, len(str(len(plan.facesets))))
-    manifest = {"schema": MANIFEST_SCHEMA, "tool_version": __version__, "step": "refine",
-                "cache": cache.path, "pack": cache.meta["pack"], "params": params,
-                "facesets": [], "dropped": [], "gate_counts": {}}
+    manifest = new_manifest("refine", cache, params, facesets=[], dropped=[], gate_counts={})
     jobs, sections = [], []
     for n, members in enumerate(plan.facesets, 1):
         name = f"faceset_{n:0{width}d}"
@@ -1927,21 +2406,31 @@ def write_refine_output(cache, plan, out, link, params):
         manifest["facesets"].append({"name": name, **cluster_stats(cache.face_emb[members]),
                                      "images": len({r["sha256"] for r in faces}),
                                      "faces": faces})
-        jobs += [(r["path"], os.path.join(out, name, r["file"])) for r in faces]
+        jobs += [(r, os.path.join(root, name, r["file"])) for r in faces]
         sections.append((name, name, by_centrality(cache.face_emb, members)))
     manifest["dropped"] = [{**face_record(cache, i, aliases), "gate": gate,
                             "value": round(value, 4)} for i, gate, value in plan.dropped]
     manifest["gate_counts"] = count_gates(plan.dropped)
-    _place_all(jobs, link)
-    write_review(cache, out, sections, [])
-    write_json_atomic(os.path.join(out, "refine_manifest.json"), manifest)
+    _place_records(jobs, link)
+    write_contact_sheets(root, write_review(cache, root, sections, []))
+    write_json_atomic(os.path.join(root, "refine_manifest.json"), manifest)
     return manifest
 
 
+def write_result(out, write):
+    """Build a whole new result with write(staging root) and swap it in for the old."""
+    with out.lock():
+        root = out.stage("")
+        write(root)
+        out.commit(os.listdir(root), drop=[r for r in out.entries])
+
+
+# ============================================================================
+# Step: dedup
+# ============================================================================
 def hash_pairs(hashes, flips, radius):
     """(i, j, bits, mirrored) for every pair of 64-bit hashes within radius bits, the image
     or its mirror (faiss binary range search, no N x N matrix)."""
-    import faiss
     as_bytes = lambda h: np.ascontiguousarray(h.astype(">i8").view(np.uint8).reshape(-1, 8))
     index = faiss.IndexBinaryFlat(64)
     index.add(as_bytes(hashes))
@@ -1963,12 +2452,12 @@ def _fill_missing_hashes(cache, files):
     if not missing:
         return
     CONSOLE.info(f"{len(missing)} files have no perceptual hash yet; computing them")
+    aliases = cache.aliases()
     for f in progress(missing, unit="img", desc="hash"):
         try:
-            with open(cache.file_path[f], "rb") as fh:
-                dec = decode_image(fh.read(), min_side=256)
+            _, dec = read_source(cache, f, aliases, min_side=256)
             cache.file_phash[f], cache.file_phash_flip[f] = perceptual_hashes(dec.bgr)
-        except (OSError, BadFile) as exc:
+        except BadFile as exc:
             CONSOLE.warn(cache.file_path[f], f"no perceptual hash: {exc}")
 
 
@@ -2034,11 +2523,9 @@ def _mb(n):
     return f"{n / 1e6:.1f} MB"
 
 
-def face_key(sha256, bbox):
-    """How manifests name a face: its content hash and its box rounded as written."""
-    return (str(sha256), tuple(round(float(v), 1) for v in bbox))
-
-
+# ============================================================================
+# Step: extend
+# ============================================================================
 def faces_under(cache, folders):
     """Cache faces of photos under any of folders, byte-identical aliases included."""
     roots = [os.path.realpath(f) for f in folders]
@@ -2046,44 +2533,6 @@ def faces_under(cache, folders):
     shas = {s for s, paths in cache.aliases().items() if any(inside(p) for p in paths)}
     owned = np.array([s in shas for s in cache.file_sha256.tolist()], bool)
     return np.flatnonzero(owned[cache.face_file]) if cache.n_faces else np.zeros(0, np.int64)
-
-
-def next_faceset_names(manifest, count, prefix="faceset_"):
-    """Names after the highest faceset_NNN already in an export-swap OUT manifest."""
-    names = [e["name"] for e in manifest["facesets"] + manifest.get("thin_eras", [])]
-    return _next_names(prefix, [n for n in names if n.startswith(prefix)], count)
-
-
-def cache_face_keys(cache):
-    shas = cache.file_sha256[cache.face_file] if cache.n_faces else []
-    return {face_key(s, b): i for i, (s, b) in enumerate(zip(shas, cache.face_bbox))}
-
-
-def manifest_members(keys, faces):
-    """Cache indices of manifest face entries (entries no longer in the cache are skipped)."""
-    found = (keys.get(face_key(f["sha256"], f["bbox"])) for f in faces)
-    return [i for i in found if i is not None]
-
-
-def read_manifest(path, step, cache):
-    """A manifest written by `step` from this very cache and pack, or a clear refusal."""
-    if not os.path.isfile(path):
-        raise SortFacesError(f"{path} not found: run `{step}` into that folder first")
-    try:
-        with open(path, encoding="utf-8") as f:
-            m = json.load(f)
-    except (OSError, ValueError) as exc:
-        raise SortFacesError(f"{path}: unreadable manifest ({_short(exc)})")
-    if m.get("schema") != MANIFEST_SCHEMA or m.get("step") != step:
-        raise SortFacesError(f"{path}: not a schema-{MANIFEST_SCHEMA} `{step}` manifest "
-                             f"(schema {m.get('schema')}, step {m.get('step')!r})")
-    if m.get("pack") != cache.meta["pack"]:
-        raise SortFacesError(f"{path} was made with model pack {m.get('pack', {}).get('name')!r}"
-                             f", the cache with {cache.meta['pack']['name']!r}; they never mix")
-    if os.path.realpath(m.get("cache", "")) != os.path.realpath(cache.path):
-        raise SortFacesError(f"{path} was made from cache {m.get('cache')}, not {cache.path}; "
-                             f"use the cache it was made from")
-    return m
 
 
 def fold_in(cache, groups, new, join_threshold, cluster_threshold):
@@ -2131,9 +2580,10 @@ def _unplaced(cache, keys, params, placed):
     return [int(i) for i in idx if int(i) not in done]
 
 
-def _grow_groups(cache, groups, members, joined, fresh, prefix, record, out, run, images):
+def _grow_groups(cache, groups, members, joined, fresh, prefix, record, run, images):
     """Add joined faces to existing manifest groups and fresh clusters as new groups
-    numbered after the highest (entries edited in place). Returns (new names, copy jobs)."""
+    numbered after the highest (entries edited in place). Returns (new names, jobs) with
+    jobs (record, folder name)."""
     jobs = []
 
     def add(entry, faces, all_faces):
@@ -2142,7 +2592,7 @@ def _grow_groups(cache, groups, members, joined, fresh, prefix, record, out, run
         entry.update(cluster_stats(cache.face_emb[all_faces]))
         if images:
             entry["images"] = len({f["sha256"] for f in entry["faces"]})
-        jobs.extend((r["path"], os.path.join(out, entry["name"], r["file"])) for r in recs)
+        jobs.extend((r, entry["name"]) for r in recs)
 
     for g, faces in joined.items():
         add(groups[g], faces, members[g] + faces)
@@ -2153,10 +2603,41 @@ def _grow_groups(cache, groups, members, joined, fresh, prefix, record, out, run
     return names, jobs
 
 
+def _write_extension(cache, out, manifest, mname, jobs, link, sections, noface=()):
+    """What extend adds to an output: photos in folders the tool owns go straight in
+    (recorded in the ledger first; each copy is atomic), new folders, the review and the
+    manifest are staged and swapped in. jobs: (record or source path, folder name)."""
+    with out.lock():
+        root = out.stage("")
+        where = lambda folder: out.path if folder in out.entries else root
+        placed, records = [], []
+        for item, folder in jobs:
+            src = item["path"] if isinstance(item, dict) else item
+            name = item["file"] if isinstance(item, dict) else safe_dst_name(item)
+            placed.append((src, os.path.join(where(folder), folder, name)))
+            if isinstance(item, dict):
+                records.append((item, placed[-1][1]))
+        sheets = write_review(cache, root, sections, list(noface))
+        for folder in {f for _, f in jobs} | set(sheets):
+            if folder in out.entries:
+                out.add_files(folder, [os.path.basename(d) for _, d in placed
+                                       if os.path.dirname(d) == os.path.join(out.path, folder)]
+                              + ["_contact.jpg"] * (folder in sheets))
+        failed = place_all(placed, link)
+        for r, dst in records:
+            if dst in failed:
+                r["file"], r["error"] = None, failed[dst]
+        for name, sheet in sheets.items():
+            write_file(os.path.join(where(name), name, "_contact.jpg"), encode_image(sheet),
+                       atomic=where(name) == out.path)
+        write_json_atomic(os.path.join(root, mname), manifest)
+        out.commit(os.listdir(root))
+
+
 def extend_raw(cache, out, link, join_threshold=None):
     """Fold new cache faces into a `cluster` output; returns a summary dict or None."""
-    mpath = os.path.join(out, "manifest.json")
-    m = read_manifest(mpath, "cluster", cache)
+    out = OutDir(out, "cluster", cache.meta.get("roots", [])).check(needs="cluster")
+    m = read_manifest(os.path.join(out.path, "manifest.json"), "cluster", cache)
     keys = cache_face_keys(cache)
     members = [manifest_members(keys, c["faces"]) for c in m["clusters"]]
     p = m["params"]
@@ -2176,34 +2657,31 @@ def extend_raw(cache, out, link, join_threshold=None):
     run = len(m.get("extends", [])) + 1
     record = lambda i: {**face_record(cache, i, aliases), "added_by_extend": run}
     names, jobs = _grow_groups(cache, m["clusters"], members, joined, fresh, "person_",
-                               record, out, run, images=False)
+                               record, run, images=False)
     for i in singles:
-        r = record(i)
-        m["singletons"].append(r)
-        jobs.append((r["path"], os.path.join(out, "_singletons", r["file"])))
+        m["singletons"].append(record(i))
+        jobs.append((m["singletons"][-1], "_singletons"))
     for f in noface:
         paths = aliases.get(str(cache.file_sha256[f]), [str(cache.file_path[f])])
         m["noface"] += paths
-        jobs.append((paths[0], os.path.join(out, "_noface", safe_dst_name(paths[0]))))
+        jobs.append((paths[0], "_noface"))
     summary = {"run": run, "at": datetime.datetime.now().isoformat(timespec="seconds"),
                "join_threshold": join, "faces": len(new),
                "joined": {m["clusters"][g]["name"]: len(v) for g, v in joined.items()},
                "new_people": names, "singletons": len(singles), "noface": len(noface)}
     m.setdefault("extends", []).append(summary)
-    _place_all(jobs, link)
     sections = [(c["name"], c["name"], by_centrality(cache.face_emb,
                                                      manifest_members(keys, c["faces"])))
                 for c in m["clusters"]]
     sections.append(("_singletons", "_singletons", manifest_members(keys, m["singletons"])))
-    write_review(cache, out, sections, m["noface"])
-    write_json_atomic(mpath, m)
+    _write_extension(cache, out, m, "manifest.json", jobs, link, sections, m["noface"])
     return summary
 
 
 def extend_refined(cache, out, link):
     """Fold new cache faces into a `refine` output under its own gates; summary or None."""
-    mpath = os.path.join(out, "refine_manifest.json")
-    m = read_manifest(mpath, "refine", cache)
+    out = OutDir(out, "refine", cache.meta.get("roots", [])).check(needs="refine")
+    m = read_manifest(os.path.join(out.path, "refine_manifest.json"), "refine", cache)
     p = m["params"]
     keys = cache_face_keys(cache)
     members = [manifest_members(keys, fs["faces"]) for fs in m["facesets"]]
@@ -2222,7 +2700,7 @@ def extend_refined(cache, out, link):
     run = len(m.get("extends", [])) + 1
     record = lambda i: {**face_record(cache, i, aliases), "added_by_extend": run}
     names, jobs = _grow_groups(cache, m["facesets"], members, joined, fresh, "faceset_",
-                               record, out, run, images=True)
+                               record, run, images=True)
     m["dropped"] += [{**record(i), "gate": gate, "value": round(value, 4)}
                      for i, gate, value in dropped]
     count_gates(dropped, into=m["gate_counts"])
@@ -2231,10 +2709,9 @@ def extend_refined(cache, out, link):
                "joined": {m["facesets"][g]["name"]: len(v) for g, v in joined.items()},
                "new_facesets": names}
     m.setdefault("extends", []).append(summary)
-    _place_all(jobs, link)
-    write_review(cache, out, [(fs["name"], fs["name"], by_centrality(
-        cache.face_emb, manifest_members(keys, fs["faces"]))) for fs in m["facesets"]], [])
-    write_json_atomic(mpath, m)
+    sections = [(fs["name"], fs["name"], by_centrality(
+        cache.face_emb, manifest_members(keys, fs["faces"]))) for fs in m["facesets"]]
+    _write_extension(cache, out, m, "refine_manifest.json", jobs, link, sections)
     return summary
 
 
@@ -2243,7 +2720,17 @@ def _extend_line(what, summary, new_key):
         return f"{what}: nothing new"
     joined = sum(summary["joined"].values())
     return (f"{what}: {summary['faces']} new faces, {joined} joined existing "
-            f"({len(summary['joined'])} groups), new {summary[new_key] or 'none'}")
+            f"({len(summary['joined'])} groups), new {', '.join(summary[new_key]) or 'none'}")
+
+
+# ============================================================================
+# Step: export-swap
+# ============================================================================
+#: The recognizer whose embedding space inswapper (what ReActor's face models feed) uses.
+INSWAPPER_REC_SHA256 = PACKS["buffalo_l"]["files"]["rec"][1]
+NO_REACTOR_MODEL = ("not written: ReActor feeds a face model's embedding to inswapper, which "
+                    "expects buffalo_l's w600k_r50 embeddings; this cache was made by another "
+                    "recognizer, so the model would load and swap the wrong face")
 
 
 def quality_components(cache, idx):
@@ -2349,7 +2836,7 @@ def write_fsz(path, members):
     def write(f):
         with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED) as z:
             for name, data in members:
-                info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
+                info = zipfile.ZipInfo(safe_component(name, path), date_time=(1980, 1, 1, 0, 0, 0))
                 info.external_attr = 0o644 << 16
                 z.writestr(info, data)
     _write_atomic(path, write)
@@ -2357,18 +2844,20 @@ def write_fsz(path, members):
 
 def write_reactor_model(path, cache, faces):
     """A ReActor face model (.safetensors): the averaged identity as the embedding, the other
-    fields of the best-ranked face (faces[0]). The packs have no gender/age model: -1."""
+    fields of the best-ranked face (faces[0]). Fields the packs cannot measure are left out
+    rather than faked: gender and age (insightface would read gender -1 as 'F'), and the 3D
+    landmarks where no 3D landmark model ran."""
     from safetensors.numpy import save
     best = faces[0]
     tensors = {
         "bbox": cache.face_bbox[best].astype(np.float32),
         "kps": cache.face_kps[best].astype(np.float32),
         "det_score": np.array(cache.face_det_score[best], np.float32),
-        "landmark_3d_68": cache.face_lmk68[best].astype(np.float32),
         "pose": cache.face_pose[best].astype(np.float32),
         "landmark_2d_106": cache.face_lmk106[best].astype(np.float32),
-        "embedding": centroid(cache.face_emb[faces]).astype(np.float32),
-        "gender": np.array(-1, np.int64), "age": np.array(-1, np.int64)}
+        "embedding": centroid(cache.face_emb[faces]).astype(np.float32)}
+    if cache.face_pose_method[best] == 1:
+        tensors["landmark_3d_68"] = cache.face_lmk68[best].astype(np.float32)
     data = save(tensors)
     _write_atomic(path, lambda f: f.write(data))
 
@@ -2414,70 +2903,81 @@ def select_for_export(cache, members, outlier, min_short, dup_group):
     return kept, quality, dropped
 
 
-def export_faceset(cache, name, members, out, det, args, dup_group, aliases):
-    """Everything export-swap writes for one faceset; returns its OUT/manifest.json entry."""
-    import cv2
-    kept, quality, dropped = select_for_export(cache, members, args.outlier_threshold,
-                                               args.min_face_short, dup_group)
-    folder = os.path.join(out, name)
-    if os.path.lexists(folder):
-        shutil.rmtree(folder) if os.path.isdir(folder) and not os.path.islink(folder) \
-            else os.unlink(folder)
-    os.makedirs(folder)
+@dataclass
+class ExportOptions:
+    """What export-swap and the work/ workflows export with (the export flags)."""
+    outlier_threshold: float = EXPORT_OUTLIER
+    min_face_short: float = MIN_FACE_SHORT
+    out_size: int = OUT_SIZE
+    pad_ratio: float = PAD_RATIO
+    top_n: int = TOP_N
+    model_dir: str = None
+
+    @classmethod
+    def from_args(cls, args):
+        return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
+                      if getattr(args, f.name, None) is not None})
+
+
+def _crop_for(cache, i, aliases, det, opts):
+    """(single-face crop of cache face i, what was done) or (None, why not)."""
+    f = int(cache.face_file[i])
+    x1, y1, x2, y2 = cache.face_bbox[i]
+    side = max(x2 - x1, y2 - y1) * (1 + 2 * opts.pad_ratio)
+    need = int(max(cache.file_width[f], cache.file_height[f])
+               * min(1.0, opts.out_size / max(side, 1.0))) + 1
+    try:        # decoded no smaller than the crop needs
+        _, dec = read_source(cache, f, aliases, min_side=need)
+    except BadFile as exc:
+        return None, str(exc)
+    return single_face_crop(det, dec.bgr, cache.face_bbox[i] / dec.scale, opts.out_size,
+                            opts.pad_ratio)
+
+
+def export_faceset(cache, name, members, folder, *, det, opts, dup_group, aliases):
+    """Write one faceset into folder (a fresh staging folder): ranked PNGs, bundles, mean
+    embedding, ReActor model, its manifest. Returns its OUT/manifest.json fields, with
+    paths relative to the faceset's folder."""
+    kept, quality, dropped = select_for_export(cache, members, opts.outlier_threshold,
+                                               opts.min_face_short, dup_group)
     pngs, records, exported = [], [], []     # exported: cache faces in rank order
     for i in progress(kept, unit="face", desc=name, leave=False):
-        bgr, why = _source_image(cache, int(cache.face_file[i]), aliases, cache.face_bbox[i],
-                                 args.out_size, args.pad_ratio)
-        crop, fix = (None, why) if bgr is None else single_face_crop(
-            det, bgr.bgr, cache.face_bbox[i] / bgr.scale, args.out_size, args.pad_ratio)
+        crop, fix = _crop_for(cache, i, aliases, det, opts)
         if crop is None:
             dropped.append((i, "crop", 0.0))
             CONSOLE.warn(cache.file_path[cache.face_file[i]], f"{name}: no crop: {fix}")
             continue
-        rank = len(pngs) + 1
-        fname = f"{name}_{rank:04d}.png"
-        ok, buf = cv2.imencode(".png", crop)
-        pngs.append((fname, buf.tobytes()))
+        fname = f"{name}_{len(pngs) + 1:04d}.png"
+        pngs.append((fname, encode_image(crop, ".png")))
         exported.append(i)
-        records.append({**face_record(cache, i, aliases, fname), "rank": rank,
+        records.append({**face_record(cache, i, aliases, fname), "rank": len(pngs),
                         "quality": quality[i], "crop_fix": fix})
-    for fname, data in pngs:
-        with open(os.path.join(folder, fname), "wb") as f:
-            f.write(data)
-    bundles = {}
+    fields = {"pngs": len(pngs), "bundles": {}, "embedding": None, "reactor_model": None,
+              "dropped": count_gates(dropped)}
     if pngs:
-        top = f"{name}_top{args.top_n}.fsz"
-        write_fsz(os.path.join(folder, top), pngs[: args.top_n])
+        for fname, data in pngs:
+            write_file(os.path.join(folder, fname), data)
         write_fsz(os.path.join(folder, f"{name}_all.fsz"), pngs)
-        bundles = {"top": f"{name}/{top}", "all": f"{name}/{name}_all.fsz"}
+        fields["bundles"] = {"top": f"{name}_all.fsz", "all": f"{name}_all.fsz"}
+        if len(pngs) > opts.top_n:        # a top-N bundle equal to the full one is not kept
+            fields["bundles"]["top"] = f"{name}_top{opts.top_n}.fsz"
+            write_fsz(os.path.join(folder, fields["bundles"]["top"]), pngs[:opts.top_n])
         np.save(os.path.join(folder, f"{name}.npy"), centroid(cache.face_emb[exported]))
-        write_reactor_model(os.path.join(folder, f"{name}.safetensors"), cache, exported)
-    counts = count_gates(dropped)
-    write_json_atomic(os.path.join(folder, "manifest.json"), {
-        "schema": MANIFEST_SCHEMA, "name": name, "pngs": records,
-        "dropped": [{**face_record(cache, i, aliases), "gate": g, "value": round(v, 4)}
-                    for i, g, v in dropped]})
-    return {"name": name, "pngs": len(pngs), "bundles": bundles,
-            "embedding": f"{name}/{name}.npy" if pngs else None,
-            "reactor_model": f"{name}/{name}.safetensors" if pngs else None, "dropped": counts}
+        fields["embedding"] = f"{name}.npy"
+        if cache.meta["pack"]["rec_sha256"] == INSWAPPER_REC_SHA256:
+            write_reactor_model(os.path.join(folder, f"{name}.safetensors"), cache, exported)
+            fields["reactor_model"] = f"{name}.safetensors"
+    write_json_atomic(os.path.join(folder, "manifest.json"), new_manifest(
+        "export-swap", cache, dataclasses.asdict(opts), faceset=name, pngs=records,
+        dropped=[{**face_record(cache, i, aliases), "gate": g, "value": round(v, 4)}
+                 for i, g, v in dropped]))
+    return fields
 
 
-def _source_image(cache, f, aliases, bbox, out_size, pad_ratio):
-    """The EXIF-oriented original, decoded at no less than the resolution the crop needs."""
-    path, data = _source_for(cache, f, aliases)
-    if path is None:
-        return None, data
-    x1, y1, x2, y2 = bbox
-    side = max(x2 - x1, y2 - y1) * (1 + 2 * pad_ratio)
-    need = int(max(cache.file_width[f], cache.file_height[f]) * min(1.0, out_size / side)) + 1
-    try:
-        return decode_image(data, min_side=need), ""
-    except BadFile as exc:
-        return None, str(exc)
-
-
-def export_candidates(cache, raw_manifest, facesets, out, det, args, aliases):
-    """Singletons of a raw cluster output close to a faceset, for a person to review."""
+def export_candidates(cache, raw_manifest, facesets, root, *, det, opts, aliases,
+                      match, min_score):
+    """Singletons of a raw cluster output close to a faceset, for a person to review,
+    written to root/<faceset>/. facesets: (name, members)."""
     keys = cache_face_keys(cache)
     singles = manifest_members(keys, raw_manifest["singletons"])
     if not singles or not facesets:
@@ -2489,82 +2989,17 @@ def export_candidates(cache, raw_manifest, facesets, out, det, args, aliases):
     found = {}
     for k, i in enumerate(singles):
         g = int(d[k].argmin())
-        if d[k, g] > args.candidate_match_threshold or q[k] < args.candidate_min_score:
+        if d[k, g] > match or q[k] < min_score:
             continue
-        bgr, why = _source_image(cache, int(cache.face_file[i]), aliases, cache.face_bbox[i],
-                                 args.out_size, args.pad_ratio)
-        crop, fix = (None, why) if bgr is None else single_face_crop(
-            det, bgr.bgr, cache.face_bbox[i] / bgr.scale, args.out_size, args.pad_ratio)
+        crop, _ = _crop_for(cache, i, aliases, det, opts)
         if crop is None:
             continue
-        folder = os.path.join(out, "_candidates", names[g])
         fname = f"{names[g]}_candidate_{len(found.get(names[g], [])) + 1:04d}.png"
-        _write_png(os.path.join(folder, fname), crop)
+        write_file(os.path.join(root, names[g], fname), encode_image(crop, ".png"))
         found.setdefault(names[g], []).append({**face_record(cache, i, aliases, fname),
                                                "distance": round(float(d[k, g]), 4),
                                                "quality": round(float(q[k]), 4)})
     return found
-
-
-def _write_png(path, bgr):
-    import cv2
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    ok, buf = cv2.imencode(".png", bgr)
-    with open(path, "wb") as f:
-        f.write(buf.tobytes())
-
-
-def open_swap_out(out, roots, clean, pack, create=True):
-    """An export-swap OUT: its manifest (or a new one). Refuses a source tree, another
-    pack's OUT, and files the tool did not write (unless --clean, which removes what
-    earlier runs wrote and leaves other files alone)."""
-    out = os.path.abspath(os.path.expanduser(out))
-    if _inside_any(out, roots) or any(_inside(r, out) for r in roots):
-        raise SortFacesError(f"output {out} overlaps a source tree; choose another folder")
-    mpath = os.path.join(out, "manifest.json")
-    m = {"schema": MANIFEST_SCHEMA, "tool_version": __version__, "step": "export-swap",
-         "pack": pack, "facesets": [], "thin_eras": []}
-    if os.path.isfile(mpath):
-        try:
-            with open(mpath, encoding="utf-8") as f:
-                old = json.load(f)
-        except (OSError, ValueError) as exc:
-            raise SortFacesError(f"{mpath}: unreadable manifest ({_short(exc)})")
-        if old.get("step") != "export-swap":
-            raise SortFacesError(f"{out} holds a `{old.get('step')}` result, not export-swap's")
-        if old.get("pack") != pack:
-            raise SortFacesError(f"{out} was exported from model pack "
-                                 f"{old.get('pack', {}).get('name')!r}; they never mix")
-        m = old
-    ours = {"manifest.json", "_candidates", "_thin", "index.html"} | {
-        e["name"] for e in m["facesets"]}
-    foreign = sorted(e for e in (os.listdir(out) if os.path.isdir(out) else [])
-                     if e not in ours and not e.startswith(".tmp-"))
-    if foreign and not clean:
-        raise SortFacesError(f"{out} holds files export-swap did not write (e.g. "
-                             f"{foreign[0]!r}); choose another folder or pass --clean")
-    if clean and os.path.isdir(out):
-        for e in ours - {"manifest.json"}:
-            p = os.path.join(out, e)
-            if os.path.isdir(p) and not os.path.islink(p):
-                shutil.rmtree(p)
-        m["facesets"], m["thin_eras"] = [], []
-    if create:
-        os.makedirs(out, exist_ok=True)
-    return out, m
-
-
-def swap_out_centroids(out, manifest):
-    """Mean embeddings of every faceset (and thin era) already in an export-swap OUT."""
-    cents = []
-    for e in manifest["facesets"] + manifest.get("thin_eras", []):
-        if e.get("embedding"):
-            path = os.path.join(out, e["embedding"])
-            try:
-                cents.append(np.load(path, allow_pickle=False))
-            except (OSError, ValueError) as exc:
-                raise SortFacesError(f"{path}: unreadable faceset embedding ({_short(exc)})")
-    return np.stack(cents).astype(np.float32) if cents else np.zeros((0, 512), np.float32)
 
 
 def swap_models(cache, model_dir=None):
@@ -2582,45 +3017,183 @@ def require_enriched(cache, faces):
                              f"`python sort_faces.py enrich {cache.path}` first")
 
 
-def export_swap(cache, facesets, out_manifest, out, args, extra=None):
-    """Export (name, faces) pairs into OUT and record them in OUT/manifest.json (entries of
-    the same name replaced, others kept). extra: fields added to every entry."""
-    require_enriched(cache, [i for _, m in facesets for i in m])
-    det = swap_models(cache, getattr(args, "model_dir", None))
-    dup_group = cache.memo("dup_group", lambda: near_duplicate_files(cache))
-    aliases = cache.aliases()
+class SwapOut:
+    """An export-swap OUT: an OutDir whose manifest.json lists every faceset in it, made by
+    export-swap or a work/ workflow (`source`). Each faceset is exported into staging and
+    swapped in with the manifest on its own, so a run cut short keeps what it finished and
+    an empty export never replaces a good one. Names (README: "Faceset names"): a faceset
+    keeps the name it was first given by its source and `key`; a new one takes the name
+    wanted if free, else the next free number; names of other sources are never reused.
+    With clean, the facesets this run does not write are removed at finish()."""
+
+    def __init__(self, path, cache, *, clean=False, dry_run=False):
+        self.cache, self.clean, self.dry_run = cache, clean, dry_run
+        self.dir = OutDir(path, "export-swap", cache.meta.get("roots", []))
+        self.dir.check(clean=clean, reserved=("manifest.json", "_candidates"))
+        self.path = self.dir.path
+        mpath = os.path.join(self.path, "manifest.json")
+        if "manifest.json" in self.dir.entries and os.path.lexists(mpath):
+            self.manifest = read_manifest(mpath, "export-swap", cache, same_cache=False)
+        else:
+            self.manifest = new_manifest("export-swap", cache, {}, facesets=[])
+        for old in self.manifest.pop("thin_eras", []):       # before sort_faces 0.2
+            self.manifest["facesets"].append({**old, "path": old.get("path", old["name"])})
+        self.old = {e["name"] for e in self.manifest["facesets"]} if clean else set()
+        self.written = []
+        if not dry_run:
+            self.dir.lock()
+
+    @property
+    def facesets(self):
+        return self.manifest["facesets"]
+
+    def claim(self, wanted, source, key=None):
+        """The name a faceset of `source` identified by `key` gets (see the class)."""
+        for e in self.facesets:
+            if key is not None and e.get("source") == source and e.get("key") == key \
+                    and e["name"] not in self.old:
+                return e["name"]
+        taken = self._taken()
+        if wanted not in taken:
+            return wanted
+        if re.fullmatch(r"faceset_\d+", wanted):
+            return self.next_names(1)[0]
+        return next(f"{wanted}_{k}" for k in itertools.count(2) if f"{wanted}_{k}" not in taken)
+
+    def _taken(self):
+        return {e["name"] for e in self.facesets if e["name"] not in self.old} \
+            | {e["path"].split("/")[0] for e in self.facesets if e["name"] not in self.old} \
+            | set(self.dir.foreign()) \
+            | {w.split("/")[-1] for w in self.written} | {"_candidates", "manifest.json"}
+
+    def next_names(self, count, prefix="faceset_"):
+        """count names after the highest prefixNNN in OUT (what a new faceset gets)."""
+        return _next_names(prefix, [n for n in self._taken()
+                                    if re.fullmatch(re.escape(prefix) + r"\d+", n)], count)
+
+    def centroids(self):
+        """Mean embeddings of every faceset already in OUT."""
+        cents = []
+        for e in self.facesets:
+            if e.get("embedding"):
+                path = os.path.join(self.path, e["embedding"])
+                try:
+                    with open_regular(path) as f:
+                        cents.append(np.load(f, allow_pickle=False))
+                except (OSError, ValueError) as exc:
+                    raise SortFacesError(f"{path}: unreadable faceset embedding "
+                                         f"({_errno_text(exc)})")
+        return np.stack(cents).astype(np.float32) if cents else np.zeros((0, 512), np.float32)
+
+    def add(self, name, members, opts, *, source, key=None, folder=None, extra=None,
+            note=None):
+        """Export one faceset as `name` (into OUT/folder, default OUT/name) and swap it in
+        with the manifest. Returns its manifest entry, or None when no face could be
+        exported (an earlier faceset of that name stays as it was)."""
+        cache = self.cache
+        folder = safe_relpath(folder or name, "faceset folder")
+        safe_component(name, "faceset name", SWAP_SUFFIX_BYTES)
+        det = swap_models(cache, opts.model_dir)
+        dup_group = cache.memo("dup_group", lambda: near_duplicate_files(cache))
+        stage = self.dir.stage(folder)
+        fields = export_faceset(cache, name, members, stage, det=det, opts=opts,
+                                dup_group=dup_group, aliases=cache.memo("aliases",
+                                                                        cache.aliases))
+        if not fields["pngs"]:
+            _rmtree(stage)
+            CONSOLE.warn(os.path.join(self.path, folder), "no face exported ("
+                         + describe_counts(fields["dropped"]) + "); "
+                         + ("the earlier export is kept" if any(
+                             e["name"] == name for e in self.facesets) else "nothing written"))
+            return None
+        if note:
+            write_file(os.path.join(stage, f"{name}.txt"),
+                       f"{name}\n{note.rstrip()}\n".encode("utf-8"))
+        rel = lambda p: p and f"{folder}/{p}"
+        entry = {"name": name, "path": folder, **fields,
+                 "bundles": {k: rel(v) for k, v in fields["bundles"].items()},
+                 "embedding": rel(fields["embedding"]),
+                 "reactor_model": rel(fields["reactor_model"]),
+                 "source": source, "key": key, **(extra or {})}
+        self._replace(entry)
+        self.written.append(folder)
+        self._commit([folder])
+        return entry
+
+    def _replace(self, entry):
+        self.manifest["facesets"] = sorted(
+            [e for e in self.facesets if e["name"] != entry["name"]] + [entry],
+            key=lambda e: e["name"])
+        self.old.discard(entry["name"])
+        if self.cache.meta["pack"]["rec_sha256"] != INSWAPPER_REC_SHA256:
+            self.manifest["reactor_model_note"] = NO_REACTOR_MODEL
+
+    def _commit(self, rels, drop=()):
+        self.manifest["cache"] = self.cache.path
+        write_json_atomic(os.path.join(self.dir.staging, "manifest.json"), self.manifest)
+        self.dir.commit(list(rels) + ["manifest.json"], drop=drop)
+
+    def candidates(self, found_in):
+        """Replace OUT/_candidates/ with what found_in(staging folder) writes there."""
+        stage = self.dir.stage("_candidates")
+        self.manifest["candidates"] = found_in(stage)
+        self._commit(["_candidates"] if os.listdir(stage) else [],
+                     drop=["_candidates"] if not os.listdir(stage) else ())
+
+    def finish(self):
+        """With clean: remove the facesets (and candidates) this run did not write."""
+        if self.dry_run:
+            return
+        if self.clean:
+            gone = [e for e in self.facesets if e["name"] in self.old]
+            self.manifest["facesets"] = [e for e in self.facesets if e not in gone]
+            drop = [e["path"] for e in gone if e["path"] in self.dir.entries]
+            drop += [r for r in self.dir.entries if r not in self.written
+                     and r != "manifest.json" and r not in drop and (r != "_candidates"
+                                                                      or "candidates" not in
+                                                                      self.manifest)]
+            self._commit([], drop=drop)
+        self.dir.close()
+
+
+def describe_counts(counts):
+    """{gate: n} in words: '12 outlier, 3 min_face_short' (or 'nothing dropped')."""
+    return ", ".join(f"{n} {g}" for g, n in counts.items()) or "nothing dropped"
+
+
+def export_swap(cache, swap, facesets, opts, *, source, extra=None):
+    """Export (wanted name, faces, key) triples into SwapOut swap; returns the entries
+    written (facesets with no exportable face are left out)."""
+    require_enriched(cache, [i for _, m, _ in facesets for i in m])
     entries = []
-    for name, members in facesets:
-        try:
-            entries.append({**export_faceset(cache, name, members, out, det, args, dup_group,
-                                             aliases), **(extra or {})})
-        except OSError as exc:
-            CONSOLE.warn(os.path.join(out, name), f"not written: {exc.strerror or exc}")
-    names = {e["name"] for e in entries}
-    out_manifest["facesets"] = [e for e in out_manifest["facesets"] if e["name"] not in names] \
-        + entries
-    out_manifest["facesets"].sort(key=lambda e: e["name"])
-    out_manifest["cache"] = cache.path
+    for wanted, members, key in facesets:
+        entry = swap.add(swap.claim(wanted, source, key), members, opts, source=source,
+                         key=key, extra=extra)
+        if entry:
+            entries.append(entry)
     return entries
 
 
 # ============================================================================
 # Subcommands
 # ============================================================================
-def export_marked(cache, name, members, holder, target, args, extra, note):
-    """export_swap one faceset into target (recorded in holder["facesets"]) and write its
-    <name>.txt provenance marker: what the work/ workflows do for each set they add."""
-    entries = export_swap(cache, [(name, members)], holder, target, args, extra)
-    with open(os.path.join(target, name, f"{name}.txt"), "w", encoding="utf-8") as f:
-        f.write(f"{name}\n{note.rstrip()}\n")
-    return entries
+def export_marked(cache, swap, wanted, members, opts, *, source, key, extra, note,
+                  folder=None):
+    """Export one faceset of a work/ workflow into swap with its <name>.txt provenance
+    marker; returns its entry or None."""
+    require_enriched(cache, members)
+    name = swap.claim(wanted, source, key)
+    return swap.add(name, members, opts, source=source, key=key, extra=extra, note=note,
+                    folder=folder and folder.replace("{name}", name))
 
 
 def cmd_embed(args):
     """Detect and embed every face under SRC into CACHE (incremental, resumable)."""
-    stats = embed_tree(args.src, args.cache, args.pack, args.model_dir, args.flush_every,
-                       args.strict, args.threads, args.workers, args.det_size,
-                       args.det_thresh, args.max_megapixels, args.retry_failed)
+    stats = embed_tree(args.src, args.cache, pack_name=args.pack, model_dir=args.model_dir,
+                       flush_every=args.flush_every, strict=args.strict,
+                       threads=args.threads, workers=args.workers, det_size=args.det_size,
+                       det_thresh=args.det_thresh, max_megapixels=args.max_megapixels,
+                       retry_failed=args.retry_failed)
     log_result(stats.line())
     return 130 if stats.interrupted else 0
 
@@ -2628,6 +3201,8 @@ def cmd_embed(args):
 def cmd_cluster(args):
     """Group cached faces by identity into person_NNN/ folders."""
     cache = load_cache(args.cache, args.pack)
+    out = OutDir(args.out, "cluster", cache.meta.get("roots", []))
+    out.check(clean=args.clean, replace=True, reserved=CLUSTER_ENTRIES, prefixes=("person_",))
     threshold = pack_threshold(cache, "cluster", args.threshold)
     idx = select_faces(cache, args.max_faces_per_image, args.skip_partial)
     plan = plan_clusters(cache, idx, threshold, args.min_cluster_size, args.top)
@@ -2638,18 +3213,19 @@ def cmd_cluster(args):
     if args.dry_run:
         log_result(summary + " [dry run: nothing written]")
         return 0
-    out = prepare_out(args.out, cache.meta.get("roots", []), args.clean)
     params = {"threshold": threshold, "min_cluster_size": args.min_cluster_size,
               "top": args.top, "max_faces_per_image": args.max_faces_per_image,
               "skip_partial": args.skip_partial, "link": args.link}
-    write_cluster_output(cache, plan, out, args.link, params)
-    log_result(summary + f"; wrote {out}")
+    write_result(out, lambda root: write_cluster_output(cache, plan, root, args.link, params))
+    log_result(summary + f"; wrote {out.path}")
     return 0
 
 
 def cmd_refine(args):
     """Quality-gated per-identity face sets (faceset_NNN/), numbered by size."""
     cache = load_cache(args.cache, args.pack)
+    out = OutDir(args.out, "refine", cache.meta.get("roots", []))
+    out.check(clean=args.clean, replace=True, reserved=REFINE_ENTRIES, prefixes=("faceset_",))
     initial = pack_threshold(cache, "cluster", args.initial_threshold)
     merge = pack_threshold(cache, "merge", args.merge_threshold)
     outlier = pack_threshold(cache, "outlier", args.outlier_threshold)
@@ -2658,49 +3234,47 @@ def cmd_refine(args):
                        args.min_det_score, args.min_faces)
     counts = count_gates(plan.dropped)
     summary = (f"refine: {len(idx)} faces -> {len(plan.facesets)} facesets (sizes "
-               f"{[len(f) for f in plan.facesets][:10]}); dropped {counts or 'none'}")
+               f"{[len(f) for f in plan.facesets][:10]}); dropped "
+               f"{describe_counts(counts) if counts else 'none'}")
     if args.dry_run:
         log_result(summary + " [dry run: nothing written]")
         return 0
-    out = prepare_out(args.out, cache.meta.get("roots", []), args.clean)
     params = {"initial_threshold": initial, "merge_threshold": merge,
               "outlier_threshold": outlier, "min_short": args.min_short,
               "min_blur": args.min_blur, "min_det_score": args.min_det_score,
               "min_faces": args.min_faces, "max_faces_per_image": args.max_faces_per_image,
               "skip_partial": args.skip_partial, "link": args.link}
-    write_refine_output(cache, plan, out, args.link, params)
-    log_result(summary + f"; wrote {out}")
+    write_result(out, lambda root: write_refine_output(cache, plan, root, args.link, params))
+    log_result(summary + f"; wrote {out.path}")
     return 0
 
 
 def cmd_dedup(args):
     """Report byte-identical and visual near-duplicate photos; never deletes anything."""
     cache = load_cache(args.cache, args.pack)
+    stem = cache.path[:-4] if cache.path.endswith(".npz") else cache.path
+    out = os.path.abspath(args.out or stem + ".duplicates.json")
+    if _inside_any(out, cache.meta.get("roots", [])):
+        raise SortFacesError(f"{out} is inside a source tree; pass --out elsewhere")
     identical, near = find_duplicates(cache, args.hamming, args.face_distance,
                                       args.hamming_noface)
     saved_identical = sum(g["size"] * (len(g["paths"]) - 1) for g in identical)
     saved_near = sum(f["size"] for g in near for f in g["files"] if f["path"] != g["keep"])
-    report = {"schema": MANIFEST_SCHEMA, "tool_version": __version__, "step": "dedup",
-              "cache": cache.path, "pack": cache.meta["pack"],
-              "params": {"hamming": args.hamming, "face_distance": args.face_distance,
+    report = new_manifest(
+        "dedup", cache, {"hamming": args.hamming, "face_distance": args.face_distance,
                          "hamming_noface": args.hamming_noface},
-              "identical": identical, "near": near,
-              "summary": {"identical_groups": len(identical),
-                          "identical_files": sum(len(g["paths"]) for g in identical),
-                          "identical_bytes_saved": saved_identical,
-                          "near_groups": len(near),
-                          "near_files": sum(len(g["files"]) for g in near),
-                          "near_bytes_saved": saved_near}}
-    out = args.out or cache.path[:-4] + ".duplicates.json" if cache.path.endswith(".npz") \
-        else cache.path + ".duplicates.json"
-    if _inside_any(out, cache.meta.get("roots", [])):
-        raise SortFacesError(f"{out} is inside a source tree; pass --out elsewhere")
+        identical=identical, near=near,
+        summary={"identical_groups": len(identical),
+                 "identical_files": sum(len(g["paths"]) for g in identical),
+                 "identical_bytes_saved": saved_identical, "near_groups": len(near),
+                 "near_files": sum(len(g["files"]) for g in near),
+                 "near_bytes_saved": saved_near})
     write_json_atomic(out, report)
     sm = report["summary"]
     log_result(f"dedup: {sm['identical_groups']} byte-identical groups "
-                f"({sm['identical_files']} files, {_mb(saved_identical)} could be saved), "
-                f"{sm['near_groups']} near-duplicate groups ({sm['near_files']} files, "
-                f"{_mb(saved_near)} could be saved); wrote {out}")
+               f"({sm['identical_files']} files, {_mb(saved_identical)} could be saved), "
+               f"{sm['near_groups']} near-duplicate groups ({sm['near_files']} files, "
+               f"{_mb(saved_near)} could be saved); wrote {out}")
     return 0
 
 
@@ -2708,15 +3282,12 @@ def cmd_extend(args):
     """Fold newly embedded faces into existing results without renumbering anything."""
     cache = load_cache(args.cache, args.pack)
     roots = cache.meta.get("roots", [])
-    outs = [os.path.abspath(args.raw_out)] + ([os.path.abspath(args.refine_out)]
-                                              if args.refine_out else [])
-    for out in outs:
-        if _inside_any(out, roots):
-            raise SortFacesError(f"{out} lies inside a source tree; refusing to write there")
-    raw = extend_raw(cache, outs[0], args.link, args.threshold)
+    for out in [args.raw_out] + ([args.refine_out] if args.refine_out else []):
+        OutDir(out, "extend", roots)           # refuses an OUT in a source tree, a file
+    raw = extend_raw(cache, args.raw_out, args.link, args.threshold)
     lines = [_extend_line("raw", raw, "new_people")]
     if args.refine_out:
-        lines.append(_extend_line("refine", extend_refined(cache, outs[1], args.link),
+        lines.append(_extend_line("refine", extend_refined(cache, args.refine_out, args.link),
                                   "new_facesets"))
     log_result("extend: " + "; ".join(lines))
     return 0
@@ -2724,8 +3295,8 @@ def cmd_extend(args):
 
 def cmd_enrich(args):
     """Add 106-point landmarks (and 68-point 3D ones with buffalo_l) and head pose."""
-    stats = enrich_cache(args.cache, args.model_dir, args.flush_every, args.threads,
-                         args.strict)
+    stats = enrich_cache(args.cache, model_dir=args.model_dir, flush_every=args.flush_every,
+                         threads=args.threads, strict=args.strict)
     log_result(stats.line())
     return 130 if stats.interrupted else 0
 
@@ -2737,27 +3308,35 @@ def cmd_export_swap(args):
     if args.candidates and not args.raw_manifest:
         raise SortFacesError("--candidates needs --raw-manifest (a cluster manifest.json)")
     raw = read_manifest(args.raw_manifest, "cluster", cache) if args.candidates else None
-    out, m = open_swap_out(args.out, cache.meta.get("roots", []), args.clean,
-                           cache.meta["pack"])
+    opts = ExportOptions.from_args(args)
     keys = cache_face_keys(cache)
-    facesets = [(fs["name"], manifest_members(keys, fs["faces"])) for fs in refined["facesets"]]
-    m["params"] = {k: getattr(args, k) for k in (
-        "outlier_threshold", "min_face_short", "out_size", "pad_ratio", "top_n",
-        "candidate_match_threshold", "candidate_min_score")}
-    entries = export_swap(cache, facesets, m, out, args,
-                          {"source": "refine", "refine_manifest":
-                           os.path.abspath(args.refine_manifest)})
-    if raw is not None:
-        shutil.rmtree(os.path.join(out, "_candidates"), ignore_errors=True)
-        kept = {e["name"] for e in entries if e["pngs"]}
-        m["candidates"] = export_candidates(cache, raw, [f for f in facesets if f[0] in kept],
-                                            out, swap_models(cache, args.model_dir), args,
-                                            cache.aliases())
-    write_json_atomic(os.path.join(out, "manifest.json"), m)
+    source = os.path.abspath(args.refine_manifest)
+    facesets = [(fs["name"], manifest_members(keys, fs["faces"]), [source, fs["name"]])
+                for fs in refined["facesets"]]
+    require_enriched(cache, [i for _, m, _ in facesets for i in m])
+    swap = SwapOut(args.out, cache, clean=args.clean)
+    try:
+        swap.manifest["params"] = {**dataclasses.asdict(opts), **{k: getattr(args, k) for k in (
+            "candidate_match_threshold", "candidate_min_score")}}
+        entries = export_swap(cache, swap, facesets, opts, source="refine",
+                              extra={"refine_manifest": source})
+        if raw is not None:
+            by_key = {tuple(e["key"]): e["name"] for e in entries}
+            kept = [(by_key[tuple(k)], m) for _, m, k in facesets if tuple(k) in by_key]
+            swap.candidates(lambda root: export_candidates(
+                cache, raw, kept, root, det=swap_models(cache, opts.model_dir), opts=opts,
+                aliases=cache.aliases(), match=args.candidate_match_threshold,
+                min_score=args.candidate_min_score))
+        swap.finish()
+    finally:
+        swap.dir.close()
     pngs = sum(e["pngs"] for e in entries)
-    extra = (f", {sum(map(len, m['candidates'].values()))} candidates"
+    extra = (f", {sum(map(len, swap.manifest['candidates'].values()))} candidates"
              if raw is not None else "")
-    log_result(f"export-swap: {len(entries)} facesets, {pngs} PNGs{extra}; wrote {out}")
+    empty = len(facesets) - len(entries)
+    log_result(f"export-swap: {len(entries)} facesets, {pngs} PNGs{extra}"
+               + (f"; {empty} with no exportable face (see the warnings)" if empty else "")
+               + f"; wrote {swap.path}")
     return 0
 
 
@@ -2803,19 +3382,31 @@ def _add_face_filters(g):
 
 def _add_output_args(p):
     g = p.add_argument_group("output")
-    g.add_argument("--link", choices=("copy", "hardlink", "symlink"), default="copy",
-                   help="how photos land in OUT (sources are never moved)")
-    g.add_argument("--clean", action="store_true",
-                   help="replace what an earlier run wrote in OUT")
+    add_link_arg(g)
+    add_clean_arg(g)
     g.add_argument("--dry-run", action="store_true",
                    help="print the cluster sizes, write nothing")
 
 
+def add_link_arg(p):
+    p.add_argument("--link", choices=("copy", "hardlink", "symlink"), default="copy",
+                   help="how photos land in OUT (sources are never moved)")
+
+
+def add_clean_arg(p):
+    """--clean, with one meaning for every step that writes an OUT."""
+    p.add_argument("--clean", action="store_true",
+                   help="replace what earlier runs of sort_faces wrote in OUT with this "
+                        "run's result (only what its ledger OUT/.sort_faces/owned.json "
+                        "records; files sort_faces did not write are never touched)")
+
+
 def add_workflow_args(p):
-    """--cache and --out of the work/ workflows."""
+    """--cache, --out and --clean of the work/ workflows."""
     p.add_argument("--cache", required=True, metavar="CACHE", help="cache (embedded, enriched)")
     p.add_argument("--out", required=True, metavar="SWAP_OUT",
                    help="export-swap output folder (created when absent)")
+    add_clean_arg(p)
 
 
 def add_gate_args(p):
@@ -2985,8 +3576,7 @@ def build_parser():
                    help="largest face-to-centroid cosine distance to join a person; unset: "
                         + pack_defaults_help("extend") + " (refine outputs use their own "
                         "outlier threshold)")
-    p.add_argument("--link", choices=("copy", "hardlink", "symlink"), default="copy",
-                   help="how photos land in the folders (sources are never moved)")
+    add_link_arg(p)
     add_common_args(p)
     p.set_defaults(func=cmd_extend)
 
@@ -3011,8 +3601,7 @@ def build_parser():
                    metavar="DIST", help="largest distance from a singleton to a faceset centroid")
     g.add_argument("--candidate-min-score", type=float, default=CANDIDATE_MIN_SCORE,
                    metavar="Q", help="smallest composite quality of a candidate")
-    p.add_argument("--clean", action="store_true",
-                   help="remove what earlier runs wrote in OUT first (other files are left)")
+    add_clean_arg(p)
     add_common_args(p)
     p.set_defaults(func=cmd_export_swap)
     return parser
@@ -3036,9 +3625,11 @@ def run_step(step, func, args):
         signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         return func(args)
-    except SortFacesError as exc:
-        CONSOLE._to_log(f"error: {exc}")
-        print(f"error: {exc}", file=sys.stderr)
+    except (SortFacesError, OSError) as exc:
+        msg = str(exc) if isinstance(exc, SortFacesError) else (
+            f"{exc.filename}: {_errno_text(exc)}" if exc.filename else _errno_text(exc))
+        CONSOLE._to_log(f"error: {msg}")
+        print(f"error: {msg}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

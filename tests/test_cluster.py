@@ -138,13 +138,33 @@ def test_clean_refusals(mixed_cache, tmp_path, capsys):
     assert sort_faces.main(args) == 0
     assert sort_faces.main(args) == 1
     assert "pass --clean" in capsys.readouterr().err
+    # --clean replaces only what sort_faces wrote: a user's files in OUT and inside one of
+    # its folders are left where they are
     (out / "person_001" / "stale.jpg").write_bytes(b"x")
-    assert sort_faces.main(args + ["--clean"]) == 0
-    assert not (out / "person_001" / "stale.jpg").exists()
     (out / "my_notes.txt").write_text("mine")
+    old_photos = set(os.listdir(out / "person_002"))
+    assert sort_faces.main(args + ["--clean", "--top", "3"]) == 0
+    assert (out / "person_001" / "stale.jpg").read_bytes() == b"x"
+    assert (out / "my_notes.txt").read_text() == "mine"
+    m = json.loads((out / "manifest.json").read_text())
+    assert [c["name"] for c in m["clusters"]] == ["person_001", "person_002", "person_003"]
+    assert set(os.listdir(out / "person_002")) == {f["file"] for f in m["clusters"][1]["faces"]} \
+        | {"_contact.jpg"}
+    assert old_photos  # (the old person_002's photos are gone unless still in it)
+    # a folder of the user's where a result goes is refused, before any work
+    (out / "person_anna").mkdir()
     assert sort_faces.main(args + ["--clean"]) == 1
     err = capsys.readouterr().err
-    assert "did not write" in err and (out / "my_notes.txt").exists()
+    assert "person_anna" in err and "not written by sort_faces" in err
+    assert (out / "person_anna").is_dir()
+    # an OUT holding only a user's files is refused with or without --clean
+    mine = tmp_path / "mine"
+    (mine / "person_x").mkdir(parents=True)
+    (mine / "index.html").write_text("my page")
+    for extra in ([], ["--clean"]):
+        assert sort_faces.main(["cluster", str(mixed_cache), str(mine), "-q"] + extra) == 1
+        assert "did not write" in capsys.readouterr().err
+    assert sorted(os.listdir(mine)) == ["index.html", "person_x"]
     # OUT inside a source tree is refused, nothing written there
     inside = DATA / "labeled" / "_sort_faces_out"
     assert sort_faces.main(["cluster", str(mixed_cache), str(inside), "-q"]) == 1

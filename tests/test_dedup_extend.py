@@ -126,7 +126,7 @@ def _snapshot(folder):
     for root, _, files in os.walk(folder):
         for name in files:
             rel = os.path.relpath(os.path.join(root, name), folder)
-            if rel.startswith("_thumbs") or name in ("index.html", "manifest.json",
+            if rel.startswith(("_thumbs", ".sort_faces")) or name in ("index.html", "manifest.json",
                                                       "refine_manifest.json", "_contact.jpg"):
                 continue
             out[rel] = hashlib.sha256(open(os.path.join(root, name), "rb").read()).hexdigest()

@@ -184,8 +184,10 @@ def test_fsz_layout_and_top_bundle(swap):
     for name, fm in faceset_manifests(swap.out, swap.manifest).items():
         ranked = [r["file"] for r in sorted(fm["pngs"], key=lambda r: r["rank"])]
         e = next(e for e in swap.manifest["facesets"] if e["name"] == name)
-        assert e["bundles"] == {"top": f"{name}/{name}_top30.fsz",
-                                "all": f"{name}/{name}_all.fsz"}
+        # a top-30 bundle is written only when it differs from the whole set
+        top = f"{name}/{name}_top30.fsz" if len(ranked) > 30 else f"{name}/{name}_all.fsz"
+        assert e["bundles"] == {"top": top, "all": f"{name}/{name}_all.fsz"}
+        assert (swap.out / name / f"{name}_top30.fsz").exists() == (len(ranked) > 30)
         for kind, want in (("all", ranked), ("top", ranked[:30])):
             with zipfile.ZipFile(swap.out / e["bundles"][kind]) as z:
                 names = z.namelist()
@@ -292,7 +294,8 @@ def test_group_photo_crop_holds_only_the_intended_face(swap, looker):
 
 # ---------------------------------------------------------------------------- re-runs
 def test_second_run_gives_byte_identical_bundles(swap):
-    assert len(swap.first) == 2 * len(swap.manifest["facesets"])
+    assert len(swap.first) == len({b for e in swap.manifest["facesets"]
+                                   for b in e["bundles"].values()})
     assert fsz_digests(swap.out) == swap.first
 
 
@@ -317,26 +320,35 @@ def test_candidates_without_raw_manifest_is_one_line(swap, capsys):
     assert not out.exists()
 
 
-def test_out_with_a_foreign_file_needs_clean(swap, capsys):
+def test_out_with_a_foreign_file(swap, capsys):
+    """An OUT holding only a user's files is refused, with or without --clean; a user's
+    file added to an export-swap OUT is left alone by re-runs and by --clean."""
     out = swap.tmp / "foreign"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
-    rc, err = run_err(swap.tmp, capsys, "export-swap", *swap.args[:2], out,
-                      "--min-face-short", "40")
-    assert rc == 1
-    assert len(err) == 1 and err[0].startswith("error:") and "notes.txt" in err[0], err
-    assert "--clean" in err[0]
-    assert os.listdir(out) == ["notes.txt"]
-    # --clean goes ahead (on a one-faceset manifest, to keep it quick) and keeps the file
+    for extra in ([], ["--clean"]):
+        rc, err = run_err(swap.tmp, capsys, "export-swap", *swap.args[:2], out,
+                          "--min-face-short", "40", *extra)
+        assert rc == 1
+        assert len(err) == 1 and err[0].startswith("error:") and "notes.txt" in err[0], err
+        assert os.listdir(out) == ["notes.txt"]
+    # one of ours, with the user's notes at the top and inside a faceset folder
     small = swap.tmp / "small_clean" / "refine_manifest.json"
     m = json.loads((swap.ref / "refine_manifest.json").read_text())
     m["facesets"] = m["facesets"][-1:]
     small.parent.mkdir()
     small.write_text(json.dumps(m))
-    run(swap.tmp, "export-swap", swap.cache_path, small, out, "--min-face-short", "40",
-        "--clean")
+    out = swap.tmp / "ours"
+    args = ["export-swap", swap.cache_path, small, out, "--min-face-short", "40"]
+    run(swap.tmp, *args)
+    name = m["facesets"][0]["name"]
+    (out / "notes.txt").write_text("mine")
+    (out / name / "NOTES.txt").write_text("about this person")
+    run(swap.tmp, *args)
+    run(swap.tmp, *args, "--clean")
     assert (out / "notes.txt").read_text() == "mine"
-    assert (out / m["facesets"][0]["name"]).is_dir()
+    assert (out / name / "NOTES.txt").read_text() == "about this person"
+    assert (out / name / f"{name}_all.fsz").is_file()
 
 
 def test_refine_manifest_of_another_cache_is_refused(swap, capsys):

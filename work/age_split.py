@@ -18,7 +18,6 @@ Photo year: EXIF DateTimeOriginal, then DateTime, else unknown (the file's mtime
 """
 import argparse
 import datetime
-import json
 import os
 import sys
 from collections import Counter
@@ -45,9 +44,8 @@ class YearReader:
     def __init__(self, path=EXIF_CACHE, use_mtime=False):
         self.path, self.use_mtime, self.reads = path, use_mtime, 0
         try:
-            with open(path, encoding="utf-8") as f:
-                self.known = json.load(f)
-        except (OSError, ValueError):
+            self.known = sf.read_json(path, "EXIF year cache") if os.path.lexists(path) else {}
+        except sf.SortFacesError:
             self.known = {}
 
     def year(self, path):
@@ -73,7 +71,7 @@ def exif_year(path):
     """Year of EXIF DateTimeOriginal, else DateTime, else None."""
     from PIL import Image
     try:
-        with Image.open(path) as im:
+        with sf.open_regular(path) as f, Image.open(f) as im:
             exif = im.getexif()
             stamp = exif.get_ifd(0x8769).get(0x9003) or exif.get(0x0132)
     except Exception:
@@ -127,11 +125,12 @@ def era_name(faceset, years, taken):
 
 
 # ----------------------------------------------------------------------------- steps
-def person_faces(cache, out, entry, th, args):
+def person_faces(cache, swap, entry, th, args):
     """Seed, recover under the faceset's source folders, gate, re-centre once."""
-    seed = np.load(os.path.join(out, entry["embedding"]), allow_pickle=False)
-    with open(os.path.join(out, entry["name"], "manifest.json"), encoding="utf-8") as f:
-        roots = sorted({os.path.dirname(r["path"]) for r in json.load(f)["pngs"]})
+    seed = swap.centroids()[[e["name"] for e in swap.facesets
+                             if e.get("embedding")].index(entry["name"])]
+    fm = sf.read_json(os.path.join(swap.path, entry["path"], "manifest.json"), "manifest")
+    roots = sorted({os.path.dirname(r["path"]) for r in fm["pngs"]})
     faces = sf.faces_under(cache, roots)
     faces = faces[1.0 - cache.face_emb[faces] @ seed <= th["recover"]]
     faces = np.array(sf.quality_gate(cache, faces, args.min_short, args.min_blur,
@@ -165,17 +164,25 @@ def probe(cache, faces, years, th):
 
 def run(args):
     cache = sf.load_cache(args.cache)
-    out, manifest = sf.open_swap_out(args.out, cache.meta.get("roots", []), False,
-                                     cache.meta["pack"], create=False)
-    entry = next((e for e in manifest["facesets"] if e["name"] == args.faceset), None)
+    sf.safe_component(args.faceset, "--faceset")
+    swap = sf.SwapOut(args.out, cache, clean=args.clean,
+                      dry_run=args.dry_run or args.probe)
+    try:
+        return split(cache, swap, args)
+    finally:
+        swap.dir.close()
+
+
+def split(cache, swap, args):
+    entry = next((e for e in swap.facesets if e["name"] == args.faceset), None)
     if entry is None or not entry.get("embedding"):
-        raise sf.SortFacesError(f"{args.faceset} is not an exported faceset in {out}")
+        raise sf.SortFacesError(f"{args.faceset} is not an exported faceset in {swap.path}")
     th = dict(SPLIT_DEFAULTS.get(cache.meta["pack"]["name"], SPLIT_DEFAULTS["buffalo_l"]))
     th.update({k: v for k, v in (("recover", args.recover_threshold),
                                  ("recentre", args.recentre_threshold),
                                  ("subcluster", args.subcluster_threshold),
                                  ("join", args.join_threshold)) if v is not None})
-    faces, roots = person_faces(cache, out, entry, th, args)
+    faces, roots = person_faces(cache, swap, entry, th, args)
     reader = YearReader(args.exif_cache, args.use_mtime)
     years = [reader.year(str(cache.file_path[cache.face_file[i]])) for i in faces]
     reader.save()
@@ -190,7 +197,7 @@ def run(args):
                             groups=cache.face_file[faces])
     eras = assign_eras(cache.face_emb[faces], years, labels, args.anchor_min, th["join"],
                        args.year_window)
-    taken = {e["name"] for e in manifest["facesets"] + manifest.get("thin_eras", [])}
+    taken = set()
     plan = [(era_name(args.faceset, [years[i] for i in members], taken), members, kind)
             for members, kind in sorted(eras, key=lambda e: (-len(e[0]), e[0][0]))]
     for name, members, kind in plan:
@@ -200,30 +207,22 @@ def run(args):
         sf.log_result(f"age_split: {len(plan)} eras [dry run: nothing written]")
         return 0
     stamp = datetime.datetime.now().isoformat(timespec="seconds")
+    opts = sf.ExportOptions.from_args(args)
+    full = thin = 0
     for name, members, kind in plan:
-        thin = len(members) < args.anchor_min
-        extra = {"source": "age_split", "faceset": args.faceset, "at": stamp, "kind": kind,
+        is_thin = len(members) < args.anchor_min
+        extra = {"faceset": args.faceset, "at": stamp, "kind": kind, "thin": is_thin,
                  "years": sorted({y for y in (years[i] for i in members) if y is not None})}
-        target = os.path.join(out, "_thin") if thin else out
-        os.makedirs(target, exist_ok=True)
-        holder = {"facesets": manifest.get("thin_eras", []) if thin else manifest["facesets"]}
-        entries = sf.export_marked(
-            cache, name, faces[members].tolist(), holder, target, args, extra,
-            f"era of {args.faceset}, split by work/age_split.py at {stamp}\n"
-            f"years: {extra['years'] or 'unknown'}\nfaces: {len(members)} ({kind})")
-        if thin:     # paths in OUT/manifest.json are relative to OUT
-            for e in entries:
-                e["path"] = f"_thin/{name}"
-                e["bundles"] = {k: f"_thin/{v}" for k, v in e["bundles"].items()}
-                for k in ("embedding", "reactor_model"):
-                    e[k] = e[k] and f"_thin/{e[k]}"
-            manifest["thin_eras"] = holder["facesets"]
-        else:
-            manifest["facesets"] = holder["facesets"]
-        sf.write_json_atomic(os.path.join(out, "manifest.json"), manifest)
-    sf.log_result(f"age_split: {args.faceset} -> {len(plan)} eras "
-                  f"({sum(len(m) >= args.anchor_min for _, m, _ in plan)} full, "
-                  f"{sum(len(m) < args.anchor_min for _, m, _ in plan)} thin); wrote {out}")
+        entry = sf.export_marked(
+            cache, swap, name, faces[members].tolist(), opts, source="age_split",
+            key=[args.faceset, name], extra=extra, folder="_thin/{name}" if is_thin else None,
+            note=f"era of {args.faceset}, split by work/age_split.py at {stamp}\n"
+                 f"years: {extra['years'] or 'unknown'}\nfaces: {len(members)} ({kind})")
+        if entry:
+            thin, full = thin + is_thin, full + (not is_thin)
+    swap.finish()
+    sf.log_result(f"age_split: {args.faceset} -> {len(plan)} eras ({full} full, {thin} thin);"
+                  f" wrote {swap.path}")
     return 0
 
 

@@ -74,16 +74,23 @@ def route(cache, mixed, people, threshold, existing=None):
 
 def run(args):
     cache = sf.load_cache(args.cache)
-    out, manifest = sf.open_swap_out(args.out, cache.meta.get("roots", []), False,
-                                     cache.meta["pack"], create=not args.dry_run)
-    done = {e["name"] for e in manifest["facesets"]}
+    swap = sf.SwapOut(args.out, cache, clean=args.clean, dry_run=args.dry_run)
+    try:
+        return build(cache, swap, args)
+    finally:
+        swap.dir.close()
+
+
+def build(cache, swap, args):
+    done = {e.get("key") or e.get("trusted"): e["name"] for e in swap.facesets
+            if e.get("source") == "build_folders" and e["name"] not in swap.old}
     people, folders, skipped = {}, {}, []
     for folder in args.trusted:
         if not os.path.isdir(folder):
             raise sf.SortFacesError(f"--trusted folder not found: {folder}")
         label = label_of(folder)
-        if label in done:
-            skipped.append(label)
+        if os.path.abspath(folder) in done:
+            skipped.append(done[os.path.abspath(folder)])
             continue
         faces = identity(cache, sf.faces_under(cache, [folder]))
         if not faces:
@@ -93,28 +100,33 @@ def run(args):
         people[label], folders[label] = faces, os.path.abspath(folder)
     mixed = sf.faces_under(cache, args.mixed) if args.mixed else np.zeros(0, np.int64)
     routed = route(cache, mixed, people, sf.pack_threshold(cache, "route", args.route_threshold),
-                   sf.swap_out_centroids(out, manifest))
+                   swap.centroids())
     for label, faces in people.items():
         sf.CONSOLE.info(f"{label}: {len(faces)} faces from its folder, "
                         f"{len(routed.get(label, []))} routed from mixed folders")
     if skipped:
-        sf.CONSOLE.info(f"already in {out}, left as they are: {', '.join(skipped)}")
+        sf.CONSOLE.info(f"already in {swap.path}, left as they are: {', '.join(skipped)}")
     if args.dry_run or not people:
         sf.log_result(f"build_folders: {len(people)} new facesets"
-                       + (" [dry run: nothing written]" if args.dry_run else ""))
+                      + (" [dry run: nothing written]" if args.dry_run else ""))
         return 0
     stamp = datetime.datetime.now().isoformat(timespec="seconds")
+    opts = sf.ExportOptions.from_args(args)
+    written = []
     for label, faces in people.items():
-        extra = {"source": "build_folders", "trusted": folders[label], "at": stamp,
+        extra = {"trusted": folders[label], "at": stamp,
                  "mixed": [os.path.abspath(m) for m in args.mixed],
                  "routed": len(routed.get(label, []))}
-        sf.export_marked(cache, label, faces + routed.get(label, []), manifest, out, args, extra,
-                         f"built by work/build_folders.py at {stamp}\n"
-                         f"trusted folder: {folders[label]}\n"
-                         f"routed from mixed folders: {extra['routed']}")
-        sf.write_json_atomic(os.path.join(out, "manifest.json"), manifest)   # each one kept
-    sf.log_result(f"build_folders: {len(people)} new facesets ({', '.join(people)}); "
-                   f"wrote {out}")
+        entry = sf.export_marked(cache, swap, label, faces + routed.get(label, []), opts,
+                                 source="build_folders", key=folders[label], extra=extra,
+                                 note=f"built by work/build_folders.py at {stamp}\n"
+                                      f"trusted folder: {folders[label]}\n"
+                                      f"routed from mixed folders: {extra['routed']}")
+        if entry:
+            written.append(entry["name"])
+    swap.finish()
+    sf.log_result(f"build_folders: {len(written)} new facesets ({', '.join(written)}); "
+                  f"wrote {swap.path}")
     return 0
 
 

@@ -57,35 +57,45 @@ def run(args):
     for folder in args.source:
         if not os.path.isdir(folder):
             raise sf.SortFacesError(f"--source folder not found: {folder}")
-    out, manifest = sf.open_swap_out(args.out, cache.meta.get("roots", []), False,
-                                     cache.meta["pack"], create=not args.dry_run)
+    swap = sf.SwapOut(args.out, cache, clean=args.clean, dry_run=args.dry_run)
+    try:
+        return discover(cache, swap, args)
+    finally:
+        swap.dir.close()
+
+
+def discover(cache, swap, args):
     faces = sf.faces_under(cache, args.source)
-    cents = sf.swap_out_centroids(out, manifest)
+    cents = swap.centroids()
     left = candidates(cache, faces, cents,
                       sf.pack_threshold(cache, "route", args.existing_threshold))
     sf.CONSOLE.info(f"{len(faces)} faces under --source, {len(faces) - len(left)} belong to "
-                    f"the {len(cents)} facesets already in {out}, {len(left)} left")
+                    f"the {len(cents)} facesets already in {swap.path}, {len(left)} left")
     sets, reports = new_facesets(cache, left, args)
     for k, (size, kept, gates) in enumerate(reports, 1):
         if size >= 2:
             sf.CONSOLE.info(f"cluster {k}: {size} faces -> {kept} kept; removed "
-                            f"{gates or 'nothing'}")
-    names = sf.next_faceset_names(manifest, len(sets))
+                            f"{sf.describe_counts(gates) if gates else 'nothing'}")
     if args.dry_run or not sets:
-        sf.log_result(f"discover: {len(sets)} new facesets {names} (sizes "
-                      f"{[len(s) for s in sets]})"
+        sf.log_result(f"discover: {len(sets)} new facesets {swap.next_names(len(sets))} "
+                      f"(sizes {[len(s) for s in sets]})"
                       + (" [dry run: nothing written]" if args.dry_run else ""))
         return 0
     stamp = datetime.datetime.now().isoformat(timespec="seconds")
-    extra = {"source": "discover", "source_dirs": [os.path.abspath(s) for s in args.source],
-             "at": stamp}
-    for name, members in zip(names, sets):
-        sf.export_marked(cache, name, members, manifest, out, args, extra,
-                         f"discovered by work/discover.py at {stamp}\n"
-                         f"in: {', '.join(extra['source_dirs'])}\nfaces: {len(members)}")
-        sf.write_json_atomic(os.path.join(out, "manifest.json"), manifest)
-    sf.log_result(f"discover: {len(sets)} new facesets {names} (sizes "
-                  f"{[len(s) for s in sets]}); wrote {out}")
+    extra = {"source_dirs": [os.path.abspath(s) for s in args.source], "at": stamp}
+    opts = sf.ExportOptions.from_args(args)
+    names = []
+    for members in sets:
+        entry = sf.export_marked(cache, swap, swap.next_names(1)[0], members, opts,
+                                 source="discover", key=None, extra=extra,
+                                 note=f"discovered by work/discover.py at {stamp}\n"
+                                      f"in: {', '.join(extra['source_dirs'])}\n"
+                                      f"faces: {len(members)}")
+        if entry:
+            names.append(entry["name"])
+    swap.finish()
+    sf.log_result(f"discover: {len(names)} new facesets {names} (sizes "
+                  f"{[len(s) for s in sets]}); wrote {swap.path}")
     return 0
 
 
