@@ -233,9 +233,11 @@ def _write_atomic(path, write):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(exc, OSError) and exc.filename != path:   # name the file, not its temp
+            raise OSError(exc.errno, exc.strerror, path) from None
         raise
     dfd = os.open(folder, os.O_RDONLY)
     try:
@@ -495,7 +497,9 @@ class OutDir:
         return self
 
     def close(self):
+        """Drop what staging holds (a result given up) and release OUT."""
         if self._lock:
+            _rmtree(self.staging)
             self._lock.release()
             self._lock = None
 
@@ -503,7 +507,6 @@ class OutDir:
         return self
 
     def __exit__(self, *exc):
-        _rmtree(os.path.join(self.state, "staging"))
         self.close()
 
     @property
@@ -2873,7 +2876,10 @@ def select_for_export(cache, members, outlier, min_short, dup_group):
     """Tight outlier gate (centroid recomputed once), near-duplicate collapse (best
     composite kept), size gate. Returns (kept ranked best first, quality, dropped)."""
     members = list(members)
-    dropped = []
+    dropped = [(i, "unreadable", 0.0) for i in members if cache.face_pose_method[i] == 0]
+    members = [i for i in members if cache.face_pose_method[i] != 0]
+    if not members:
+        return [], {}, dropped
     cen = centroid(cache.face_emb[members])
     for _ in range(2):
         d = 1.0 - cache.face_emb[members] @ cen
@@ -3011,7 +3017,11 @@ def swap_models(cache, model_dir=None):
 
 
 def require_enriched(cache, faces):
-    missing = int((cache.face_pose_method[np.asarray(faces, np.int64)] == 0).sum())
+    """Refuse faces `enrich` has not tried yet (those whose photo it could not read are
+    dropped by the export, gate "unreadable")."""
+    faces = np.asarray(faces, np.int64)
+    tried = cache.file_enrich_error[cache.face_file[faces]] != ""
+    missing = int(((cache.face_pose_method[faces] == 0) & ~tried).sum())
     if missing:
         raise SortFacesError(f"{missing} faces have no landmarks or pose yet: run "
                              f"`python sort_faces.py enrich {cache.path}` first")

@@ -1,6 +1,5 @@
 """The cache: merging part files, the writer's lock and crash windows, and refusing a
 cache made by another pack or another format version."""
-import fcntl
 import os
 import shutil
 
