@@ -102,3 +102,63 @@ def tree_digest():
     """tree_digest(path) -> {relpath: sha256 + mode + mtime} of every file: equal before
     and after a run means the source tree was not touched."""
     return _tree_digest
+
+
+# ---------------------------------------------------------------------------- ground truth
+def labeled_truth(cache):
+    """cache face index -> identity for the labeled face of every labeled/ photo found (the
+    labeled_faces.csv box, matched at IoU >= 0.3); each distractor is its own identity."""
+    import csv
+    import numpy as np
+    root = os.path.realpath(DATA / "labeled")
+    by_path = {os.path.realpath(p): i for p, i in cache.by_path.items()}
+    truth = {}
+    with open(DATA / "labeled_faces.csv", newline="") as f:
+        for row in csv.DictReader(f):
+            box = [float(v) for v in row["labeled_face_box_x1_y1_x2_y2"].split()]
+            file = by_path.get(os.path.join(root, row["relpath"]))
+            if file is None or not box:
+                continue
+            faces = np.flatnonzero(cache.face_file == file)
+            best = max(faces, key=lambda i: sort_faces.box_iou(cache.face_bbox[i], box),
+                       default=None)
+            if best is not None and sort_faces.box_iou(cache.face_bbox[best], box) >= 0.3:
+                who = row["identity"]
+                truth[int(best)] = who if who != "distractors" else "distractor:" + row["relpath"]
+    return truth
+
+
+def calib_truth(cache):
+    """cache face index -> identity for calib/ (LFW convention: the labeled face is the one
+    nearest the image centre); each distractor is its own identity."""
+    import csv
+    import numpy as np
+    root = os.path.realpath(DATA / "calib")
+    by_path = {os.path.realpath(p): i for p, i in cache.by_path.items()}
+    truth = {}
+    with open(DATA / "calib.csv", newline="") as f:
+        for row in csv.DictReader(f):
+            file = by_path.get(os.path.join(root, row["relpath"]))
+            faces = np.flatnonzero(cache.face_file == file) if file is not None else []
+            if not len(faces):
+                continue
+            b = cache.face_bbox[faces]
+            w, h = float(row["width"]), float(row["height"])
+            d = np.hypot((b[:, 0] + b[:, 2]) / 2 - w / 2, (b[:, 1] + b[:, 3]) / 2 - h / 2)
+            if d.min() <= 0.25 * max(w, h):
+                truth[int(faces[d.argmin()])] = row["identity"]
+    return truth
+
+
+def scores(true, pred):
+    """Pairwise precision/recall/F and BCubed precision/recall/F of two labelings."""
+    from collections import Counter
+    pairs = lambda labels: sum(c * (c - 1) // 2 for c in Counter(labels).values())
+    tp, p_pairs, t_pairs = pairs(zip(true, pred)), pairs(pred), pairs(true)
+    pp, pr = (tp / p_pairs if p_pairs else 1.0), (tp / t_pairs if t_pairs else 1.0)
+    joint, tc, pc = Counter(zip(true, pred)), Counter(true), Counter(pred)
+    bp = sum(n * n / pc[p] for (t, p), n in joint.items()) / len(true)
+    br = sum(n * n / tc[t] for (t, p), n in joint.items()) / len(true)
+    f = lambda a, b: 2 * a * b / (a + b) if a + b else 0.0
+    return {"pairwise_p": pp, "pairwise_r": pr, "pairwise_f": f(pp, pr),
+            "bcubed_p": bp, "bcubed_r": br, "bcubed_f": f(bp, br)}

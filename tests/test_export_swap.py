@@ -53,10 +53,11 @@ def swap(labeled_cache, tmp_path_factory):
     shutil.copy(labeled_cache, cache)
     run(tmp, "embed", DATA / "groups", cache)
     run(tmp, "enrich", cache)
-    # The raw output only feeds --candidates: clustered tighter than the pack's 0.80 so that
-    # a few faces of faceset people end up singletons (at 0.80 every singleton is a stranger).
+    # The raw output only feeds --candidates: clustered tighter than the pack's rule (no
+    # stage 3) so that a few faces of faceset people end up singletons (with the defaults
+    # nearly every singleton is a stranger).
     raw, ref, out = tmp / "raw", tmp / "ref", tmp / "out"
-    run(tmp, "cluster", cache, raw, "--threshold", "0.6")
+    run(tmp, "cluster", cache, raw, "--threshold", "0.45", "--join-threshold", "0")
     # The labeled photos are small (LFW: 250 px, faces ~100 px): lower the size gates.
     run(tmp, "refine", cache, ref, "--min-short", "40", "--min-faces", "6")
     args = [cache, ref / "refine_manifest.json", out, "--min-face-short", "40"]
@@ -309,7 +310,8 @@ def test_candidates_only_with_the_flag(swap):
     for n, rs in cands.items():
         assert n in names
         for r in rs:
-            assert r["distance"] <= 0.55 and r["quality"] >= 0.40
+            assert r["distance"] <= sort_faces.pack_threshold(swap.cache, "candidate")
+            assert r["quality"] >= sort_faces.CANDIDATE_MIN_SCORE
 
 
 def test_candidates_without_raw_manifest_is_one_line(swap, capsys):

@@ -124,13 +124,13 @@ def mindy_structure(cache_path, src):
     the way age_split does (seed, recover, gates, re-centre, average linkage at the default
     pack's thresholds) from the originals already in the cache."""
     cache = sf.load_cache(str(cache_path))
-    th = age_split.SPLIT_DEFAULTS["default"]
+    th = age_split.split_thresholds(cache, None)
     own = build_folders.identity(cache, sf.faces_under(cache, [str(src / "people" /
                                                                    "Mindy_Kaling")]))
     seed = sf.centroid(cache.face_emb[own])
     faces = sf.faces_under(cache, [str(src / "people" / "Mindy_Kaling"), str(src / "mixed")])
     faces = faces[1.0 - cache.face_emb[faces] @ seed <= th["recover"]]
-    faces = np.array(sf.quality_gate(cache, faces, 40, sf.MIN_BLUR, sf.MIN_DET_SCORE, []))
+    faces = np.array(sf.quality_gate(cache, faces, sf.Gates(min_face_short=40), []))
     faces = faces[1.0 - cache.face_emb[faces] @ sf.centroid(cache.face_emb[faces])
                   <= th["recentre"]]
     labels = sf.agglomerate(cache.face_emb[faces], th["subcluster"],

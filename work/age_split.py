@@ -27,13 +27,6 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import sort_faces as sf  # noqa: E402
 
-#: Per pack (cosine distances). buffalo_l: the seed values. The default pack's recognizer
-#: spreads one person wider (docs/calibration.md): one-era people form one sub-cluster at
-#: 0.55 with it (Mindy_Kaling: 23 of 27 faces) where 0.35 leaves 12.
-SPLIT_DEFAULTS = {
-    "buffalo_l": {"recover": 0.55, "recentre": 0.50, "subcluster": 0.35, "join": 0.40},
-    "default": {"recover": 0.60, "recentre": 0.55, "subcluster": 0.55, "join": 0.45},
-}
 EXIF_CACHE = os.path.join(sf.ROOT_DIR, "work", "cache", "exif_years.json")
 
 
@@ -125,6 +118,16 @@ def era_name(faceset, years, taken):
 
 
 # ----------------------------------------------------------------------------- steps
+def split_thresholds(cache, args):
+    """recover, recentre, subcluster, join (cosine distances) from the pack's table
+    (sort_faces.PACK_THRESHOLDS: outlier, export_outlier, era, merge) or the flags."""
+    given = (("recover", "outlier", "recover_threshold"),
+             ("recentre", "export_outlier", "recentre_threshold"),
+             ("subcluster", "era", "subcluster_threshold"), ("join", "merge", "join_threshold"))
+    return {k: sf.pack_threshold(cache, key, getattr(args, flag, None))
+            for k, key, flag in given}
+
+
 def person_faces(cache, swap, entry, th, args):
     """Seed, recover under the faceset's source folders, gate, re-centre once."""
     seed = swap.centroids()[[e["name"] for e in swap.facesets
@@ -133,12 +136,8 @@ def person_faces(cache, swap, entry, th, args):
     roots = sorted({os.path.dirname(r["path"]) for r in fm["pngs"]})
     faces = sf.faces_under(cache, roots)
     faces = faces[1.0 - cache.face_emb[faces] @ seed <= th["recover"]]
-    faces = np.array(sf.quality_gate(cache, faces, args.min_short, args.min_blur,
-                                     args.min_det_score, []), np.int64)
-    if len(faces):
-        faces = faces[1.0 - cache.face_emb[faces] @ sf.centroid(cache.face_emb[faces])
-                      <= th["recentre"]]
-    return faces, roots
+    faces = sf.quality_gate(cache, faces, sf.Gates.from_args(args), [])
+    return np.array(sf.centroid_gate(cache.face_emb, faces, (th["recentre"],)), np.int64), roots
 
 
 def probe(cache, faces, years, th):
@@ -177,11 +176,7 @@ def split(cache, swap, args):
     entry = next((e for e in swap.facesets if e["name"] == args.faceset), None)
     if entry is None or not entry.get("embedding"):
         raise sf.SortFacesError(f"{args.faceset} is not an exported faceset in {swap.path}")
-    th = dict(SPLIT_DEFAULTS.get(cache.meta["pack"]["name"], SPLIT_DEFAULTS["buffalo_l"]))
-    th.update({k: v for k, v in (("recover", args.recover_threshold),
-                                 ("recentre", args.recentre_threshold),
-                                 ("subcluster", args.subcluster_threshold),
-                                 ("join", args.join_threshold)) if v is not None})
+    th = split_thresholds(cache, args)
     faces, roots = person_faces(cache, swap, entry, th, args)
     reader = YearReader(args.exif_cache, args.use_mtime)
     years = [reader.year(str(cache.file_path[cache.face_file[i]])) for i in faces]
@@ -232,16 +227,15 @@ def build_parser():
     p.add_argument("--faceset", required=True, metavar="NAME", help="faceset to split")
     p.add_argument("--probe", action="store_true",
                    help="print distances, sub-cluster sizes and years; write nothing")
-    g = p.add_argument_group("split (unset thresholds: per pack, see SPLIT_DEFAULTS)")
-    for flag, key, what in (("--recover-threshold", "recover", "recover faces this close to "
-                             "the seed"), ("--recentre-threshold", "recentre",
+    g = p.add_argument_group("split (unset thresholds: the pack's, sort_faces.PACK_THRESHOLDS)")
+    for flag, key, what in (("--recover-threshold", "outlier", "recover faces this close to "
+                             "the seed"), ("--recentre-threshold", "export_outlier",
                                            "keep faces this close after re-centring"),
-                            ("--subcluster-threshold", "subcluster", "average-linkage "
-                             "sub-clustering"), ("--join-threshold", "join",
+                            ("--subcluster-threshold", "era", "average-linkage "
+                             "sub-clustering"), ("--join-threshold", "merge",
                                                  "fragment-to-anchor centroid distance")):
         g.add_argument(flag, type=float, default=None, metavar="DIST",
-                       help=f"{what}; unset: " + "/".join(
-                           f"{v[key]} for {k}" for k, v in SPLIT_DEFAULTS.items()))
+                       help=f"{what}; unset: " + sf.pack_defaults_help(key))
     g.add_argument("--anchor-min", type=int, default=20, metavar="N",
                    help="faces that make a sub-cluster an anchor (and an era not thin)")
     g.add_argument("--year-window", type=int, default=5, metavar="YEARS",

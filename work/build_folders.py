@@ -24,9 +24,6 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import sort_faces as sf  # noqa: E402
 
-FIRST_PASS, SECOND_PASS = 0.55, 0.45   #: cosine distances of the two centroid passes
-
-
 def label_of(folder):
     """A faceset name from a folder name: letters, digits, - and _ only."""
     name = re.sub(r"[^\w-]+", "_", os.path.basename(os.path.normpath(folder))).strip("_")
@@ -35,37 +32,32 @@ def label_of(folder):
     return name
 
 
-def identity(cache, faces, passes=(FIRST_PASS, SECOND_PASS)):
-    """The faces of a trusted folder that are its person: keep those near the centroid,
-    recompute, tighten (a group photo's bystanders fall out in the second pass)."""
-    faces = np.asarray(faces, np.int64)
-    for limit in passes:
-        if not len(faces):
-            break
-        d = 1.0 - cache.face_emb[faces] @ sf.centroid(cache.face_emb[faces])
-        faces = faces[d <= limit]
-    return faces.tolist()
+def identity(cache, faces):
+    """The faces of a trusted folder that are its person: those within the pack's outlier
+    distance of the centroid, then within its export distance of the centroid recomputed
+    (a group photo's bystanders fall out)."""
+    return sf.centroid_gate(cache.face_emb, faces, (sf.pack_threshold(cache, "outlier"),
+                                                    sf.pack_threshold(cache, "export_outlier")))
 
 
-def route(cache, mixed, people, threshold, existing=None):
-    """Mixed faces -> the people whose centroid is within threshold; one photo's faces
-    never go to the same person twice (the nearest wins), and a face nearer to a faceset
-    already exported (existing centroids) stays out."""
+def route(cache, mixed, people, rule, existing=None, belongs=None):
+    """Mixed faces -> the person each joins by the identity rule (README: How faces become
+    people: the nearest person, within rule.join and rule.margin nearer than the next);
+    one photo's faces never go to the same person twice (the nearest wins), and a face
+    within `belongs` of a faceset already exported (existing centroids) stays out."""
     if not people or not len(mixed):
         return {}
     names = list(people)
-    cents = np.stack([sf.centroid(cache.face_emb[people[n]]) for n in names])
-    d = 1.0 - cache.face_emb[mixed] @ cents.T
+    mixed = np.asarray(mixed, np.int64)
+    means = np.stack([cache.face_emb[people[n]].mean(axis=0) for n in names])
+    pick, sims = sf.nearest_person(means, cache.face_emb[mixed], rule)
     if existing is not None and len(existing):
-        known = (1.0 - cache.face_emb[mixed] @ existing.T).min(axis=1)
-        d[known[:, None] < d] = np.inf
+        pick[(1.0 - cache.face_emb[mixed] @ existing.T).min(axis=1) <= belongs] = -1
     routed, taken = {}, set()
-    for flat in np.argsort(d, axis=None, kind="stable"):
-        k, g = divmod(int(flat), len(names))
-        if d[k, g] > threshold:
-            break
+    for k in np.argsort(-sims, kind="stable"):
+        g = int(pick[k])
         key = (int(cache.face_file[mixed[k]]), g)
-        if key in taken or int(mixed[k]) in people[names[g]]:
+        if g < 0 or key in taken or int(mixed[k]) in people[names[g]]:
             continue
         taken.add(key)
         routed.setdefault(names[g], []).append(int(mixed[k]))
@@ -99,8 +91,9 @@ def build(cache, swap, args):
             continue
         people[label], folders[label] = faces, os.path.abspath(folder)
     mixed = sf.faces_under(cache, args.mixed) if args.mixed else np.zeros(0, np.int64)
-    routed = route(cache, mixed, people, sf.pack_threshold(cache, "route", args.route_threshold),
-                   swap.centroids())
+    rule = sf.identity_rule(cache, join=args.join_threshold, margin=args.join_margin)
+    routed = route(cache, mixed, people, rule, swap.centroids(),
+                   sf.pack_threshold(cache, "outlier"))
     for label, faces in people.items():
         sf.CONSOLE.info(f"{label}: {len(faces)} faces from its folder, "
                         f"{len(routed.get(label, []))} routed from mixed folders")
@@ -137,9 +130,13 @@ def build_parser():
                    help="folders that each hold one person")
     p.add_argument("--mixed", nargs="*", default=[], metavar="DIR",
                    help="folders of other photos to route to those people")
-    p.add_argument("--route-threshold", type=float, default=None, metavar="DIST",
-                   help="largest face-to-person-centroid distance to route a mixed face; "
-                        "unset: " + sf.pack_defaults_help("route"))
+    g = p.add_argument_group("routing (README: How faces become people, stage 3)")
+    g.add_argument("--join-threshold", type=float, default=None, metavar="DIST",
+                   help="a mixed face joins the nearest person within this average distance"
+                        "...; unset: " + sf.pack_defaults_help("join"))
+    g.add_argument("--join-margin", type=float, default=None, metavar="DIST",
+                   help="...if that person is this much nearer than the next; unset: "
+                        + sf.pack_defaults_help("margin"))
     sf.add_model_dir_arg(p)
     p.add_argument("--dry-run", action="store_true", help="print what would happen, write nothing")
     sf.add_swap_args(p)

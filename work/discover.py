@@ -25,7 +25,7 @@ import sort_faces as sf  # noqa: E402
 
 
 def candidates(cache, faces, cents, threshold):
-    """Faces farther than threshold from every existing faceset."""
+    """Faces farther than threshold from every existing faceset's centroid."""
     if not len(cents) or not len(faces):
         return np.asarray(faces, np.int64)
     d = 1.0 - cache.face_emb[faces] @ cents.T
@@ -33,23 +33,13 @@ def candidates(cache, faces, cents, threshold):
 
 
 def new_facesets(cache, faces, args):
-    """Cluster, gate and size-filter: (facesets, per-cluster reports, gate counts)."""
-    threshold = sf.pack_threshold(cache, "cluster", args.cluster_threshold)
+    """refine's plan on these faces: (facesets, per-cluster reports)."""
+    rule = sf.identity_rule(cache, args.cluster_threshold, args.merge_threshold,
+                            args.join_threshold, args.join_margin)
     outlier = sf.pack_threshold(cache, "outlier", args.outlier_threshold_refine)
-    labels = sf.agglomerate(cache.face_emb[faces], threshold, groups=cache.face_file[faces])
-    clusters = sorted((faces[labels == k].tolist() for k in range(labels.max() + 1)),
-                      key=lambda c: (-len(c), c[0])) if len(faces) else []
-    kept_sets, reports = [], []
-    for members in clusters:
-        dropped = []
-        kept = sf.quality_gate(cache, members, args.min_short, args.min_blur,
-                               args.min_det_score, dropped)
-        kept = sf.finish_faceset(cache, kept, outlier, args.min_faces, dropped)
-        reports.append((len(members), len(kept), sf.count_gates(dropped)))
-        if kept:
-            kept_sets.append(kept)
-    kept_sets.sort(key=lambda f: (-len(f), f[0]))
-    return kept_sets, reports
+    plan = sf.plan_refine(cache, faces, rule, outlier, sf.Gates.from_args(args),
+                          args.min_faces)
+    return plan.facesets, plan.reports
 
 
 def run(args):
@@ -68,12 +58,13 @@ def discover(cache, swap, args):
     faces = sf.faces_under(cache, args.source)
     cents = swap.centroids()
     left = candidates(cache, faces, cents,
-                      sf.pack_threshold(cache, "route", args.existing_threshold))
+                      sf.pack_threshold(cache, "outlier", args.existing_threshold))
     sf.CONSOLE.info(f"{len(faces)} faces under --source, {len(faces) - len(left)} belong to "
                     f"the {len(cents)} facesets already in {swap.path}, {len(left)} left")
     sets, reports = new_facesets(cache, left, args)
-    for k, (size, kept, gates) in enumerate(reports, 1):
+    for k, (size, kept, dropped) in enumerate(reports, 1):
         if size >= 2:
+            gates = sf.count_gates(dropped)
             sf.CONSOLE.info(f"cluster {k}: {size} faces -> {kept} kept; removed "
                             f"{sf.describe_counts(gates) if gates else 'nothing'}")
     if args.dry_run or not sets:
@@ -104,12 +95,11 @@ def build_parser():
     sf.add_workflow_args(p)
     p.add_argument("--source", nargs="+", required=True, metavar="DIR",
                    help="mixed folders to look for new people in")
-    g = p.add_argument_group("identity")
+    g = p.add_argument_group("identity (README: How faces become people)")
     g.add_argument("--existing-threshold", type=float, default=None, metavar="DIST",
-                   help="a face this close to an existing faceset belongs to it; unset: "
-                        + sf.pack_defaults_help("route"))
-    g.add_argument("--cluster-threshold", type=float, default=None, metavar="DIST",
-                   help="average-linkage threshold; unset: " + sf.pack_defaults_help("cluster"))
+                   help="a face this close to an existing faceset's centroid belongs to it; "
+                        "unset: " + sf.pack_defaults_help("outlier"))
+    sf.add_identity_args(g, "--cluster-threshold")
     g.add_argument("--outlier-threshold-refine", type=float, default=None, metavar="DIST",
                    help="refine's outlier rejection; unset: " + sf.pack_defaults_help("outlier"))
     g.add_argument("--min-faces", type=int, default=6, metavar="N",
