@@ -110,6 +110,22 @@ def test_groups_dog_has_no_face_and_t1_has_six(copy_photos, tmp_path):
     assert set(cache.file_status.tolist()) == {"ok"}   # a photo without faces is no error
 
 
+def test_a_small_photo_gets_the_upscaled_view_and_a_small_dog_still_no_face(tmp_path):
+    """A 250 px portrait shows no face at native size; the detector's 640 view finds it.
+    The dog, shrunk below 640 px so that it gets the same second look, stays rejected."""
+    import cv2
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copy(DATA / "calib" / "distractors" / "Mohammad_Fares_0001.jpg", src / "small.jpg")
+    dog = cv2.imread(str(DATA / "groups" / "dlib_dogs.jpg"))
+    cv2.imwrite(str(src / "dog.jpg"), cv2.resize(dog, (400, 400), interpolation=cv2.INTER_AREA))
+    assert run_embed(src, tmp_path / "c.npz", tmp_path) == 0
+    cache = sort_faces.load_cache(tmp_path / "c.npz")
+    n = dict(zip([os.path.basename(p) for p in cache.file_path.tolist()],
+                 cache.file_n_faces.tolist()))
+    assert n == {"small.jpg": 1, "dog.jpg": 0}
+
+
 # ---------------------------------------------------------------------------- incremental
 def test_byte_identical_copies_become_aliases(copy_photos, tmp_path):
     src = tmp_path / "src"
