@@ -82,6 +82,11 @@ DUP_HAMMING_NOFACE = 6        #: bits; without faces on both sides to confirm, t
                               #: be this close
 CONTACT_FACES = 25            #: faces on a cluster's _contact.jpg (5 x 5)
 THUMB_PX = 112                #: pixels, review-page thumbnails
+PAGE_FACES = 1500             #: thumbnails per review page, so any result opens quickly
+SECTION_FACES = 60            #: thumbnails of one person on the page (closest + farthest)
+CONTACT_PEOPLE = 1000         #: _contact.jpg for the largest people only
+THUMB_MARGIN = 1.3            #: thumbnail side / face box side
+THUMB_QUALITY = 80            #: JPEG quality of stored thumbnails (~3 KB each)
 OUT_SIZE = 512                #: pixels, side of an exported PNG
 PAD_RATIO = 0.5               #: face size added around the face on each side of a crop
 TOP_N = 30                    #: PNGs in the top-N bundle
@@ -194,9 +199,11 @@ def _tqdm_write(msg):
 
 
 def progress(iterable=None, **kw):
+    """tqdm on stderr; none on quiet runs or empty work (no stray 0/0 bars)."""
     from tqdm import tqdm
-    return tqdm(iterable, file=sys.stderr, disable=CONSOLE.quiet, dynamic_ncols=True,
-                mininterval=0.5, **kw)
+    n = kw.get("total", len(iterable) if hasattr(iterable, "__len__") else None)
+    return tqdm(iterable, file=sys.stderr, disable=CONSOLE.quiet or n == 0,
+                dynamic_ncols=True, mininterval=0.5, **kw)
 
 
 CONSOLE = Console()
@@ -919,6 +926,35 @@ def _short(exc):
     return text[:160]
 
 
+def encode_image(bgr, ext=".jpg", quality=85):
+    """The one image encoder: bytes of bgr as JPEG or PNG."""
+    import cv2
+    params = [cv2.IMWRITE_JPEG_QUALITY, quality] if ext == ".jpg" else []
+    ok, buf = cv2.imencode(ext, bgr, params)
+    if not ok:
+        raise SortFacesError(f"could not encode a {bgr.shape} image as {ext}")
+    return buf.tobytes()
+
+
+def square_crop(bgr, cx, cy, side, size):
+    """A size x size crop of side pixels centred on (cx, cy); outside the image is padded
+    with a replicated border, never stretched."""
+    import cv2
+    s = size / max(side, 1.0)
+    m = np.array([[s, 0, size / 2 - s * cx], [0, s, size / 2 - s * cy]], np.float32)
+    return cv2.warpAffine(bgr, m, (size, size), flags=cv2.INTER_AREA,
+                          borderMode=cv2.BORDER_REPLICATE)
+
+
+def face_thumb(bgr, box):
+    """JPEG bytes of a face's review thumbnail: a square THUMB_PX crop around box (in
+    bgr's pixels) with room around the face, made once at embed (the thumbnail store)."""
+    x1, y1, x2, y2 = (float(v) for v in box)
+    side = max(x2 - x1, y2 - y1) * THUMB_MARGIN
+    return encode_image(square_crop(bgr, (x1 + x2) / 2, (y1 + y2) / 2, side, THUMB_PX),
+                        quality=THUMB_QUALITY)
+
+
 # ============================================================================
 # Face detection and embedding
 # ============================================================================
@@ -931,6 +967,7 @@ class Faces:
     det_score: np.ndarray
     short: np.ndarray     # face short edge, pixels
     blur: np.ndarray      # variance of Laplacian of the aligned 112 px face
+    thumbs: list = field(default_factory=list)    # JPEG bytes per face (ThumbStore)
 
     def __len__(self):
         return len(self.emb)
@@ -975,10 +1012,11 @@ def embed_faces(models, decoded, det_size=DET_SIZE):
     emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
     blur = np.array([cv2.Laplacian(cv2.cvtColor(c, cv2.COLOR_BGR2GRAY), cv2.CV_64F).var()
                      for c in crops], np.float32)
+    thumbs = [face_thumb(decoded.bgr, b) for b in bbox]
     s = decoded.scale
     bbox, kps = bbox * s, kps * s
     short = np.minimum(bbox[:, 2] - bbox[:, 0], bbox[:, 3] - bbox[:, 1]).astype(np.float32)
-    return Faces(emb, bbox, kps, score, short, blur)
+    return Faces(emb, bbox, kps, score, short, blur, thumbs)
 
 
 #: A mean 3D face (x right, y down, z away from the camera; nose tip at the origin) at six
@@ -1299,6 +1337,7 @@ class CacheWriter:
         if self.cache is not None:
             self.meta["roots"] = sorted(set(self.cache.meta.get("roots", [])) | set(roots))
         self.known = set(self.cache.embedded) if self.cache else set()
+        self.thumbs = ThumbStore(self.path)
         self._files, self._faces, self.flushes = [], [], 0
         self._enrich, self._enrich_errors = [], []
 
@@ -1310,10 +1349,12 @@ class CacheWriter:
         if faces is not None and status == "ok":
             self._faces.append((len(self._files) - 1, faces))
             self.known.add(sha256)
+            self.thumbs.add(sha256, faces.bbox, faces.thumbs)
 
     @property
     def pending(self):
-        return len(self._files) + len(self._enrich) + len(self._enrich_errors)
+        return len(self._files) + len(self._enrich) + len(self._enrich_errors) \
+            + self.thumbs.pending // 8
 
     def add_enrichment(self, rows):
         """rows: (sha256, bbox, lmk106, lmk68, pose, method) of enriched faces."""
@@ -1344,7 +1385,9 @@ class CacheWriter:
         self.flushes += 1
 
     def flush(self):
-        """Write pending records as one new part file (atomic); cost ~ pending only."""
+        """Write pending records as one new part file (atomic); cost ~ pending only. The
+        thumbnails go first: a face in the cache always has its thumbnail stored."""
+        self.thumbs.flush()
         self._flush_enrichment()
         if not self._files:
             return
@@ -1381,6 +1424,108 @@ class CacheWriter:
         if self._lock:
             self._lock.release()
             self._lock = None
+
+
+def _thumbs_dir(path):
+    return path + ".thumbs"
+
+
+def _numbered_files(folder):
+    """NNNNNNNN.npz files of a cache side folder, in order."""
+    if not os.path.isdir(folder):
+        return []
+    return [os.path.join(folder, n) for n in sorted(os.listdir(folder))
+            if len(n) == 12 and n.endswith(".npz") and n[:8].isdigit()]
+
+
+def face_content_keys(shas, bboxes):
+    """A face's identity across re-embeds, merges and caches: its photo's sha256 + box."""
+    b = np.ascontiguousarray(bboxes, np.float32).reshape(-1, 4)
+    return [(sha if isinstance(sha, bytes) else sha.encode()) + b[i].tobytes()
+            for i, sha in enumerate(shas)]
+
+
+class ThumbStore:
+    """CACHE.thumbs/NNNNNNNN.npz: batches of face thumbnails (JPEG bytes end to end, keyed
+    by face_content_keys) written by embed beside each cache part. Batches are never
+    rewritten, so a flush costs only what is new and a killed run loses nothing flushed;
+    a page reads only the batches holding faces it shows. An empty entry: the photo could
+    not be read when the thumbnail was due (the page shows a grey tile)."""
+
+    def __init__(self, cache_path):
+        self.dir = _thumbs_dir(cache_path)
+        self.files, self.where = [], {}
+        self._new = ([], [], [])
+        for path in _numbered_files(self.dir):
+            try:
+                with open_regular(path) as f, np.load(f, allow_pickle=False) as z:
+                    keys = face_content_keys(z["sha256"].tolist(), z["bbox"])
+                    ends = z["end"].tolist()
+            except Exception as exc:
+                CONSOLE.warn(path, f"thumbnail batch skipped and kept ({_errno_text(exc)})")
+                continue
+            k = len(self.files)
+            self.files.append(path)
+            self.where.update(zip(keys, zip([k] * len(keys), [0] + ends[:-1], ends)))
+
+    def missing(self, cache):
+        """Face indices of cache that have no stored thumbnail."""
+        keys = face_content_keys(cache.file_sha256[cache.face_file].tolist(), cache.face_bbox)
+        return [i for i, key in enumerate(keys) if key not in self.where]
+
+    def get(self, cache, faces):
+        """{face index: JPEG bytes, b"" when there is none}, one read per batch."""
+        faces = list(faces)
+        keys = face_content_keys(cache.file_sha256[cache.face_file[faces]].tolist(),
+                                 cache.face_bbox[faces])
+        out, by_file = {}, {}
+        for i, key in zip(faces, keys):
+            at = self.where.get(key)
+            if at is None:
+                out[i] = b""
+            else:
+                by_file.setdefault(at[0], []).append((i, at[1], at[2]))
+        for k, items in by_file.items():
+            try:
+                with open_regular(self.files[k]) as f, np.load(f, allow_pickle=False) as z:
+                    blob = z["jpeg"]
+            except Exception as exc:
+                CONSOLE.warn(self.files[k], f"thumbnails unreadable ({_errno_text(exc)})")
+                blob = np.zeros(0, np.uint8)
+            for i, a, b in items:
+                out[i] = blob[a:b].tobytes()
+        return out
+
+    def add(self, sha256, bboxes, jpegs):
+        for box, jpeg in zip(np.asarray(bboxes, np.float32).reshape(-1, 4), jpegs):
+            self._new[0].append(sha256)
+            self._new[1].append(box)
+            self._new[2].append(jpeg)
+
+    @property
+    def pending(self):
+        return len(self._new[0])
+
+    def flush(self):
+        """Write the pending thumbnails as one new batch (atomic)."""
+        shas, boxes, jpegs = self._new
+        if not shas:
+            return
+        os.makedirs(self.dir, exist_ok=True)
+        last = self.files[-1] if self.files else None
+        seq = 1 + max([int(os.path.basename(p)[:8]) for p in
+                       _numbered_files(self.dir) + ([last] if last else [])] or [0])
+        path = os.path.join(self.dir, f"{seq:08d}.npz")
+        arrays = {"sha256": np.array(shas, dtype="S64"), "bbox": np.stack(boxes),
+                  "end": np.cumsum([len(j) for j in jpegs]).astype(np.int64),
+                  "jpeg": np.frombuffer(b"".join(jpegs), np.uint8)}
+        _write_atomic(path, lambda f: np.savez(f, **arrays))
+        k = len(self.files)
+        self.files.append(path)
+        ends = arrays["end"].tolist()
+        self.where.update(zip(face_content_keys(arrays["sha256"].tolist(), arrays["bbox"]),
+                              zip([k] * len(ends), [0] + ends[:-1], ends)))
+        self._new = ([], [], [])
 
 
 def _write_npz(path, meta, cols):
@@ -1444,13 +1589,15 @@ class EmbedStats:
     faces: int = 0
     seconds: float = 0.0
     interrupted: bool = False
+    thumbnails: int = 0
     failures: list = field(default_factory=list)
 
     def line(self):
         per = f" ({1000 * self.seconds / self.new:.0f} ms per new file)" if self.new else ""
         return (f"embed: {self.seen} files seen, {self.new} new, {self.unchanged} unchanged "
                 f"(skipped), {self.aliases} byte-identical aliases, {self.updated} updated, "
-                f"{self.failed} failed; {self.faces} faces found; {self.seconds:.1f} s{per}")
+                f"{self.failed} failed; {self.faces} faces found; {self.seconds:.1f} s{per}"
+                + (f"; thumbnails made for {self.thumbnails} earlier faces" * bool(self.thumbnails)))
 
 
 def embed_tree(src, cache_path, pack_name="default", model_dir=None, flush_every=FLUSH_EVERY,
@@ -1473,6 +1620,7 @@ def embed_tree(src, cache_path, pack_name="default", model_dir=None, flush_every
         workers = (os.cpu_count() or 1) if workers is None else workers
         _embed_loop(root, writer, models, stats, flush_every, strict, workers,
                     det_size, max_megapixels, retry_failed)
+        stats.thumbnails = fill_thumbnails(writer, flush_every)
         writer.consolidate()
     except KeyboardInterrupt:
         writer.flush()
@@ -1483,6 +1631,30 @@ def embed_tree(src, cache_path, pack_name="default", model_dir=None, flush_every
         writer.close()
     stats.seconds = time.monotonic() - t0
     return stats
+
+
+def fill_thumbnails(writer, flush_every=FLUSH_EVERY):
+    """Store the thumbnails of cached faces that have none (a cache made before the store
+    existed), decoding each photo once. Runs once: a photo that cannot be read gets an
+    empty entry and one warning, and is not tried again."""
+    cache = writer.cache
+    missing = writer.thumbs.missing(cache) if cache is not None else []
+    by_file = {}
+    for i in missing:
+        by_file.setdefault(int(cache.face_file[i]), []).append(i)
+    aliases = cache.aliases() if by_file else {}
+    for f, faces in progress(sorted(by_file.items()), unit="img", desc="thumbnails"):
+        try:
+            _, dec = read_source(cache, f, aliases, DET_SIZE * DECODE_FACTOR)
+            jpegs = [face_thumb(dec.bgr, cache.face_bbox[i] / dec.scale) for i in faces]
+        except BadFile as exc:
+            CONSOLE.warn(cache.file_path[f], f"no thumbnail: {exc}")
+            jpegs = [b""] * len(faces)
+        writer.thumbs.add(str(cache.file_sha256[f]), cache.face_bbox[faces], jpegs)
+        if writer.thumbs.pending >= 8 * flush_every:
+            writer.thumbs.flush()
+    writer.thumbs.flush()
+    return len(missing)
 
 
 class _LazyModels(dict):
@@ -2050,16 +2222,6 @@ def place_all(jobs, link):
     return failed
 
 
-def encode_image(bgr, ext=".jpg", quality=85):
-    """The one image encoder: bytes of bgr as JPEG or PNG."""
-    import cv2
-    params = [cv2.IMWRITE_JPEG_QUALITY, quality] if ext == ".jpg" else []
-    ok, buf = cv2.imencode(ext, bgr, params)
-    if not ok:
-        raise SortFacesError(f"could not encode a {bgr.shape} image as {ext}")
-    return buf.tobytes()
-
-
 def write_file(path, data, atomic=False):
     """Write bytes to path (a folder of its own, or atomically where a reader may look)."""
     if atomic:
@@ -2068,39 +2230,6 @@ def write_file(path, data, atomic=False):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "wb") as f:
         f.write(data)
-
-
-def face_thumbnails(cache, faces, size=THUMB_PX):
-    """{face index: square BGR thumbnail} for faces, decoding each source image once.
-    A source that cannot be read any more gets a grey tile and one warning."""
-    by_file = {}
-    for i in faces:
-        by_file.setdefault(int(cache.face_file[i]), []).append(i)
-    thumbs, aliases = {}, cache.aliases()
-    for f, members in progress(sorted(by_file.items()), unit="img", desc="thumbnails"):
-        try:
-            _, dec = read_source(cache, f, aliases, DET_SIZE * DECODE_FACTOR)
-        except BadFile as exc:
-            CONSOLE.warn(cache.file_path[f], f"no thumbnail: {exc}")
-            dec = None
-        for i in members:
-            if dec is None:
-                thumbs[i] = np.full((size, size, 3), 128, np.uint8)
-                continue
-            x1, y1, x2, y2 = cache.face_bbox[i] / dec.scale
-            side = max(x2 - x1, y2 - y1) * 1.3
-            thumbs[i] = square_crop(dec.bgr, (x1 + x2) / 2, (y1 + y2) / 2, side, size)
-    return thumbs
-
-
-def square_crop(bgr, cx, cy, side, size):
-    """A size x size crop of side pixels centred on (cx, cy); outside the image is padded
-    with a replicated border, never stretched."""
-    import cv2
-    s = size / max(side, 1.0)
-    m = np.array([[s, 0, size / 2 - s * cx], [0, s, size / 2 - s * cy]], np.float32)
-    return cv2.warpAffine(bgr, m, (size, size), flags=cv2.INTER_AREA,
-                          borderMode=cv2.BORDER_REPLICATE)
 
 
 def contact_sheet(tiles, cols=5):
@@ -2115,40 +2244,104 @@ def contact_sheet(tiles, cols=5):
     return sheet
 
 
+def _decode_jpeg(data):
+    import cv2
+    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) if data else None
+    return img if img is not None else np.full((THUMB_PX, THUMB_PX, 3), 128, np.uint8)
+
+
+def _review_blocks(sections):
+    """Sections -> page blocks (id, name, folder, [(k, face)], hidden): a person shows its
+    closest and farthest faces (outliers are what a reviewer looks for), a section without
+    a folder of its own (singletons) is split into page-sized blocks, all shown."""
+    blocks = []
+    for name, folder, faces in sections:
+        faces = list(faces)
+        if name == "_singletons":
+            chunks = [faces[a:a + PAGE_FACES] for a in range(0, len(faces), PAGE_FACES)] or [[]]
+            for n, chunk in enumerate(chunks):
+                blocks.append((name if n == 0 else f"{name}-{n + 1}", name, folder,
+                               list(enumerate(chunk, n * PAGE_FACES)), 0))
+            continue
+        shown = list(enumerate(faces))
+        if len(shown) > SECTION_FACES:
+            far = SECTION_FACES // 3
+            shown = shown[:SECTION_FACES - far] + shown[-far:]
+        blocks.append((name, name, folder, shown, len(faces) - len(shown)))
+    return blocks
+
+
 def write_review(cache, root, sections, noface_paths):
-    """root/index.html (static, opens from disk) with face thumbnails per section under
-    root/_thumbs/. sections: [(name, folder or None, faces)], faces ordered closest to the
-    cluster centre first. Returns {section name: contact sheet} of the sections with a
-    folder, for the caller to put in that folder."""
+    """The review pages: root/index.html and root/_thumbs/page_NNNN.html (static, they open
+    from disk), at most PAGE_FACES thumbnails each, so a 100k-face result opens quickly.
+    Thumbnails come from the cache's ThumbStore: no photo is decoded. sections: [(name,
+    folder or None, faces)], faces closest to the centre first. Returns {section name:
+    contact sheet} for the CONTACT_PEOPLE first sections with a folder."""
     import html
     from urllib.parse import quote
-    thumbs = face_thumbnails(cache, [i for _, _, faces in sections for i in faces])
-    parts, sheets = [], {}
-    for name, folder, faces in sections:
-        imgs = []
-        for k, i in enumerate(faces):
-            rel = f"_thumbs/{name}/{k + 1:05d}.jpg"
-            write_file(os.path.join(root, rel), encode_image(thumbs[i]))
-            title = html.escape(str(cache.file_path[int(cache.face_file[i])]))
-            imgs.append(f'<img src="{quote(rel)}" title="{title}" loading="lazy" '
-                        f'width="{THUMB_PX}" height="{THUMB_PX}" alt="">')
-        if folder and faces:
-            sheets[name] = contact_sheet([thumbs[i] for i in faces[:CONTACT_FACES]])
-        link = f' <a href="{quote(folder)}/">open folder</a>' if folder else ""
-        parts.append(f'<section id="{html.escape(name)}"><h2>{html.escape(name)} '
-                     f'<small>{len(faces)} faces</small>{link}</h2>\n{"".join(imgs)}</section>')
-    if noface_paths:
-        items = "".join(f"<li>{html.escape(p)}</li>" for p in noface_paths)
-        parts.append(f'<section id="_noface" class="noface"><h2>_noface <small>'
-                     f'{len(noface_paths)} photos</small> <a href="_noface/">open folder</a>'
-                     f'</h2><ul>{items}</ul></section>')
-    page = ("<!doctype html><html><head><meta charset=\"utf-8\"><title>sort_faces review"
-            "</title><style>body{font-family:sans-serif;margin:1em}section{margin:1.5em 0}"
-            "img{margin:2px;border-radius:4px}h2 small{color:#666;font-weight:normal}"
-            "</style></head><body><h1>sort_faces review</h1>\n" + "\n".join(parts)
-            + "\n</body></html>\n")
-    write_file(os.path.join(root, "index.html"), page.encode("utf-8", "replace"))
-    return sheets
+    blocks = _review_blocks(sections)
+    store = ThumbStore(cache.path)
+    jpegs = store.get(cache, [i for b in blocks for _, i in b[3]])
+    lacking = sum(not v for v in jpegs.values())
+    if lacking:
+        CONSOLE.info(f"{lacking} faces have no stored thumbnail (grey on the page): run "
+                     f"`embed` on the cache once to make them")
+    thumbs = os.path.join(root, "_thumbs")
+    os.makedirs(thumbs, exist_ok=True)
+    write_file(os.path.join(thumbs, "_none.jpg"), encode_image(_decode_jpeg(b"")))
+    pages, size = [[]], 0
+    for b in blocks:
+        if pages[-1] and size + len(b[3]) > PAGE_FACES:
+            pages.append([])
+            size = 0
+        pages[-1].append(b)
+        size += len(b[3])
+    total = sum(len(f) for n, _, f in sections if n != "_singletons")
+    people = sum(1 for n, _, _ in sections if n != "_singletons")
+    files = ["index.html"] + [f"_thumbs/page_{n:04d}.html" for n in range(2, len(pages) + 1)]
+    for n, page in enumerate(pages):
+        up = "" if n == 0 else "../"
+        rel = lambda target: quote(os.path.relpath(target, os.path.dirname(files[n]) or "."))
+        nav = " ".join(f"<b>{m + 1}</b>" if m == n else f'<a href="{rel(f)}">{m + 1}</a>'
+                       for m, f in enumerate(files))
+        parts = []
+        for bid, name, folder, shown, hidden in page:
+            imgs = []
+            for k, i in shown:
+                src = f"{name}/{k + 1:05d}.jpg" if jpegs[i] else "_none.jpg"
+                if jpegs[i]:
+                    write_file(os.path.join(thumbs, src), jpegs[i])
+                title = html.escape(str(cache.file_path[int(cache.face_file[i])]))
+                imgs.append(f'<img src="{quote(up and src or "_thumbs/" + src)}" '
+                            f'title="{title}" loading="lazy" width="{THUMB_PX}" '
+                            f'height="{THUMB_PX}" alt="">')
+            if hidden:
+                cut = len(shown) - SECTION_FACES // 3
+                imgs.insert(cut, f'<span class="more">… {hidden} more in the folder …</span>')
+            faces = next(len(f) for nm, _, f in sections if nm == name)
+            link = f' <a href="{up}{quote(folder)}/">open folder</a>' if folder else ""
+            parts.append(f'<section id="{html.escape(bid)}"><h2>{html.escape(name)} '
+                         f'<small>{faces} faces</small>{link}</h2>\n{"".join(imgs)}</section>')
+        if noface_paths and n == len(pages) - 1:
+            items = "".join(f"<li>{html.escape(p)}</li>" for p in noface_paths[:PAGE_FACES])
+            more = len(noface_paths) - PAGE_FACES
+            items += f"<li>… {more} more in _noface/</li>" if more > 0 else ""
+            parts.append(f'<section id="_noface" class="noface"><h2>_noface <small>'
+                         f'{len(noface_paths)} photos</small> <a href="{up}_noface/">open '
+                         f'folder</a></h2><ul>{items}</ul></section>')
+        doc = ("<!doctype html><html><head><meta charset=\"utf-8\"><title>sort_faces review"
+               f"{f' (page {n + 1})' if n else ''}</title><style>body{{font-family:sans-serif;"
+               "margin:1em}section{margin:1.5em 0}img{margin:2px;border-radius:4px}"
+               "h2 small,.more{color:#666;font-weight:normal}nav{margin:1em 0}"
+               "</style></head><body><h1>sort_faces review</h1>\n"
+               f"<p>{people} people, {total} faces; page {n + 1} of {len(pages)}</p>\n"
+               f"<nav>pages: {nav}</nav>\n" + "\n".join(parts)
+               + f"\n<nav>pages: {nav}</nav>\n</body></html>\n")
+        write_file(os.path.join(root, files[n]), doc.encode("utf-8", "replace"))
+    with_folder = [(n, f) for n, folder, f in sections if folder and f][:CONTACT_PEOPLE]
+    return {name: contact_sheet([_decode_jpeg(jpegs.get(i) or store.get(cache, [i])[i])
+                                 for i in faces[:CONTACT_FACES]])
+            for name, faces in with_folder}
 
 
 def by_centrality(emb_all, faces):

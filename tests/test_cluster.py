@@ -108,10 +108,12 @@ def test_review_page_lists_every_cluster(clustered):
     page = (out / "index.html").read_text()
     sections = re.findall(r'<section id="([^"]+)"', page)
     assert sections == [c["name"] for c in m["clusters"]] + ["_singletons", "_noface"]
-    for src in re.findall(r'<img src="([^"]+)"', page):
-        assert (out / src).is_file()
-    thumbs = list((out / "_thumbs").rglob("*.jpg"))
-    assert len(thumbs) == sum(len(c["faces"]) for c in m["clusters"]) + len(m["singletons"])
+    srcs = re.findall(r'<img src="([^"]+)"', page)
+    assert all((out / src).is_file() for src in srcs)
+    assert "_thumbs/_none.jpg" not in srcs                # every face has its thumbnail
+    shown = lambda n: min(n, sort_faces.SECTION_FACES)
+    assert len(srcs) == sum(shown(len(c["faces"])) for c in m["clusters"]) \
+        + len(m["singletons"])
 
 
 @pytest.mark.skipif(not shutil.which("chromium"), reason="chromium not installed")
@@ -257,3 +259,76 @@ def test_refine_dry_run_and_defaults(mixed_cache, tmp_path, capsys):
     assert not out.exists()
     line = capsys.readouterr().out
     assert "refine:" in line and "dropped" in line
+
+
+# ---------------------------------------------------------------------------- review page
+def _page_images(page_path):
+    """(img paths resolved from the page's folder, section ids) of one review page."""
+    text = page_path.read_text()
+    imgs = [page_path.parent / s for s in re.findall(r'<img src="([^"]+)"', text)]
+    return imgs, re.findall(r'<section id="([^"]+)"', text)
+
+
+def test_the_page_is_made_without_the_photos(copy_photos, tmp_path):
+    """Thumbnails are stored at embed: with every source photo gone (a drive unplugged),
+    `cluster` still shows every face; only the copies are missing, each one warning."""
+    src = tmp_path / "src"
+    copy_photos(src, [f"Tony_Blair/{n}" for n in
+                      sorted(os.listdir(DATA / "labeled" / "Tony_Blair"))[:12]])
+    logs = ["--log-dir", str(tmp_path / "logs")]
+    assert sort_faces.main(["embed", str(src), str(tmp_path / "c.npz"), "-q", *logs]) == 0
+    shutil.rmtree(src)
+    out = tmp_path / "out"
+    assert sort_faces.main(["cluster", str(tmp_path / "c.npz"), str(out), "-q", *logs]) == 0
+    imgs, _ = _page_images(out / "index.html")
+    assert len(imgs) >= 12 and all(p.is_file() and p.name != "_none.jpg" for p in imgs)
+    assert [p.name for p in (out / "person_001").glob("*.jpg")] == ["_contact.jpg"]
+
+
+def test_an_older_cache_gets_its_thumbnails_once(copy_photos, tmp_path, capsys):
+    src = tmp_path / "src"
+    copy_photos(src, [f"Hugo_Chavez/{n}" for n in
+                      sorted(os.listdir(DATA / "labeled" / "Hugo_Chavez"))[:8]])
+    cache, logs = tmp_path / "c.npz", ["--log-dir", str(tmp_path / "logs")]
+    assert sort_faces.main(["embed", str(src), str(cache), "-q", *logs]) == 0
+    shutil.rmtree(str(cache) + ".thumbs")                   # as a cache made before the store
+    out = tmp_path / "out"
+    assert sort_faces.main(["cluster", str(cache), str(out), "-q", *logs]) == 0
+    assert {p.name for p in _page_images(out / "index.html")[0]} == {"_none.jpg"}
+    capsys.readouterr()
+    assert sort_faces.main(["embed", str(src), str(cache), *logs]) == 0
+    assert "thumbnails made for" in capsys.readouterr().out
+    batches = sorted(os.listdir(str(cache) + ".thumbs"))
+    assert sort_faces.main(["embed", str(src), str(cache), *logs]) == 0
+    assert "thumbnails made for" not in capsys.readouterr().out
+    assert sorted(os.listdir(str(cache) + ".thumbs")) == batches
+    assert sort_faces.main(["cluster", str(cache), str(out), "-q", "--clean", *logs]) == 0
+    imgs = _page_images(out / "index.html")[0]
+    assert imgs and all(p.is_file() and p.name != "_none.jpg" for p in imgs)
+
+
+def test_a_big_result_is_paged(mixed_cache, tmp_path, monkeypatch):
+    """Pages of at most PAGE_FACES thumbnails; a person shows its closest and farthest
+    faces; singletons run over pages; every page links every other; nothing is lost."""
+    monkeypatch.setattr(sort_faces, "PAGE_FACES", 40)
+    monkeypatch.setattr(sort_faces, "SECTION_FACES", 9)
+    out = tmp_path / "out"
+    assert sort_faces.main(["cluster", str(mixed_cache), str(out), "-q",
+                            "--log-dir", str(tmp_path / "logs")]) == 0
+    m = json.loads((out / "manifest.json").read_text())
+    pages = [out / "index.html"] + sorted((out / "_thumbs").glob("page_*.html"))
+    assert len(pages) >= 5
+    seen, singles = [], 0
+    for page in pages:
+        imgs, ids = _page_images(page)
+        assert 0 < len(imgs) <= 40 and all(p.is_file() for p in imgs)
+        for link in re.findall(r'<nav>pages: (.*?)</nav>', page.read_text())[0].split():
+            href = re.search(r'href="([^"]+)"', link)
+            assert href is None or (page.parent / href.group(1)).resolve() in \
+                [p.resolve() for p in pages]
+        seen += [i for i in ids if i.startswith("person_")]
+        singles += sum(1 for p in imgs if p.parent.name == "_singletons")
+    assert seen == [c["name"] for c in m["clusters"]]
+    assert singles == len(m["singletons"])
+    big = max(m["clusters"], key=lambda c: len(c["faces"]))
+    assert len(list((out / "_thumbs" / big["name"]).glob("*.jpg"))) == 9
