@@ -16,6 +16,7 @@ __version__ = "0.1.0"
 # Imports
 # ============================================================================
 import argparse
+import collections.abc
 import concurrent.futures
 import contextlib
 import dataclasses
@@ -160,6 +161,16 @@ class Console:
     def __init__(self):
         self.quiet = False
         self.log = None
+        self.phases, self._since = [], time.perf_counter()
+
+    def phase(self, name):
+        """Close a phase of the step: its wall time goes on the step's `phases:` log line."""
+        now = time.perf_counter()
+        self.phases.append((name, now - self._since))
+        self._since = now
+
+    def phases_line(self):
+        return "phases: " + ", ".join(f"{n} {sec:.2f} s" for n, sec in self.phases)
 
     def open_log(self, step, log_dir=LOG_DIR):
         try:
@@ -1085,6 +1096,9 @@ def _empty_columns():
     return cols
 
 
+_EMPTY_COLUMNS = _empty_columns()
+
+
 class Cache:
     """The merged view of a cache: numpy columns for files (file_*) and faces (face_*)."""
 
@@ -1163,6 +1177,51 @@ def _read_npz(path):
     return meta, cols
 
 
+class _LazyColumns(collections.abc.MutableMapping):
+    """The columns of one cache file, each read on first use from the file as it was when
+    opened (the open handle pins it against a later rewrite): a step that needs the
+    embeddings never holds the landmarks of a million faces."""
+
+    def __init__(self, path):
+        self._fh = open_regular(path)
+        try:
+            self._z = np.load(self._fh, allow_pickle=False)
+            self.meta = json.loads(str(self._z["meta"]))
+        except BaseException:
+            self._fh.close()
+            raise
+        stored = [k for k in self._z.files if k != "meta"]
+        self._names = list(dict.fromkeys(stored + list(_EMPTY_COLUMNS)))
+        self._loaded = {}
+
+    def __getitem__(self, key):
+        if key not in self._loaded:
+            if key in self._z.files and key != "meta":
+                self._loaded[key] = self._z[key]
+            elif key in _EMPTY_COLUMNS:            # a column added since the file was made
+                empty = _EMPTY_COLUMNS[key]
+                n = len(self["file_path" if key.startswith("file_") else "face_file"])
+                self._loaded[key] = np.zeros((n,) + empty.shape[1:], empty.dtype)
+            else:
+                raise KeyError(key)
+        return self._loaded[key]
+
+    def __setitem__(self, key, value):
+        if key not in self._names:
+            self._names.append(key)
+        self._loaded[key] = value
+
+    def __delitem__(self, key):
+        self._names.remove(key)
+        self._loaded.pop(key, None)
+
+    def __iter__(self):
+        return iter(list(self._names))
+
+    def __len__(self):
+        return len(self._names)
+
+
 def _check_format(meta, path):
     got = meta.get("format")
     if got != CACHE_FORMAT:
@@ -1176,7 +1235,8 @@ def load_cache(path, pack_name=None, must_exist=True):
     chunks, enrichments, meta, merged_parts = [], [], None, []
     if os.path.lexists(path):
         try:
-            meta, cols = _read_npz(path)
+            cols = _LazyColumns(path)
+            meta = cols.meta
         except Exception as exc:
             raise SortFacesError(f"{path}: not a sort_faces cache ({_errno_text(exc)})")
         _check_format(meta, path)
@@ -1204,7 +1264,8 @@ def load_cache(path, pack_name=None, must_exist=True):
         raise SortFacesError(f"{path} was made by model pack {meta['pack']['name']!r}, not "
                              f"{pack_name!r}; embeddings of different models never mix: use "
                              f"--pack {meta['pack']['name']} or another cache")
-    cols = merge_columns(chunks)
+    # one consolidated file (the usual case) is merged already: its columns stay lazy
+    cols = chunks[0] if len(chunks) == 1 and merged_parts == [] else merge_columns(chunks)
     for e in enrichments:
         apply_enrichment(cols, e)
     cache = Cache(path, meta, cols)
@@ -2282,6 +2343,7 @@ def write_review(cache, root, sections, noface_paths):
     blocks = _review_blocks(sections)
     store = ThumbStore(cache.path)
     jpegs = store.get(cache, [i for b in blocks for _, i in b[3]])
+    CONSOLE.phase("thumbnails")
     lacking = sum(not v for v in jpegs.values())
     if lacking:
         CONSOLE.info(f"{lacking} faces have no stored thumbnail (grey on the page): run "
@@ -2560,11 +2622,13 @@ def write_cluster_output(cache, plan, root, link, params):
     manifest["omitted_faces"] = plan.omitted
     _place_records(jobs, link)
     place_all(noface_jobs, link)
+    CONSOLE.phase("write")
     sections = [(c["name"], c["name"], by_centrality(cache.face_emb, members))
                 for c, members in zip(manifest["clusters"], plan.clusters)]
     sections.append(("_singletons", "_singletons", plan.singletons))
     write_contact_sheets(root, write_review(cache, root, sections, manifest["noface"]))
     write_json_atomic(os.path.join(root, "manifest.json"), manifest)
+    CONSOLE.phase("page")
     return manifest
 
 
@@ -3529,7 +3593,9 @@ def cmd_cluster(args):
     rule = identity_rule(cache, args.threshold, args.merge_threshold, args.join_threshold,
                          args.join_margin)
     idx = select_faces(cache, args.max_faces_per_image, args.skip_partial)
+    CONSOLE.phase("load")
     plan = plan_clusters(cache, idx, rule, args.min_cluster_size, args.top)
+    CONSOLE.phase("plan")
     sizes = [len(c) for c in plan.clusters]
     summary = (f"cluster: {len(idx)} faces -> {len(sizes)} people (sizes {sizes[:10]}"
                f"{' …' if len(sizes) > 10 else ''}), {len(plan.singletons)} singletons, "
@@ -3974,12 +4040,16 @@ def run_step(step, func, args):
     """Run func(args) as one logged step: SortFacesError -> one `error:` line, exit 1;
     Ctrl-C or SIGTERM -> exit 130. work/ scripts call this too."""
     CONSOLE.quiet = args.quiet
+    CONSOLE.phases, CONSOLE._since = [], time.perf_counter()
     CONSOLE.open_log(step, args.log_dir)
     previous = signal.getsignal(signal.SIGTERM)
     if previous is signal.SIG_DFL:      # a kill flushes like Ctrl-C does
         signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
-        return func(args)
+        code = func(args)
+        if CONSOLE.phases:
+            CONSOLE._to_log(CONSOLE.phases_line())
+        return code
     except (SortFacesError, OSError) as exc:
         msg = str(exc) if isinstance(exc, SortFacesError) else (
             f"{exc.filename}: {_errno_text(exc)}" if exc.filename else _errno_text(exc))

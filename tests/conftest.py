@@ -36,6 +36,16 @@ def spread(items, n):
     return [items[int(i * step)] for i in range(n)]
 
 
+@pytest.fixture(autouse=True)
+def _no_leaks(tmp_path_factory, monkeypatch):
+    """Every run logs into the session's temp folder, never the repo's work/logs; console
+    state set by one test (-q) does not leak into the next."""
+    monkeypatch.setattr(sort_faces, "LOG_DIR", str(tmp_path_factory.getbasetemp() / "logs"))
+    yield
+    sort_faces.CONSOLE.quiet = False
+    sort_faces.CONSOLE.close_log()
+
+
 @pytest.fixture(scope="session")
 def data():
     if not (DATA / "labeled").is_dir():

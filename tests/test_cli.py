@@ -44,13 +44,14 @@ def parser_options(parser):
             and not isinstance(a, (argparse._HelpAction, argparse._VersionAction))}
 
 
+STEPS = ["embed", "cluster", "refine", "dedup", "extend", "enrich", "export-swap"]
+
+
 def test_top_level_help_lists_every_step(capsys):
     out = help_text(capsys, ["--help"])
     assert out.startswith("usage: sort_faces.py")
     assert "examples:" in out
-    steps = subcommands()
-    assert {"embed", "cluster"} <= set(steps)
-    for step in steps:
+    for step in STEPS:                       # the README's table, not the parser itself
         assert re.search(rf"^\s+{step}\s", out, re.M), f"{step} missing from --help"
 
 

@@ -253,12 +253,21 @@ def test_refine_gates_and_layout(mixed_cache, tmp_path):
         == [s["name"] for s in sets]
 
 
-def test_refine_dry_run_and_defaults(mixed_cache, tmp_path, capsys):
-    out = tmp_path / "r"
-    assert sort_faces.main(["refine", str(mixed_cache), str(out), "--dry-run", "-q"]) == 0
+def test_refine_dry_run_and_the_packs_defaults(mixed_cache, tmp_path, capsys):
+    """--dry-run writes nothing and plans what the real run writes; the real run records
+    the default pack's calibrated values (docs/calibration.md)."""
+    out, logs = tmp_path / "r", ["--log-dir", str(tmp_path / "logs")]
+    assert sort_faces.main(["refine", str(mixed_cache), str(out), "--dry-run", "-q", *logs]) == 0
     assert not out.exists()
-    line = capsys.readouterr().out
-    assert "refine:" in line and "dropped" in line
+    dry = capsys.readouterr().out
+    assert sort_faces.main(["refine", str(mixed_cache), str(out), "-q", *logs]) == 0
+    m = json.loads((out / "refine_manifest.json").read_text())
+    assert f"-> {len(m['facesets'])} facesets" in dry and m["facesets"]
+    assert {k: m["params"][k] for k in ("initial_threshold", "merge_threshold",
+                                        "join_threshold", "join_margin", "outlier_threshold",
+                                        "min_face_short", "min_faces")} == {
+        "initial_threshold": 0.60, "merge_threshold": 0.45, "join_threshold": 0.76,
+        "join_margin": 0.12, "outlier_threshold": 0.60, "min_face_short": 90, "min_faces": 15}
 
 
 # ---------------------------------------------------------------------------- review page

@@ -18,13 +18,6 @@ from conftest import DATA, SCRIPT, labeled_photos, requires_data, spread
 pytestmark = requires_data
 
 
-def iou(a, b):
-    x1, y1, x2, y2 = max(a[0], b[0]), max(a[1], b[1]), min(a[2], b[2]), min(a[3], b[3])
-    inter = max(0.0, x2 - x1) * max(0.0, y2 - y1)
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
-
-
 def faces_by_relpath(cache, root):
     """{relpath: sorted [(rounded bbox), ...]} of every file in a cache under root."""
     out = {}
@@ -76,7 +69,7 @@ def test_labeled_face_found_in_at_least_97_percent(labeled_cache):
     for r in rows:
         box = [float(v) for v in r["labeled_face_box_x1_y1_x2_y2"].split()]
         i = cache.by_path[str(root / r["relpath"])]
-        best = max((iou(box, b) for b in cache.face_bbox[cache.face_file == i]), default=0.0)
+        best = max((sort_faces.box_iou(box, b) for b in cache.face_bbox[cache.face_file == i]), default=0.0)
         if best >= 0.3:
             found += 1
         else:

@@ -45,10 +45,6 @@ def warnings_by_path(lines):
     return out
 
 
-def iou(a, b):
-    return sort_faces.box_iou(a, b)
-
-
 @pytest.fixture(scope="module")
 def enriched_labeled(labeled_cache, tmp_path_factory):
     """A copy of the session's labeled cache, enriched."""
@@ -65,7 +61,6 @@ def test_landmarks_fall_inside_the_face_box(enriched_labeled):
     assert c.n_faces >= 290
     # default pack: solvePnP on the 2D landmarks for every face, no 3D landmark model
     assert (c.face_pose_method == 2).all()
-    assert sort_faces.POSE_METHODS[2] == "pnp106"
     assert not c.face_lmk68.any()
     assert np.isfinite(c.face_lmk106).all() and np.isfinite(c.face_pose).all()
     x1, y1, x2, y2 = c.face_bbox.T
@@ -94,7 +89,7 @@ def test_median_yaw_of_lfw_photos_is_small(enriched_labeled):
     yaws = []
     for i in range(c.n_faces):
         rel = os.path.relpath(str(c.file_path[c.face_file[i]]), DATA / "labeled")
-        if rel in lfw and rel in boxes and iou(c.face_bbox[i], boxes[rel]) >= 0.3:
+        if rel in lfw and rel in boxes and sort_faces.box_iou(c.face_bbox[i], boxes[rel]) >= 0.3:
             yaws.append(float(c.face_pose[i, 1]))
     assert len(yaws) >= 100, len(yaws)                  # 115 LFW photos
     assert np.median(np.abs(yaws)) < 20, np.median(np.abs(yaws))
@@ -132,8 +127,8 @@ def test_mirrored_photo_gets_opposite_yaw(copy_photos, tmp_path, capsys):
         for i in mine:
             x1, y1, x2, y2 = c.face_bbox[i]
             flipped = [W - x2, y1, W - x1, y2]
-            j = max(theirs, key=lambda j: iou(flipped, c.face_bbox[j]))
-            assert iou(flipped, c.face_bbox[j]) >= 0.7, (rel, c.face_bbox[i], c.face_bbox[j])
+            j = max(theirs, key=lambda j: sort_faces.box_iou(flipped, c.face_bbox[j]))
+            assert sort_faces.box_iou(flipped, c.face_bbox[j]) >= 0.7, (rel, c.face_bbox[i], c.face_bbox[j])
             (pitch, yaw, _), (pitch_m, yaw_m, _) = c.face_pose[i], c.face_pose[j]
             if sign:
                 assert sign * yaw > 10 and sign * yaw_m < -10, (rel, yaw, yaw_m)
