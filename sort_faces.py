@@ -1906,6 +1906,7 @@ PERSON_FACES = 4              #: faces that make a cluster a person (a centroid 
 EXACT_MAX_FACES = 20000       #: faces; up to this neighbours are found by exact search
 _NPROBE = 16                  #: IVF lists probed per query
 _CHUNK = 1 << 16              #: rows gathered at a time, to keep temporaries small
+_SEARCH_DIMS = 128            #: dimensions the IVF index searches in (principal directions)
 _SATELLITE_TO = 8             #: faces; a cluster this big takes all its satellites per round
 
 
@@ -1932,6 +1933,10 @@ def _search(base, query, k, exact):
         out = [faiss.knn(query[s:s + _CHUNK], base, k, faiss.METRIC_INNER_PRODUCT)
                for s in range(0, len(query), _CHUNK)]
     else:
+        full_base, full_query = base, query
+        if base.shape[1] > _SEARCH_DIMS:    # find candidates there, score them in full
+            pb, pq = _project(base, query)
+            base, query = pb, (pb if pq is None else pq)
         n, dim = base.shape
         nlist = int(np.clip(4 * np.sqrt(n), 16, 4096))
         sample = base[np.sort(np.random.default_rng(0).choice(n, min(n, 12 * nlist), False))]
@@ -1947,7 +1952,33 @@ def _search(base, query, k, exact):
         index.nprobe = _NPROBE
         out = [index.search(query[s:s + _CHUNK], k) for s in range(0, len(query), _CHUNK)]
         del index
+        if base is not full_base:
+            out = [_rescore(full_base, full_query[s:s + _CHUNK], o[1])
+                   for s, o in zip(range(0, len(query), _CHUNK), out)]
     return np.vstack([o[0] for o in out]), np.vstack([o[1] for o in out])
+
+
+def _rescore(base, query, ids):
+    """(sims, ids) of candidate ids scored with the full vectors, best first per row."""
+    sims = np.empty(ids.shape, np.float32)
+    for a in range(0, len(ids), 2048):           # gathered rows stay ~ 100 MB
+        sims[a:a + 2048] = np.einsum("nd,nkd->nk", query[a:a + 2048],
+                                     base[np.maximum(ids[a:a + 2048], 0)])
+    sims[ids < 0] = -np.inf
+    order = np.argsort(-sims, axis=1, kind="stable")
+    return np.take_along_axis(sims, order, 1), np.take_along_axis(ids, order, 1)
+
+
+def _project(base, query):
+    """base and query on the _SEARCH_DIMS principal directions of base (from a sample):
+    inner products there rank neighbours almost as the full ones do, at a fraction of
+    the cost of scanning 512 dimensions."""
+    rng = np.random.default_rng(0)
+    sample = base[rng.choice(len(base), min(len(base), 50_000), replace=False)]
+    _, vecs = np.linalg.eigh(sample.T.astype(np.float64) @ sample)
+    proj = np.ascontiguousarray(vecs[:, ::-1][:, :_SEARCH_DIMS], np.float32)
+    chunks = lambda x: np.vstack([x[a:a + _CHUNK] @ proj for a in range(0, len(x), _CHUNK)])
+    return chunks(base), (chunks(query) if query is not base else None)
 
 
 def knn_graph(emb, k=KNN, exact=True):
