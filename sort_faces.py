@@ -24,6 +24,7 @@ import datetime
 import errno
 import fcntl
 import hashlib
+import http.server
 import importlib.util
 import io
 import itertools
@@ -2146,7 +2147,7 @@ def _method(n, method):
     return method == "exact"
 
 
-def _stage1(emb, threshold, groups, exact, seeds=None):
+def _stage1(emb, threshold, groups, exact, seeds=None, cannot=None):
     """Average-linkage RAC of faces on their neighbour graph, seeds pre-merged and frozen:
     (vecs, size, roots, frozen, conflicts)."""
     n = len(emb)
@@ -2164,7 +2165,10 @@ def _stage1(emb, threshold, groups, exact, seeds=None):
         rest = heads != seeded
         _absorb(vecs, size, parent, None, heads[rest], seeded[rest], np.zeros(n, bool),
                 frozen)
-    conflicts = parent[_group_pairs(groups)]
+    pairs = _group_pairs(groups)
+    if cannot is not None and len(cannot):
+        pairs = np.vstack([pairs, np.asarray(cannot, np.int64).reshape(-1, 2)])
+    conflicts = parent[pairs]
     roots = _rac(vecs, size, parent[rows[near]], parent[ids.ravel()[near]], s_min, conflicts,
                  frozen=frozen)
     return vecs, size, roots[parent], frozen, conflicts
@@ -2185,12 +2189,13 @@ def agglomerate(emb, threshold, groups=None, method="auto"):
     return _numbered(_stage1(emb, threshold, groups, exact)[2])
 
 
-def identities(emb, groups, rule, method="auto", seeds=None):
+def identities(emb, groups, rule, method="auto", seeds=None, cannot=None):
     """Faces -> people (IdentityRule): stage 1 average linkage at rule.pair, stage 2
     centroid linkage of people at rule.merge, stage 3 a smaller cluster joins the nearest
     person within rule.join that is rule.margin nearer than the next. Two faces of one
     photo never end in one cluster. seeds: (N,) labels of an earlier result's people
     (-1: a new face); they start merged, gain faces, and never merge with each other.
+    cannot: (P, 2) more pairs of faces never in one person (the user's "not this one").
     Returns (N,) labels numbered by first face."""
     emb = np.ascontiguousarray(emb, dtype=np.float32)
     n = len(emb)
@@ -2199,7 +2204,8 @@ def identities(emb, groups, rule, method="auto", seeds=None):
     if n < 2:
         return np.zeros(n, np.int64)
     faiss.omp_set_num_threads(len(os.sched_getaffinity(0)))
-    vecs, size, roots, frozen, conflicts = _stage1(emb, rule.pair, groups, exact, seeds)
+    vecs, size, roots, frozen, conflicts = _stage1(emb, rule.pair, groups, exact, seeds,
+                                                   cannot)
     conflicts = roots[conflicts]
     people = np.unique(roots)
     people = people[size[people] >= PERSON_FACES]
@@ -2405,9 +2411,10 @@ def write_review(cache, root, sections, noface_paths):
                 if jpegs[i]:
                     write_file(os.path.join(thumbs, src), jpegs[i])
                 title = html.escape(str(cache.file_path[int(cache.face_file[i])]))
+                fid = face_id(cache.file_sha256[cache.face_file[i]], cache.face_bbox[i])
                 imgs.append(f'<img src="{quote(up and src or "_thumbs/" + src)}" '
                             f'title="{title}" loading="lazy" width="{THUMB_PX}" '
-                            f'height="{THUMB_PX}" alt="">')
+                            f'height="{THUMB_PX}" alt="" data-face="{fid}">')
             if hidden:
                 cut = len(shown) - SECTION_FACES // 3
                 imgs.insert(cut, f'<span class="more">… {hidden} more in the folder …</span>')
@@ -2422,7 +2429,8 @@ def write_review(cache, root, sections, noface_paths):
             parts.append(f'<section id="_noface" class="noface"><h2>_noface <small>'
                          f'{len(noface_paths)} photos</small> <a href="{up}_noface/">open '
                          f'folder</a></h2><ul>{items}</ul></section>')
-        doc = ("<!doctype html><html><head><meta charset=\"utf-8\"><title>sort_faces review"
+        doc = ("<!doctype html><html><head><meta charset=\"utf-8\"><link rel=\"icon\" "
+               "href=\"data:,\"><title>sort_faces review"
                f"{f' (page {n + 1})' if n else ''}</title><style>body{{font-family:sans-serif;"
                "margin:1em}section{margin:1.5em 0}img{margin:2px;border-radius:4px}"
                "h2 small,.more{color:#666;font-weight:normal}nav{margin:1em 0}"
@@ -2525,6 +2533,196 @@ def read_manifest(path, step, cache, same_cache=True):
 
 
 # ============================================================================
+# People file: the user's corrections
+# ============================================================================
+# CACHE.people.json holds what the user said about faces, and every step honours it:
+#   people    [{"id", "name" (null: unnamed), "groups": [[face, ...], ...]}]: each group
+#             starts as one person and grows; all groups of one record are that person
+#             (naming two folders "Anna" gives one record with two groups)
+#   not       [{"face", "faces": [...]}]: that face is never in a person with those faces
+#   rejected  [face, ...]: not a face, or to be ignored: in no output
+# A face is "<sha256>:<x1>,<y1>,<x2>,<y2>", its photo's content and its box as manifests
+# write it, so corrections survive re-embedding, new photos and every re-run.
+PEOPLE_SCHEMA = 1
+MANIFEST_FILES = {"cluster": "manifest.json", "refine": "refine_manifest.json",
+                  "export-swap": "manifest.json"}
+
+
+def people_path(cache_path):
+    return os.fspath(cache_path) + ".people.json"
+
+
+def face_id(sha256, bbox):
+    """A face as the people file names it."""
+    sha, box = face_key(sha256, bbox)
+    return f"{sha}:{','.join(f'{v:.1f}' for v in box)}"
+
+
+def read_people(cache_path):
+    """The people file of a cache (empty when there is none), checked."""
+    path = people_path(cache_path)
+    if not os.path.lexists(path):
+        return {"schema": PEOPLE_SCHEMA, "people": [], "not": [], "rejected": []}
+    data = read_json(path, "people file")
+    ok = isinstance(data, dict) and data.get("schema") == PEOPLE_SCHEMA \
+        and isinstance(data.get("people"), list) and isinstance(data.get("not"), list) \
+        and isinstance(data.get("rejected"), list) \
+        and all(isinstance(r, dict) and isinstance(r.get("groups"), list)
+                and (r.get("name") is None or isinstance(r.get("name"), str))
+                for r in data["people"])
+    if not ok:
+        raise SortFacesError(f"{path}: not a schema-{PEOPLE_SCHEMA} people file")
+    return data
+
+
+@contextlib.contextmanager
+def edit_people(cache_path):
+    """Read-modify-write of the people file under its lock; written atomically."""
+    path = people_path(cache_path)
+    lock = FileLock(path + ".lock", path)
+    try:
+        data = read_people(cache_path)
+        yield data
+        data["tool_version"] = __version__
+        write_json_atomic(path, data)
+    finally:
+        lock.release()
+
+
+def check_person_name(name):
+    """A person's name becomes a folder name: one safe path component that cannot be
+    mistaken for a numbered folder or one of the tool's own entries."""
+    name = (name or "").strip()
+    safe_component(name, "person name", SWAP_SUFFIX_BYTES)
+    if name.startswith("_") or re.fullmatch(r"(person|faceset)_\d+", name) \
+            or not name.isprintable() or name.lower() in {"index.html", "manifest.json",
+                                                         "refine_manifest.json"}:
+        raise SortFacesError(f"person name {name!r}: a name may not start with '_', be "
+                             f"person_NNN / faceset_NNN or a file the tool writes")
+    return name
+
+
+def _take_faces(data, faces):
+    """Remove faces from every group and from rejected (a face has one fate)."""
+    gone = set(faces)
+    for r in data["people"]:
+        r["groups"] = [g for g in ([f for f in g if f not in gone] for g in r["groups"]) if g]
+    data["people"] = [r for r in data["people"] if r["groups"] or r.get("name")]
+    data["rejected"] = [f for f in data["rejected"] if f not in gone]
+
+
+def _record(data, name):
+    for r in data["people"]:
+        if name is not None and r.get("name") == name:
+            return r
+    used = {r["id"] for r in data["people"]}
+    rid = next(f"p{n}" for n in itertools.count(len(used) + 1) if f"p{n}" not in used)
+    data["people"].append({"id": rid, "name": name, "groups": []})
+    return data["people"][-1]
+
+
+def people_name(data, faces, name):
+    """These faces are the person `name` (None: one unnamed person)."""
+    faces = list(dict.fromkeys(faces))
+    _take_faces(data, faces)
+    _record(data, name)["groups"].append(faces)
+
+
+def people_move(data, faces, to_faces, name, away_from):
+    """Faces go to the person holding to_faces (or a new one, named `name` or not), and
+    are never again with the faces away_from (the person they were taken from)."""
+    faces = list(dict.fromkeys(faces))
+    _take_faces(data, faces)
+    if to_faces:
+        holder = next((r for r in data["people"] for g in r["groups"]
+                       if set(g) & set(to_faces)), None)
+        if holder is None:
+            holder = _record(data, None)
+            holder["groups"].append(list(to_faces))
+        holder["groups"].append(faces)
+    else:
+        _record(data, name)["groups"].append(faces)
+    away = [f for f in away_from if f not in set(faces)][:200]
+    if away:
+        data["not"] += [{"face": f, "faces": away} for f in faces]
+
+
+def people_reject(data, faces):
+    faces = list(dict.fromkeys(faces))
+    _take_faces(data, faces)
+    data["rejected"] += faces
+
+
+@dataclass
+class Corrections:
+    """The people file as face indices of one cache."""
+    seeds: np.ndarray         # (N,) group number per face, -1: none
+    person: np.ndarray        # (G,) record number of each group
+    names: list               # per record: its name or None
+    cannot: np.ndarray        # (P, 2) faces never in one person
+    rejected: np.ndarray      # (N,) bool
+
+    @property
+    def empty(self):
+        return not len(self.cannot) and not self.rejected.any() and not (self.seeds >= 0).any()
+
+
+def load_corrections(cache):
+    """Corrections of the cache's people file (faces no longer cached are ignored)."""
+    data = read_people(cache.path)
+    n = cache.n_faces
+    seeds, rejected = np.full(n, -1, np.int64), np.zeros(n, bool)
+    person, names, cannot = [], [], []
+    if data["people"] or data["not"] or data["rejected"]:
+        shas = cache.file_sha256[cache.face_file].tolist() if n else []
+        index = {face_id(s, b): i for i, (s, b) in enumerate(zip(shas, cache.face_bbox))}
+        at = lambda faces: [index[f] for f in faces if f in index]
+        for r, rec in enumerate(data["people"]):
+            names.append(rec.get("name"))
+            for g in rec["groups"]:
+                members = at(g)
+                if members:
+                    seeds[members] = len(person)
+                    person.append(r)
+        for item in data["not"]:
+            a = at([item.get("face")])
+            cannot += [(a[0], b) for b in at(item.get("faces", []))] if a else []
+        rejected[at(data["rejected"])] = True
+        seeds[rejected] = -1
+    return Corrections(seeds, np.array(person, np.int64), names,
+                       np.array(cannot, np.int64).reshape(-1, 2), rejected)
+
+
+def corrected_identities(cache, idx, rule, corr):
+    """identities() of faces idx under the user's corrections: named and merged people
+    start as seeds (each group its own, so two people named alike still attract their own
+    new faces), cannot-links hold, and the groups of one record end as one person.
+    Returns (labels over idx, {label: name})."""
+    emb = _cluster_emb(cache, idx)
+    seeds = corr.seeds[idx]
+    pos = np.full(cache.n_faces, -1)
+    pos[idx] = np.arange(len(idx))
+    cannot = pos[corr.cannot] if len(corr.cannot) else corr.cannot
+    cannot = cannot[(cannot >= 0).all(1)] if len(cannot) else cannot
+    labels = identities(emb, cache.face_file[idx], rule, seeds=seeds, cannot=cannot)
+    names = {}
+    if (seeds >= 0).any():
+        rec = np.full(len(idx), -1)
+        rec[seeds >= 0] = corr.person[seeds[seeds >= 0]]
+        first = {}
+        for lab, r in zip(labels[seeds >= 0].tolist(), rec[seeds >= 0].tolist()):
+            first.setdefault(r, lab)
+        remap = np.arange(labels.max() + 1)
+        for lab, r in zip(labels[seeds >= 0].tolist(), rec[seeds >= 0].tolist()):
+            remap[lab] = first[r]
+        labels = _numbered(remap[labels])
+        for lab, r in zip(labels[seeds >= 0].tolist(), rec[seeds >= 0].tolist()):
+            if corr.names[r]:
+                names[lab] = corr.names[r]
+    return labels, names
+
+
+# ============================================================================
 # Step: cluster and refine
 # ============================================================================
 CLUSTER_ENTRIES = ("manifest.json", "index.html", "_singletons", "_noface", "_thumbs")
@@ -2590,19 +2788,31 @@ class ClusterPlan:
     singletons: list      # cache face indices
     omitted: int          # faces in clusters beyond --top
     noface: list          # file indices (owning record) of images without faces
+    names: list = field(default_factory=list)     # per cluster: the person's name or None
 
 
-def plan_clusters(cache, idx, rule, min_size=MIN_CLUSTER_SIZE, top=0):
-    labels = identities(_cluster_emb(cache, idx), cache.face_file[idx], rule)
-    groups = sorted((idx[g] for g in labels_to_groups(labels)),
-                    key=lambda g: (-len(g), int(g[0])))
-    big = [g.tolist() for g in groups if len(g) >= max(1, min_size)]
-    singles = np.sort(np.concatenate([g for g in groups if len(g) < max(1, min_size)]
-                                     or [np.zeros(0, np.int64)])).tolist()
-    omitted = sum(len(g) for g in big[top:]) if top > 0 else 0
+def people_of(cache, idx, rule, corr=None):
+    """[(faces, name or None)] of faces idx: identities() under the people file's
+    corrections (its rejected faces left out)."""
+    if corr is None or corr.empty:
+        labels, names = identities(_cluster_emb(cache, idx), cache.face_file[idx], rule), {}
+    else:
+        idx = idx[~corr.rejected[idx]]
+        labels, names = corrected_identities(cache, idx, rule, corr)
+    return [(idx[g], names.get(k)) for k, g in enumerate(labels_to_groups(labels))]
+
+
+def plan_clusters(cache, idx, rule, min_size=MIN_CLUSTER_SIZE, top=0, corr=None):
+    groups = sorted(people_of(cache, idx, rule, corr),
+                    key=lambda g: (g[1] is None, -len(g[0]), int(g[0][0])))
+    big = [(g, n) for g, n in groups if len(g) >= max(1, min_size) or n]
+    singles = np.sort(np.concatenate([g for g, n in groups if len(g) < max(1, min_size)
+                                      and not n] or [np.zeros(0, np.int64)])).tolist()
+    omitted = sum(len(g) for g, _ in big[top:]) if top > 0 else 0
     big = big[:top] if top > 0 else big
     noface = np.flatnonzero((cache.file_status == "ok") & (cache.file_n_faces == 0)).tolist()
-    return ClusterPlan(big, singles, omitted, noface)
+    return ClusterPlan([g.tolist() for g, _ in big], singles, omitted, noface,
+                       [n for _, n in big])
 
 
 def cluster_stats(emb):
@@ -2632,10 +2842,13 @@ def write_cluster_output(cache, plan, root, link, params):
     manifest = new_manifest("cluster", cache, params, clusters=[], singletons=[], noface=[])
     width = max(3, len(str(len(plan.clusters))))
     jobs = []
-    for n, members in enumerate(plan.clusters, 1):
-        name = f"person_{n:0{width}d}"
+    names = plan.names or [None] * len(plan.clusters)
+    number = itertools.count(1)                 # named people are not numbered
+    for members, person in zip(plan.clusters, names):
+        name = person or f"person_{next(number):0{width}d}"
         faces = [face_record(cache, i, aliases) for i in members]
-        manifest["clusters"].append({"name": name, **cluster_stats(cache.face_emb[members]),
+        manifest["clusters"].append({"name": name, **({"person": person} if person else {}),
+                                     **cluster_stats(cache.face_emb[members]),
                                      "faces": faces})
         jobs += [(r, os.path.join(root, name, r["file"])) for r in faces]
     for i in plan.singletons:
@@ -2689,6 +2902,7 @@ class RefinePlan:
     facesets: list        # lists of cache face indices, largest first
     dropped: list         # (face index, gate, value)
     reports: list         # (faces of the cluster, faces kept, its dropped triples)
+    names: list = field(default_factory=list)     # per faceset: the person's name or None
 
 
 def count_gates(dropped, into=None):
@@ -2751,27 +2965,31 @@ def finish_faceset(cache, kept, outlier, min_faces, dropped):
     return kept
 
 
-def refine_clusters(cache, clusters, outlier, gates, min_faces):
-    """Gate on quality, reject outliers, keep sets of >= min_faces unique photos."""
+def refine_clusters(cache, clusters, outlier, gates, min_faces, names=None):
+    """Gate on quality, reject outliers, keep sets of >= min_faces unique photos (a person
+    the user named is kept with any number)."""
     facesets, dropped, reports = [], [], []
-    for members in clusters:
+    for members, name in zip(clusters, names or [None] * len(clusters)):
         mine = []
         kept = quality_gate(cache, members, gates, mine)
-        kept = finish_faceset(cache, kept, outlier, min_faces, mine)
+        # the user vouched for a named person (two folders named alike may be two looks)
+        kept = finish_faceset(cache, kept, 2.0 if name else outlier, 1 if name else min_faces,
+                              mine)
         dropped += mine
         reports.append((len(members), len(kept), mine))
         if kept:
-            facesets.append(kept)
-    facesets.sort(key=lambda f: (-len(f), f[0]))
-    return RefinePlan(facesets, dropped, reports)
+            facesets.append((kept, name))
+    facesets.sort(key=lambda f: (f[1] is None, -len(f[0]), f[0][0]))
+    return RefinePlan([f for f, _ in facesets], dropped, reports, [n for _, n in facesets])
 
 
-def plan_refine(cache, idx, rule, outlier, gates=Gates(), min_faces=MIN_FACES):
-    """Cluster by the identity rule, gate on quality, reject outliers, keep sets of at
-    least min_faces unique source images."""
-    labels = identities(_cluster_emb(cache, idx), cache.face_file[idx], rule)
-    return refine_clusters(cache, [idx[g] for g in labels_to_groups(labels)], outlier,
-                           gates, min_faces)
+def plan_refine(cache, idx, rule, outlier, gates=Gates(), min_faces=MIN_FACES,
+                corr=None):
+    """Cluster by the identity rule (and the user's corrections), gate on quality, reject
+    outliers, keep sets of at least min_faces unique source images."""
+    people = people_of(cache, idx, rule, corr)
+    return refine_clusters(cache, [g for g, _ in people], outlier, gates, min_faces,
+                           [n for _, n in people])
 
 
 def centroid_gate(emb, faces, limits, dropped=None):
@@ -2808,10 +3026,13 @@ def write_refine_output(cache, plan, root, link, params):
     width = max(3, len(str(len(plan.facesets))))
     manifest = new_manifest("refine", cache, params, facesets=[], dropped=[], gate_counts={})
     jobs, sections = [], []
-    for n, members in enumerate(plan.facesets, 1):
-        name = f"faceset_{n:0{width}d}"
+    names = plan.names or [None] * len(plan.facesets)
+    number = itertools.count(1)                 # named people are not numbered
+    for members, person in zip(plan.facesets, names):
+        name = person or f"faceset_{next(number):0{width}d}"
         faces = [face_record(cache, i, aliases) for i in members]
-        manifest["facesets"].append({"name": name, **cluster_stats(cache.face_emb[members]),
+        manifest["facesets"].append({"name": name, **({"person": person} if person else {}),
+                                     **cluster_stats(cache.face_emb[members]),
                                      "images": len({r["sha256"] for r in faces}),
                                      "faces": faces})
         jobs += [(r, os.path.join(root, name, r["file"])) for r in faces]
@@ -2943,22 +3164,38 @@ def faces_under(cache, folders):
     return np.flatnonzero(owned[cache.face_file]) if cache.n_faces else np.zeros(0, np.int64)
 
 
-def fold_in(cache, groups, new, rule, outlier=None):
+def fold_in(cache, groups, new, rule, outlier=None, corr=None, vouched=()):
     """Place new faces without moving old ones: the people of an earlier result (groups:
     lists of cache faces) and the new faces are clustered together by the rule, the people
     as frozen seeds (they gain faces, never merge or split). With outlier, a face joins a
     person only within that centroid distance (a refine output's gate); the others stay
-    new. Returns ({group position: [faces]}, [new clusters, largest first])."""
+    new. corr: the people file (rejected faces stay out; a person's groups from the file
+    seed apart, so a name given to two looks draws new faces of each; cannot-links
+    hold); vouched: group positions the user named (no outlier gate).
+    Returns ({group position: [faces]}, [new clusters, largest first])."""
     new = np.asarray(new, np.int64)
+    if corr is not None:
+        new = new[~corr.rejected[new]]
     if not len(new):
         return {}, []
     old = np.concatenate([np.asarray(g, np.int64) for g in groups] or [np.zeros(0, np.int64)])
-    seeds = np.r_[np.repeat(np.arange(len(groups)), [len(g) for g in groups]),
-                  np.full(len(new), -1)]
+    group = np.repeat(np.arange(len(groups)), [len(g) for g in groups])
+    seeds, cannot = group, None
+    if corr is not None and not corr.empty:
+        _, seeds = np.unique(group * (len(corr.person) + 1) + corr.seeds[old] + 1,
+                             return_inverse=True)
+        seeds = seeds.ravel()
+        pos = np.full(cache.n_faces, -1)
+        pos[np.r_[old, new]] = np.arange(len(old) + len(new))
+        cannot = pos[corr.cannot] if len(corr.cannot) else None
+        cannot = cannot[(cannot >= 0).all(1)] if cannot is not None else None
+    seed_group = np.zeros(int(seeds.max()) + 1 if len(seeds) else 0, np.int64)
+    seed_group[seeds] = group
     faces = np.r_[old, new]
-    labels = identities(cache.face_emb[faces], cache.face_file[faces], rule, seeds=seeds)
+    labels = identities(cache.face_emb[faces], cache.face_file[faces], rule,
+                        seeds=np.r_[seeds, np.full(len(new), -1)], cannot=cannot)
     person_of = np.full(labels.max() + 1, -1)
-    person_of[labels[:len(old)]] = seeds[:len(old)]
+    person_of[labels[:len(old)]] = seed_group[seeds]
     joined, fresh = {}, {}
     for i, lab in zip(new.tolist(), labels[len(old):].tolist()):
         g = int(person_of[lab])
@@ -2967,7 +3204,7 @@ def fold_in(cache, groups, new, rule, outlier=None):
         else:
             fresh.setdefault(lab, []).append(i)
     if outlier is not None:
-        for g, faces_in in list(joined.items()):
+        for g, faces_in in [(g, f) for g, f in joined.items() if g not in vouched]:
             d = 1.0 - cache.face_emb[faces_in] @ centroid(cache.face_emb[groups[g] + faces_in])
             joined[g] = [i for i, x in zip(faces_in, d) if x <= outlier]
             fresh.update({("out", i): [i] for i, x in zip(faces_in, d) if x > outlier})
@@ -2983,8 +3220,10 @@ def _next_names(prefix, existing, count):
 
 
 def _unplaced(cache, keys, params, placed):
-    """Faces an output's filters select that none of its manifest entries `placed` holds."""
+    """Faces an output's filters select that none of its manifest entries `placed` holds
+    (nor the people file rejects)."""
     done = set(manifest_members(keys, placed))
+    done |= set(np.flatnonzero(load_corrections(cache).rejected).tolist())
     idx = select_faces(cache, params.get("max_faces_per_image", 0),
                        params.get("skip_partial", False))
     return [int(i) for i in idx if int(i) not in done]
@@ -3061,7 +3300,7 @@ def extend_raw(cache, out, link=None, join=None, margin=None):
     if not new and not noface:
         return None
     rule = rule_from_params(cache, p, "threshold", join, margin)
-    joined, clusters = fold_in(cache, members, new, rule)
+    joined, clusters = fold_in(cache, members, new, rule, corr=load_corrections(cache))
     link = link or p.get("link", "copy")
     min_size = p.get("min_cluster_size", MIN_CLUSTER_SIZE)
     fresh = [c for c in clusters if len(c) >= min_size]
@@ -3107,7 +3346,9 @@ def extend_refined(cache, out, link=None, join=None, margin=None):
                   p["min_blur"], p["min_det_score"])
     passing = quality_gate(cache, new, gates, dropped)
     rule = rule_from_params(cache, p, "initial_threshold", join, margin)
-    joined, clusters = fold_in(cache, members, passing, rule, p["outlier_threshold"])
+    joined, clusters = fold_in(cache, members, passing, rule, p["outlier_threshold"],
+                               load_corrections(cache),
+                               [g for g, fs in enumerate(m["facesets"]) if fs.get("person")])
     fresh = [f for f in (finish_faceset(cache, c, p["outlier_threshold"], p["min_faces"],
                                         dropped) for c in clusters) if f]
     link = link or p.get("link", "copy")
@@ -3593,6 +3834,313 @@ def export_swap(cache, swap, facesets, opts, *, source, extra=None):
 
 
 # ============================================================================
+# Step: review and corrections
+# ============================================================================
+def _group_entry(m, step, name):
+    if step == "cluster" and name == "_singletons":
+        return {"name": "_singletons", "faces": m.get("singletons", [])}
+    return next((g for g in m.get(GROUP_LISTS[step], [])
+                 if g.get("name") == name or g.get("path") == name), None)
+
+
+def output_manifest(out):
+    """(step, manifest) of a cluster, refine or export-swap output folder."""
+    for step in ("cluster", "refine", "export-swap"):
+        path = os.path.join(out, MANIFEST_FILES[step])
+        if os.path.isfile(path):
+            m = read_json(path, "manifest")
+            if isinstance(m, dict) and m.get("step") == step:
+                return step, m
+    raise SortFacesError(f"{out}: no sort_faces manifest (cluster, refine or export-swap) "
+                         f"in it")
+
+
+def folder_faces(folder):
+    """(step, manifest, group entry) of an output folder (person_NNN/, faceset_NNN/, a
+    named person, _singletons/): the manifest of the output it is in names its faces."""
+    folder = os.path.abspath(os.fspath(folder)).rstrip(os.sep)
+    if not os.path.isdir(folder):
+        raise SortFacesError(f"{folder}: not a folder")
+    step, m = output_manifest(os.path.dirname(folder))
+    group = _group_entry(m, step, os.path.basename(folder))
+    if group is None:
+        raise SortFacesError(f"{folder}: its output's {MANIFEST_FILES[step]} does not list "
+                             f"it as a person or faceset")
+    return step, m, group
+
+
+def _manifest_face_ids(cache, m, faces):
+    """People-file ids of manifest face entries; refused when the output was made from
+    another cache (its faces would mean nothing to this one)."""
+    if os.path.realpath(m.get("cache", "")) != os.path.realpath(cache.path):
+        raise SortFacesError(f"that output was made from cache {m.get('cache')}, not "
+                             f"{cache.path}; use the cache it was made from")
+    return [face_id(f["sha256"], f["bbox"]) for f in faces if "sha256" in f and "bbox" in f]
+
+
+def cmd_name(args):
+    """Give every face of an output folder a person's name."""
+    cache = load_cache(args.cache)
+    name = check_person_name(args.name)
+    _, m, group = folder_faces(args.folder)
+    ids = _manifest_face_ids(cache, m, group.get("faces", []))
+    if not ids:
+        raise SortFacesError(f"{args.folder}: no faces listed for it")
+    with edit_people(cache.path) as data:
+        people_name(data, ids, name)
+    log_result(f"name: {len(ids)} faces of {group['name']} are {name!r} in "
+               f"{people_path(cache.path)}; every later cluster, refine, extend and "
+               f"export-swap names them so")
+    return 0
+
+
+def cmd_reject(args):
+    """Never show these faces again: not a face, or not wanted in any output."""
+    cache = load_cache(args.cache)
+    ids = []
+    for path in args.paths:
+        path = os.path.abspath(path)
+        if os.path.isdir(path):
+            _, m, group = folder_faces(path)
+            faces = group.get("faces", [])
+        else:
+            _, m, group = folder_faces(os.path.dirname(path))
+            base = os.path.basename(path)
+            faces = [f for f in group.get("faces", [])
+                     if base in (f.get("file"), os.path.basename(f.get("png") or ""))]
+            if not faces:
+                raise SortFacesError(f"{path}: not a face of {group['name']} in its manifest")
+        ids += _manifest_face_ids(cache, m, faces)
+    with edit_people(cache.path) as data:
+        people_reject(data, ids)
+    log_result(f"reject: {len(ids)} faces in {people_path(cache.path)}; no later output "
+               f"shows them")
+    return 0
+
+
+#: The editing layer the review server adds to the static page (the page itself works
+#: without it). Every action is one POST carrying the session's token.
+REVIEW_JS = r"""
+(() => {
+  const T = window.SF_TOKEN, bar = document.createElement('div');
+  bar.id = 'sf-bar';
+  bar.innerHTML = '<span id="sf-count">0 selected</span> ' +
+    '<select id="sf-target"><option value="">a new person named:</option></select> ' +
+    '<input id="sf-newname" placeholder="name (optional)" size="14"> ' +
+    '<button id="sf-move">Move selected</button> <button id="sf-reject">Reject selected</button> ' +
+    '<button id="sf-merge">Merge ticked people</button> <button id="sf-undo">Undo</button> ' +
+    '<span id="sf-status"></span>';
+  document.body.prepend(bar);
+  const st = document.createElement('style');
+  st.textContent = '#sf-bar{position:sticky;top:0;background:#fffbe6;padding:6px;z-index:9;' +
+    'border-bottom:1px solid #cca}img.sf-sel{outline:4px solid #e33}img[data-face]{cursor:pointer}';
+  document.head.append(st);
+  const target = document.getElementById('sf-target');
+  for (const sec of document.querySelectorAll('section[id]')) {
+    const id = sec.id;
+    if (id === '_noface' || !sec.querySelector('img[data-face]')) continue;
+    const h = sec.querySelector('h2');
+    const tools = document.createElement('span');
+    tools.className = 'sf-tools';
+    tools.innerHTML = ' <input class="sf-name" placeholder="name this person" size="16">' +
+      '<button class="sf-name-btn">Name</button> <label><input type="checkbox" ' +
+      'class="sf-tick"> merge</label>';
+    tools.dataset.section = id;
+    h.append(tools);
+    const o = document.createElement('option');
+    o.value = id; o.textContent = id;
+    target.append(o);
+  }
+  const status = (t) => { document.getElementById('sf-status').textContent = t; };
+  const selected = () => [...document.querySelectorAll('img.sf-sel')];
+  const send = async (body) => {
+    const r = await fetch('/api?token=' + encodeURIComponent(T), {method: 'POST',
+      headers: {'Content-Type': 'application/json'}, body: JSON.stringify(body)});
+    const j = await r.json().catch(() => ({error: 'bad reply'}));
+    status(r.ok ? j.message : 'error: ' + j.error);
+    document.body.dataset.sfDone = String(Number(document.body.dataset.sfDone || 0) + 1);
+    return r.ok;
+  };
+  document.addEventListener('click', (e) => {
+    const img = e.target.closest('img[data-face]');
+    if (img) {
+      img.classList.toggle('sf-sel');
+      document.getElementById('sf-count').textContent = selected().length + ' selected';
+    }
+  });
+  document.addEventListener('click', async (e) => {
+    const b = e.target;
+    if (b.classList.contains('sf-name-btn')) {
+      const tools = b.closest('.sf-tools');
+      await send({op: 'name', section: tools.dataset.section,
+                  name: tools.querySelector('.sf-name').value});
+    } else if (b.id === 'sf-move' || b.id === 'sf-reject') {
+      const imgs = selected();
+      const faces = imgs.map(i => i.dataset.face);
+      const from = imgs.map(i => i.closest('section').id.replace(/-\d+$/, ''));
+      const ok = await send(b.id === 'sf-reject' ? {op: 'reject', faces} :
+        {op: 'move', faces, from, to: target.value,
+         name: document.getElementById('sf-newname').value});
+      if (ok) imgs.forEach(i => { i.classList.remove('sf-sel'); i.style.opacity = 0.3; });
+    } else if (b.id === 'sf-merge') {
+      const ticked = [...document.querySelectorAll('.sf-tick:checked')];
+      await send({op: 'merge', sections: ticked.map(t => t.closest('.sf-tools').dataset.section)});
+    } else if (b.id === 'sf-undo') {
+      await send({op: 'undo'});
+    }
+  });
+})();
+"""
+
+
+class ReviewServer:
+    """`review`: OUT's files on 127.0.0.1, and the corrections the page sends, saved to
+    the cache's people file at once. Only OUT's regular files are served (nothing outside
+    it, no links out of it); a write must carry the session's random token."""
+
+    def __init__(self, out, cache_path=None, port=0):
+        import secrets
+        self.out = os.path.realpath(out)
+        self.step, manifest = output_manifest(self.out)
+        self.cache = load_cache(cache_path or manifest.get("cache", ""))
+        self.token = secrets.token_urlsafe(18)
+        self.undo = []
+        handler = type("Handler", (_ReviewHandler,), {"review": self})
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", port), handler)
+        self.port = self.httpd.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}/index.html?token={self.token}"
+
+    def manifest(self):
+        return output_manifest(self.out)[1]
+
+    def section_ids(self, m, name):
+        group = _group_entry(m, self.step, name)
+        if group is None:
+            raise SortFacesError(f"no person {name!r} in this output")
+        return _manifest_face_ids(self.cache, m, group.get("faces", []))
+
+    def act(self, req):
+        """One correction from the page; returns the line it shows."""
+        op, m = req.get("op"), self.manifest()
+        faces = [f for f in req.get("faces", []) if isinstance(f, str)]
+        with edit_people(self.cache.path) as data:
+            before = json.dumps(data)
+            if op == "name":
+                name = check_person_name(req.get("name"))
+                people_name(data, self.section_ids(m, req.get("section")), name)
+                msg = f"named {req.get('section')} {name!r}"
+            elif op == "merge":
+                sections = [s for s in req.get("sections", []) if isinstance(s, str)]
+                if len(sections) < 2:
+                    raise SortFacesError("tick two or more people to merge")
+                ids = [f for s in sections for f in self.section_ids(m, s)]
+                named = [r["name"] for r in data["people"] if r.get("name")
+                         and any(set(g) & set(ids) for g in r["groups"])]
+                people_name(data, ids, named[0] if named else None)
+                msg = f"merged {', '.join(sections)}"
+            elif op == "move" and faces:
+                to = req.get("to") or ""
+                name = check_person_name(req["name"]) if not to and req.get("name") else None
+                away = [f for s in set(req.get("from", [])) if isinstance(s, str)
+                        for f in self.section_ids(m, s)]
+                people_move(data, faces, self.section_ids(m, to) if to else [], name, away)
+                msg = f"moved {len(faces)} faces to {to or name or 'a new person'}"
+            elif op == "reject" and faces:
+                people_reject(data, faces)
+                msg = f"rejected {len(faces)} faces"
+            elif op == "undo":
+                if not self.undo:
+                    raise SortFacesError("nothing to undo")
+                data.clear()
+                data.update(json.loads(self.undo.pop()))
+                msg = "undone"
+            else:
+                raise SortFacesError(f"unknown or empty action {op!r}")
+            if op != "undo":
+                self.undo.append(before)
+        CONSOLE._to_log(f"review: {msg}")
+        return msg + "; saved (re-run the step with --clean, or extend, to see it)"
+
+    def serve(self):
+        with contextlib.suppress(KeyboardInterrupt):
+            self.httpd.serve_forever()
+        self.httpd.server_close()
+
+
+class _ReviewHandler(http.server.BaseHTTPRequestHandler):
+    review = None
+
+    def log_message(self, fmt, *args):
+        CONSOLE._to_log("review: " + fmt % args)
+
+    def _reply(self, code, body, ctype="application/json"):
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _host_ok(self):          # a page elsewhere cannot reach us by a rebound name
+        host = self.headers.get("Host", "")
+        return host in (f"127.0.0.1:{self.review.port}", f"localhost:{self.review.port}")
+
+    def do_GET(self):
+        from urllib.parse import unquote, urlsplit
+        if not self._host_ok():
+            return self._reply(403, {"error": "wrong host"})
+        rel = unquote(urlsplit(self.path).path).lstrip("/") or "index.html"
+        if rel == "_sf_review.js":
+            return self._reply(200, REVIEW_JS.encode(), "text/javascript")
+        path = os.path.realpath(os.path.join(self.review.out, rel))
+        if "\0" in rel or not _inside(path, self.review.out) or path == self.review.out:
+            return self._reply(404, {"error": "not in the output folder"})
+        try:
+            with open_regular(path) as f:
+                data = f.read()
+        except (OSError, BadFile):
+            return self._reply(404, {"error": "not found"})
+        ctype = {".html": "text/html; charset=utf-8", ".jpg": "image/jpeg",
+                 ".png": "image/png", ".json": "application/json"}.get(
+            os.path.splitext(path)[1].lower(), "application/octet-stream")
+        if ctype.startswith("text/html"):
+            tag = (f'<script>window.SF_TOKEN={json.dumps(self.review.token)}</script>'
+                   f'<script src="/_sf_review.js"></script></body>').encode()
+            data = data.replace(b"</body>", tag)
+        self._reply(200, data, ctype)
+
+    def do_POST(self):
+        import hmac
+        from urllib.parse import parse_qs, urlsplit
+        url = urlsplit(self.path)
+        token = (parse_qs(url.query).get("token") or [""])[0]
+        if not self._host_ok() or url.path != "/api" \
+                or not hmac.compare_digest(token, self.review.token):
+            return self._reply(403, {"error": "refused: no valid token"})
+        try:
+            n = int(self.headers.get("Content-Length", "0"))
+            req = json.loads(self.rfile.read(min(n, 1 << 20)) or b"{}")
+            if not isinstance(req, dict):
+                raise ValueError("not an object")
+            self._reply(200, {"message": self.review.act(req)})
+        except (SortFacesError, ValueError, KeyError, TypeError) as exc:
+            self._reply(400, {"error": str(exc)})
+
+
+def cmd_review(args):
+    """Serve OUT's review page with editing: name, merge, move, reject, undo."""
+    server = ReviewServer(args.out, args.cache, args.port)
+    log_result(f"review: {server.url}  (corrections go to {people_path(server.cache.path)}; "
+               f"Ctrl-C stops)")
+    if not args.no_browser:
+        import webbrowser
+        webbrowser.open(server.url)
+    server.serve()
+    return 0
+
+
+# ============================================================================
 # Subcommands
 # ============================================================================
 def export_marked(cache, swap, wanted, members, opts, *, source, key, extra, note,
@@ -3625,7 +4173,8 @@ def cmd_cluster(args):
                          args.join_margin)
     idx = select_faces(cache, args.max_faces_per_image, args.skip_partial)
     CONSOLE.phase("load")
-    plan = plan_clusters(cache, idx, rule, args.min_cluster_size, args.top)
+    plan = plan_clusters(cache, idx, rule, args.min_cluster_size, args.top,
+                         load_corrections(cache))
     CONSOLE.phase("plan")
     sizes = [len(c) for c in plan.clusters]
     summary = (f"cluster: {len(idx)} faces -> {len(sizes)} people (sizes {sizes[:10]}"
@@ -3652,7 +4201,8 @@ def cmd_refine(args):
     outlier = pack_threshold(cache, "outlier", args.outlier_threshold)
     gates = Gates.from_args(args)
     idx = select_faces(cache, args.max_faces_per_image, args.skip_partial)
-    plan = plan_refine(cache, idx, rule, outlier, gates, args.min_faces)
+    plan = plan_refine(cache, idx, rule, outlier, gates, args.min_faces,
+                       load_corrections(cache))
     report_small_sets(plan, refine_limits(outlier, gates, args.min_faces), args.min_faces)
     counts = count_gates(plan.dropped)
     summary = (f"refine: {len(idx)} faces -> {len(plan.facesets)} facesets (sizes "
@@ -4056,6 +4606,44 @@ def build_parser():
     add_clean_arg(p)
     add_common_args(p)
     p.set_defaults(func=cmd_export_swap)
+
+    p = sub.add_parser("review", help="serve OUT's review page to name, merge, move and "
+                       "reject faces", description=cmd_review.__doc__ + "\n\nThe page is "
+                       "served on 127.0.0.1 only, with a random token in its URL that every "
+                       "change must carry. Each change is saved at once to the cache's "
+                       "people file (CACHE.people.json); re-run the step with --clean, or "
+                       "extend, to see it. index.html still opens without a server.",
+                       formatter_class=HelpFormatter)
+    p.add_argument("out", metavar="OUT", help="a cluster, refine or export-swap output")
+    p.add_argument("--cache", default=None, metavar="CACHE",
+                   help="the cache OUT was made from (default: the one its manifest names)")
+    p.add_argument("--port", type=int, default=0, help="port (0: a random free one)")
+    p.add_argument("--no-browser", action="store_true", help="print the URL, open nothing")
+    add_common_args(p)
+    p.set_defaults(func=cmd_review)
+
+    p = sub.add_parser("name", help="give every face of an output folder a person's name",
+                       description=cmd_name.__doc__ + "\n\nSaved in CACHE.people.json: "
+                       "cluster and refine name the person's folder after it, extend adds "
+                       "new faces to it, export-swap names the faceset and bundles after it. "
+                       "Naming two folders alike makes them one person.",
+                       formatter_class=HelpFormatter)
+    p.add_argument("cache", metavar="CACHE", help="the cache the output was made from")
+    p.add_argument("folder", metavar="FOLDER",
+                   help="a person_NNN/, faceset_NNN/ or named folder of an output")
+    p.add_argument("name", metavar="NAME", help="the person's name (becomes a folder name)")
+    add_common_args(p)
+    p.set_defaults(func=cmd_name)
+
+    p = sub.add_parser("reject", help="never show these faces again (not a face, unwanted)",
+                       description=cmd_reject.__doc__ + "\n\nA PATH is a person or faceset "
+                       "folder (all its faces) or a photo or PNG in one (that face). Saved in "
+                       "CACHE.people.json; later runs leave the faces out.",
+                       formatter_class=HelpFormatter)
+    p.add_argument("cache", metavar="CACHE", help="the cache the output was made from")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="folders or files of an output")
+    add_common_args(p)
+    p.set_defaults(func=cmd_reject)
     return parser
 
 

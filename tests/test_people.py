@@ -1,0 +1,219 @@
+"""The people file: corrections made with `name`, `reject` and the review server stick
+through cluster, refine and extend (real photos, real models, a real browser)."""
+import json
+import os
+import shutil
+import threading
+import urllib.error
+import urllib.request
+
+import pytest
+
+from conftest import DATA, requires_data
+import sort_faces
+
+pytestmark = requires_data
+PEOPLE = ("Tony_Blair", "Hugo_Chavez", "Madonna")
+
+
+def run(*argv, tmp):
+    return sort_faces.main([*argv, "-q", "--log-dir", str(tmp / "logs")])
+
+
+@pytest.fixture
+def thirds(copy_photos, tmp_path):
+    """Two thirds of three labeled people under a/, the last third under b/."""
+    for person in PEOPLE:
+        names = sorted(os.listdir(DATA / "labeled" / person))
+        copy_photos(tmp_path / "a", [f"{person}/{n}" for k, n in enumerate(names) if k % 3])
+        copy_photos(tmp_path / "b", [f"{person}/{n}" for k, n in enumerate(names) if not k % 3])
+    return tmp_path
+
+
+def people_in(out):
+    """{folder: {labeled person, ...}} of a cluster output, from its manifest."""
+    m = json.loads((out / "manifest.json").read_text())
+    return {c["name"]: {f["path"].split(os.sep)[-2] for f in c["faces"]} for c in m["clusters"]}
+
+
+def folder_of(out, person):
+    return next(n for n, who in people_in(out).items() if who == {person})
+
+
+def test_naming_two_folders_alike_makes_one_person_that_extend_grows(thirds):
+    """The acceptance run: name Tony Blair's and Hugo Chavez's folders Alpha, re-cluster,
+    embed the rest, extend: one Alpha folder with both, growing; Madonna untouched."""
+    t, cache, out = thirds, thirds / "c.npz", thirds / "out"
+    assert run("embed", str(t / "a"), str(cache), tmp=t) == 0
+    assert run("cluster", str(cache), str(out), tmp=t) == 0
+    for person in ("Tony_Blair", "Hugo_Chavez"):
+        assert run("name", str(cache), str(out / folder_of(out, person)), "Alpha", tmp=t) == 0
+    assert run("cluster", str(cache), str(out), "--clean", tmp=t) == 0
+    m = json.loads((out / "manifest.json").read_text())
+    alpha = [c for c in m["clusters"] if "Alpha" in c["name"]]
+    assert len(alpha) == 1 and alpha[0]["person"] == "Alpha"
+    assert people_in(out)[alpha[0]["name"]] == {"Tony_Blair", "Hugo_Chavez"}
+    assert people_in(out)["person_001"] == {"Madonna"}        # unnamed people still numbered
+    before = len(os.listdir(out / "Alpha"))
+    assert run("embed", str(t / "b"), str(cache), tmp=t) == 0
+    assert run("extend", str(cache), str(out), tmp=t) == 0
+    assert len(os.listdir(out / "Alpha")) >= before + 6
+    assert people_in(out)["Alpha"] == {"Tony_Blair", "Hugo_Chavez"}
+    assert people_in(out)["person_001"] == {"Madonna"}
+
+
+def test_refine_and_export_names_follow_the_person(thirds):
+    t, cache = thirds, thirds / "c.npz"
+    assert run("embed", str(t / "a"), str(cache), tmp=t) == 0
+    assert run("cluster", str(cache), str(t / "raw"), tmp=t) == 0
+    assert run("name", str(cache), str(t / "raw" / folder_of(t / "raw", "Madonna")),
+               "Madonna Ciccone", tmp=t) == 0
+    assert run("refine", str(cache), str(t / "sets"), "--min-face-short", "40",
+               "--min-faces", "3", tmp=t) == 0
+    m = json.loads((t / "sets" / "refine_manifest.json").read_text())
+    named = [fs for fs in m["facesets"] if fs.get("person") == "Madonna Ciccone"]
+    assert [fs["name"] for fs in named] == ["Madonna Ciccone"]
+    assert (t / "sets" / "Madonna Ciccone").is_dir()
+
+
+def test_rejected_faces_appear_nowhere(thirds):
+    t, cache, out = thirds, thirds / "c.npz", thirds / "out"
+    assert run("embed", str(t / "a"), str(cache), tmp=t) == 0
+    assert run("cluster", str(cache), str(out), tmp=t) == 0
+    folder = out / folder_of(out, "Tony_Blair")
+    photo = sorted(p for p in os.listdir(folder) if p.endswith(".jpg") and p[0] != "_")[0]
+    assert run("reject", str(cache), str(folder / photo), tmp=t) == 0
+    assert run("cluster", str(cache), str(out), "--clean", tmp=t) == 0
+    m = json.loads((out / "manifest.json").read_text())
+    files = [f["file"] for c in m["clusters"] for f in c["faces"]] \
+        + [f["file"] for f in m["singletons"]]
+    assert photo not in files and len(files) >= 30
+
+
+@pytest.mark.parametrize("bad", ["../x", "_hidden", "person_004", ".x", "a/b", ""])
+def test_names_that_cannot_be_folders_are_refused(thirds, bad, capsys):
+    t, cache, out = thirds, thirds / "c.npz", thirds / "out"
+    assert run("embed", str(t / "a" / "Madonna"), str(cache), tmp=t) == 0
+    assert run("cluster", str(cache), str(out), tmp=t) == 0
+    assert run("name", str(cache), str(out / "person_001"), bad, tmp=t) == 1
+    assert capsys.readouterr().err.startswith("error:")
+    assert not os.path.exists(str(cache) + ".people.json")
+
+
+# ---------------------------------------------------------------------------- review server
+@pytest.fixture
+def served(thirds):
+    t, cache, out = thirds, thirds / "c.npz", thirds / "out"
+    assert run("embed", str(t / "a"), str(cache), tmp=t) == 0
+    assert run("cluster", str(cache), str(out), tmp=t) == 0
+    (t / "secret.txt").write_text("not yours")
+    os.symlink(t / "secret.txt", out / "link.txt")
+    server = sort_faces.ReviewServer(out)
+    thread = threading.Thread(target=server.serve, daemon=True)
+    thread.start()
+    yield t, cache, out, server
+    server.httpd.shutdown()
+    thread.join(10)
+
+
+def _get(url):
+    try:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def _post(url, body):
+    req = urllib.request.Request(url, json.dumps(body).encode(), method="POST",
+                                 headers={"Content-Type": "application/json"})
+    return _get(req)
+
+
+def test_the_server_needs_the_token_and_serves_only_out(served):
+    t, cache, out, server = served
+    base = f"http://127.0.0.1:{server.port}"
+    assert _get(base + "/index.html")[0] == 200
+    assert _post(base + "/api", {"op": "reject", "faces": ["x"]})[0] == 403
+    assert _post(base + "/api?token=wrong", {"op": "reject", "faces": ["x"]})[0] == 403
+    for path in ("/../secret.txt", "/%2e%2e/secret.txt", "/link.txt", "/..%2fsecret.txt",
+                 "/" + str(t / "secret.txt")):
+        status, body = _get(base + path)
+        assert status == 404 and b"not yours" not in body, path
+    assert not os.path.exists(str(cache) + ".people.json")
+    assert _post(f"{base}/api?token={server.token}", {"op": "undo"})[0] == 400
+
+
+@pytest.mark.skipif(not (shutil.which("chromium") and shutil.which("chromedriver")),
+                    reason="chromium and chromedriver not installed (apt: chromium "
+                           "chromium-driver)")
+def test_corrections_clicked_in_chromium_stick(served):
+    """Name, merge, move, reject and undo clicked on the page; `cluster --clean` shows
+    each of them."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+    t, cache, out, server = served
+    tony, hugo, madonna = (folder_of(out, p) for p in PEOPLE)
+    opts = webdriver.ChromeOptions()
+    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                f"--user-data-dir={t / 'profile'}"):
+        opts.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=opts)
+    done = [0]
+    js_click = lambda el: driver.execute_script(
+        "arguments[0].scrollIntoView({block: 'center'}); arguments[0].click()", el)
+
+    def act(click):
+        click()
+        done[0] += 1
+        WebDriverWait(driver, 20).until(
+            lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-sf-done")
+            == str(done[0]))
+        status = driver.find_element(By.ID, "sf-status").text
+        assert not status.startswith("error"), status
+        return status
+
+    def faces_of(section):
+        return driver.find_elements(By.CSS_SELECTOR, f'section[id="{section}"] img[data-face]')
+
+    try:
+        driver.get(server.url)
+        tools = lambda s: driver.find_element(By.CSS_SELECTOR, f'section[id="{s}"] .sf-tools')
+        tools(tony).find_element(By.CLASS_NAME, "sf-name").send_keys("Tony")
+        act(lambda: js_click(tools(tony).find_element(By.CLASS_NAME, "sf-name-btn")))
+        for s in (hugo, madonna):                                  # merge two people
+            js_click(tools(s).find_element(By.CLASS_NAME, "sf-tick"))
+        act(lambda: js_click(driver.find_element(By.ID, "sf-merge")))
+        moved = faces_of(tony)[0]                                   # move one face out
+        moved_id = moved.get_attribute("data-face")
+        js_click(moved)
+        Select(driver.find_element(By.ID, "sf-target")).select_by_value("")
+        driver.find_element(By.ID, "sf-newname").send_keys("Moved")
+        act(lambda: js_click(driver.find_element(By.ID, "sf-move")))
+        rejected = faces_of(hugo)[0]                                # reject one face
+        rejected_id = rejected.get_attribute("data-face")
+        js_click(rejected)
+        act(lambda: js_click(driver.find_element(By.ID, "sf-reject")))
+        undone = faces_of(madonna)[0]                               # reject, then undo
+        undone_id = undone.get_attribute("data-face")
+        js_click(undone)
+        act(lambda: js_click(driver.find_element(By.ID, "sf-reject")))
+        assert act(lambda: js_click(driver.find_element(By.ID, "sf-undo"))).startswith("undone")
+        logs = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+        assert not logs, logs
+    finally:
+        driver.quit()
+    assert run("cluster", str(cache), str(out), "--clean", tmp=t) == 0
+    m = json.loads((out / "manifest.json").read_text())
+    ids = {c["name"]: {sort_faces.face_id(f["sha256"], f["bbox"]) for f in c["faces"]}
+           for c in m["clusters"]}
+    who = people_in(out)
+    assert who["Tony"] == {"Tony_Blair"} and moved_id not in ids["Tony"]
+    assert ids["Moved"] == {moved_id}
+    merged = [n for n, w in who.items() if w == {"Hugo_Chavez", "Madonna"}]
+    assert len(merged) == 1 and undone_id in ids[merged[0]]
+    everywhere = set().union(*ids.values()) | {sort_faces.face_id(f["sha256"], f["bbox"])
+                                               for f in m["singletons"]}
+    assert rejected_id not in everywhere
