@@ -25,12 +25,14 @@ import errno
 import fcntl
 import hashlib
 import http.server
+import importlib
 import importlib.util
 import io
 import itertools
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import stat
@@ -40,10 +42,20 @@ import time
 import warnings
 from dataclasses import dataclass, field
 
-import faiss
 import numpy as np
-from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components
+
+
+class _LazyModule:
+    """A module imported on first use: `--help` and steps that never search stay quick."""
+
+    def __init__(self, name):
+        self._name = name
+
+    def __getattr__(self, attr):
+        return getattr(importlib.import_module(self._name), attr)
+
+
+faiss = _LazyModule("faiss")
 
 __all__ = [
     "SortFacesError", "main", "build_parser", "run_step", "HelpFormatter", "add_common_args",
@@ -179,7 +191,7 @@ class Console:
             stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
             self.log = open(os.path.join(log_dir, f"{stamp}-{step}-{os.getpid()}.log"),
                             "a", encoding="utf-8", errors="backslashreplace")
-            self._to_log(f"sort_faces {__version__} {step}: {' '.join(sys.argv)}")
+            self._to_log(f"sort_faces {__version__} {step}: {shlex.join(sys.argv)}")
         except OSError as exc:
             self.log = None
             self.info(f"warning: no log file in {log_dir}: {exc.strerror}")
@@ -766,27 +778,56 @@ def _session_options(threads):
     return so
 
 
-def load_models(pack, threads=None, det_thresh=DET_THRESH):
-    """Load the pack's models as insightface objects, with every setting explicit."""
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def onnx_providers(device):
+    """onnxruntime providers for --device: auto takes CUDA where onnxruntime has it."""
+    import onnxruntime as ort
+    have = ort.get_available_providers()
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    if "CUDAExecutionProvider" in have:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if device == "cuda":
+        raise SortFacesError(f"--device cuda: this onnxruntime has no CUDA provider (it has "
+                             f"{', '.join(have)}); install onnxruntime-gpu "
+                             f"(requirements-gpu.txt, README \"GPU\")")
+    return ["CPUExecutionProvider"]
+
+
+def load_models(pack, threads=None, det_thresh=DET_THRESH, device="auto", roles=None):
+    """Load the pack's models as insightface objects, with every setting explicit, on the
+    device onnxruntime actually gives (one line names it)."""
     from insightface.model_zoo import model_zoo
     threads = threads or os.cpu_count() or 1
+    providers = onnx_providers(device)
+    ctx = 0 if providers[0] == "CUDAExecutionProvider" else -1   # insightface: <0 = CPU
     want = {"det": "detection", "rec": "recognition", "lmk2d": "landmark_2d_106",
             "lmk3d": "landmark_3d_68"}
     models = {}
     with contextlib.redirect_stdout(sys.stderr):   # insightface chatters on stdout
         for role, path in pack.files.items():
-            model = model_zoo.get_model(path, providers=["CPUExecutionProvider"],
+            if roles and role not in roles:
+                continue
+            model = model_zoo.get_model(path, providers=providers,
                                         sess_options=_session_options(threads),
                                         static_shape_sessions=False)
             if model is None or model.taskname != want[role]:
                 raise SortFacesError(f"{path}: not a {want[role]} model "
                                      f"(got {getattr(model, 'taskname', None)})")
             if role == "det":
-                model.prepare(ctx_id=-1, input_size=(DET_SIZE, DET_SIZE),
+                model.prepare(ctx_id=ctx, input_size=(DET_SIZE, DET_SIZE),
                               det_thresh=det_thresh, nms_thresh=0.4)
             else:
-                model.prepare(ctx_id=-1)
+                model.prepare(ctx_id=ctx)
             models[role] = model
+    used = next(iter(models.values())).session.get_providers()[0] if models else providers[0]
+    if device == "cuda" and used != "CUDAExecutionProvider":
+        raise SortFacesError("--device cuda: onnxruntime could not start on the GPU (no "
+                             "visible NVIDIA GPU, or its driver/CUDA libraries are missing)")
+    CONSOLE.info(f"models: {pack.name} on {used.replace('ExecutionProvider', '')}"
+                 f" (--device {device})")
     return models
 
 
@@ -1257,6 +1298,9 @@ def load_cache(path, pack_name=None, must_exist=True):
         (enrichments if pmeta.get("kind") == "enrich" else chunks).append(cols)
         merged_parts.append(part)
     if meta is None:
+        if must_exist and os.path.isdir(path):
+            raise SortFacesError(f"{path} is a folder, not a cache: CACHE is the .npz file "
+                                 f"`embed` wrote (did you swap CACHE and OUT?)")
         if must_exist:
             raise SortFacesError(f"cache not found: {path}; create it with "
                                  f"`sort_faces.py embed SRC {path}`")
@@ -1664,21 +1708,25 @@ class EmbedStats:
 
 def embed_tree(src, cache_path, pack_name="default", model_dir=None, flush_every=FLUSH_EVERY,
                strict=False, threads=1, workers=None, det_size=DET_SIZE,
-               det_thresh=DET_THRESH, max_megapixels=MAX_MEGAPIXELS, retry_failed=False):
+               det_thresh=DET_THRESH, max_megapixels=MAX_MEGAPIXELS, retry_failed=False,
+               device="auto"):
     """Scan src and fold every new image into the cache. Returns EmbedStats."""
     t0 = time.monotonic()
     root = os.path.abspath(os.path.expanduser(src))
     cache_path = os.path.abspath(os.path.expanduser(cache_path))
     if not os.path.isdir(root):
-        raise SortFacesError(f"source folder not found: {src}")
+        raise SortFacesError(f"{src} is a file, not a folder: SRC is the folder of photos to "
+                             f"scan (did you swap SRC and CACHE?)" if os.path.exists(root)
+                             else f"source folder not found: {src}")
     if _inside(cache_path, root):
         raise SortFacesError(f"cache {cache_path} is inside the source tree {root}; "
                              f"the source is never written to: put the cache elsewhere")
     pack = locate_pack(pack_name, model_dir)
+    onnx_providers(device)                  # --device cuda without one: say so at once
     writer = CacheWriter(cache_path, pack, [root])
     stats = EmbedStats()
     try:
-        models = _LazyModels(pack, threads, det_thresh)
+        models = _LazyModels(pack, threads, det_thresh, device)
         workers = (os.cpu_count() or 1) if workers is None else workers
         _embed_loop(root, writer, models, stats, flush_every, strict, workers,
                     det_size, max_megapixels, retry_failed)
@@ -1722,9 +1770,9 @@ def fill_thumbnails(writer, flush_every=FLUSH_EVERY):
 class _LazyModels(dict):
     """Loads the models on first use, so a re-run with nothing new starts instantly."""
 
-    def __init__(self, pack, threads, det_thresh):
+    def __init__(self, pack, threads, det_thresh, device="auto"):
         super().__init__()
-        self._args = (pack, threads, det_thresh)
+        self._args = (pack, threads, det_thresh, device)
         self._lock = __import__("threading").Lock()
 
     def __missing__(self, role):
@@ -1843,13 +1891,14 @@ class EnrichStats:
 
 
 def enrich_cache(cache_path, model_dir=None, flush_every=FLUSH_EVERY, threads=None,
-                 strict=False):
+                 strict=False, device="auto"):
     """Add landmarks and head pose to every cached face that lacks them (resumable)."""
     t0 = time.monotonic()
     cache = load_cache(cache_path)
     name = cache.meta["pack"]["name"]
     roles = ("lmk2d", "lmk3d") if "lmk3d" in PACKS[name]["files"] else ("lmk2d",)
     pack = locate_pack(name, model_dir, roles=roles)
+    onnx_providers(device)
     writer = CacheWriter(cache.path, pack, [])
     stats = EnrichStats()
     try:
@@ -1859,7 +1908,7 @@ def enrich_cache(cache_path, model_dir=None, flush_every=FLUSH_EVERY, threads=No
         by_file = {}
         for i in todo.tolist():
             by_file.setdefault(int(cache.face_file[i]), []).append(i)
-        models = _LazyModels(pack, threads, DET_THRESH)
+        models = _LazyModels(pack, threads, DET_THRESH, device)
         aliases = cache.aliases()
         with progress(total=len(todo), unit="face", desc="enrich") as bar:
             for done, (f, faces) in enumerate(by_file.items(), 1):
@@ -2274,6 +2323,8 @@ def connected_groups(n, pairs):
     """Connected components of n nodes joined by pairs: lists of node indices (size >= 2)."""
     if not len(pairs):
         return []
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
     pairs = np.asarray(pairs)
     graph = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(n, n))
     _, labels = connected_components(graph, directed=False)
@@ -3142,7 +3193,7 @@ def find_duplicates(cache, hamming=DUP_HAMMING, face_distance=DUP_FACE_DISTANCE,
                       for f in files],
             "links": [{"a": str(cache.file_path[a]), "b": str(cache.file_path[b]),
                        "hamming": bits, "mirrored": mirrored,
-                       "face_distance": None if fd is None else round(fd, 4)}
+                       "face_distance": None if fd is None else round(max(fd, 0.0), 4)}
                       for a, b, bits, mirrored, fd in links if a in member]})
     near.sort(key=lambda g: -len(g["files"]))
     return identical, near
@@ -3566,6 +3617,7 @@ class ExportOptions:
     pad_ratio: float = PAD_RATIO
     top_n: int = TOP_N
     model_dir: str = None
+    device: str = "auto"
 
     @classmethod
     def from_args(cls, args):
@@ -3656,12 +3708,12 @@ def export_candidates(cache, raw_manifest, facesets, root, *, det, opts, aliases
     return found
 
 
-def swap_models(cache, model_dir=None):
+def swap_models(cache, model_dir=None, device="auto"):
     """The detector of the cache's pack (for the one-face check), loaded once per cache."""
     def load():
         pack = locate_pack(cache.meta["pack"]["name"], model_dir, roles=("det",))
-        return load_models(pack)["det"]
-    return cache.memo(("det", model_dir), load)
+        return load_models(pack, device=device)["det"]
+    return cache.memo(("det", model_dir, device), load)
 
 
 def require_enriched(cache, faces):
@@ -3753,7 +3805,7 @@ class SwapOut:
             cache, "export_outlier", opts.outlier_threshold))
         folder = safe_relpath(folder or name, "faceset folder")
         safe_component(name, "faceset name", SWAP_SUFFIX_BYTES)
-        det = swap_models(cache, opts.model_dir)
+        det = swap_models(cache, opts.model_dir, opts.device)
         dup_group = cache.memo("dup_group", lambda: near_duplicate_files(cache))
         stage = self.dir.stage(folder)
         fields, dropped = export_faceset(cache, name, members, stage, det=det, opts=opts,
@@ -4159,7 +4211,7 @@ def cmd_embed(args):
                        flush_every=args.flush_every, strict=args.strict,
                        threads=args.threads, workers=args.workers, det_size=args.det_size,
                        det_thresh=args.det_thresh, max_megapixels=args.max_megapixels,
-                       retry_failed=args.retry_failed)
+                       retry_failed=args.retry_failed, device=args.device)
     log_result(stats.line())
     return 130 if stats.interrupted else 0
 
@@ -4271,7 +4323,7 @@ def cmd_extend(args):
 def cmd_enrich(args):
     """Add 106-point landmarks (and 68-point 3D ones with buffalo_l) and head pose."""
     stats = enrich_cache(args.cache, model_dir=args.model_dir, flush_every=args.flush_every,
-                         threads=args.threads, strict=args.strict)
+                         threads=args.threads, strict=args.strict, device=args.device)
     log_result(stats.line())
     return 130 if stats.interrupted else 0
 
@@ -4301,7 +4353,7 @@ def cmd_export_swap(args):
             by_key = {tuple(e["key"]): e["name"] for e in entries}
             kept = [(by_key[tuple(k)], m) for _, m, k in facesets if tuple(k) in by_key]
             swap.candidates(lambda root: export_candidates(
-                cache, raw, kept, root, det=swap_models(cache, opts.model_dir), opts=opts,
+                cache, raw, kept, root, det=swap_models(cache, opts.model_dir, opts.device), opts=opts,
                 aliases=cache.aliases(), match=match,
                 min_score=args.candidate_min_score))
         swap.finish()
@@ -4421,6 +4473,14 @@ def add_identity_args(g, pair_flag="--threshold"):
                         + pack_defaults_help("margin"))
 
 
+def add_device_arg(p):
+    """--device, on every step that runs a model."""
+    p.add_argument("--device", choices=DEVICES, default="auto",
+                   help="where the models run: auto = the GPU when onnxruntime-gpu is "
+                        "installed and a GPU is visible, else the CPU; cuda = the GPU or an "
+                        "error saying what is missing")
+
+
 def add_model_dir_arg(p):
     p.add_argument("--model-dir", metavar="DIR",
                    help="folder holding the pack's .onnx files; unset: the vectron package "
@@ -4441,6 +4501,7 @@ def add_swap_args(p):
                    help="padding around the face on each side, as a fraction of its size")
     g.add_argument("--top-n", type=int, default=TOP_N, metavar="N",
                    help="PNGs in the <name>_top<N>.fsz bundle")
+    add_device_arg(g)
 
 
 def add_common_args(p):
@@ -4461,6 +4522,7 @@ def build_parser():
     p.add_argument("src", metavar="SRC", help="folder of photos (scanned recursively)")
     p.add_argument("cache", metavar="CACHE", help="the .npz cache to create or extend")
     _add_pack_args(p)
+    add_device_arg(p)
     g = p.add_argument_group("detection")
     g.add_argument("--det-size", type=int, default=DET_SIZE, metavar="PX",
                    help="longest side of the image the detector sees; larger finds smaller "
@@ -4492,6 +4554,7 @@ def build_parser():
                        "(recorded per face in face_pose_method).", formatter_class=HelpFormatter)
     p.add_argument("cache", metavar="CACHE", help="cache written by `embed`")
     add_model_dir_arg(p)
+    add_device_arg(p)
     p.add_argument("--flush-every", type=int, default=FLUSH_EVERY, metavar="N",
                    help="save progress every N photos")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, metavar="N",

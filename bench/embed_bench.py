@@ -160,7 +160,7 @@ def tool_run(src, tmp_root, threads, workers):
     """embed_tree into a fresh cache; returns (faces, failed)."""
     d = tempfile.mkdtemp(prefix="cache-", dir=tmp_root)
     try:
-        kw = {}
+        kw = {"device": DEVICE}
         if threads is not None:
             kw["threads"] = threads
         if workers is not None:
@@ -292,6 +292,9 @@ def build_parser():
                    help="folder holding labeled/ and groups/")
     p.add_argument("--sets", default="labeled,large,big",
                    help="comma list of image sets to run: labeled, large, big")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu",
+                   help="where the tool's runs put the models (the naive baseline stays on "
+                        "the CPU, so x naive is the GPU's gain over the CPU loop)")
     p.add_argument("--repeat", type=int, default=3,
                    help="timed runs per method and set; the median is reported")
     p.add_argument("--warmup", type=int, default=1,
@@ -322,8 +325,13 @@ def build_parser():
     return p
 
 
+DEVICE = "cpu"        #: --device of the tool's runs
+
+
 def main(argv=None):
+    global DEVICE
     args = build_parser().parse_args(argv)
+    DEVICE = args.device
     import_tool(os.path.abspath(args.module))
     warnings.simplefilter("ignore", FutureWarning)    # skimage deprecation in insightface
     sort_faces.CONSOLE.quiet = True                   # no progress bars

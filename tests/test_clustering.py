@@ -121,3 +121,42 @@ def test_labels_to_groups_matches_the_obvious_loop():
     assert [g.tolist() for g in groups] == [np.flatnonzero(labels == c).tolist()
                                             for c in np.unique(labels)]
     assert sort_faces.labels_to_groups([]) == []
+
+
+def _tiny_cache(emb, files):
+    """A Cache over given unit embeddings, one photo per distinct files entry."""
+    n_files = int(max(files)) + 1
+    cols = {"face_emb": np.asarray(emb, np.float32), "face_file": np.asarray(files, np.int64),
+            "face_bbox": np.tile(np.float32([0, 0, 100, 100]), (len(emb), 1)),
+            "file_path": np.array([f"/p/{f}.jpg" for f in range(n_files)]),
+            "file_sha256": np.array([f"{f:064x}" for f in range(n_files)]),
+            "file_status": np.full(n_files, "ok")}
+    cache = sort_faces.Cache("/nonexistent/tiny.npz", {"pack": {"name": "default"}}, cols)
+    return cache
+
+
+def _near(direction, n, spread, rng):
+    x = direction + spread * rng.standard_normal((n, len(direction))) / np.sqrt(len(direction))
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_fold_in_grows_old_people_and_keeps_the_rest_new():
+    """Old people gain their new faces and never merge; a new person forms apart; a
+    stranger stays alone; a rejected face is ignored."""
+    rng = np.random.default_rng(0)
+    e = np.eye(64)
+    a, b, c = _near(e[0], 6, 0.5, rng), _near(e[1], 6, 0.5, rng), _near(e[2], 5, 0.5, rng)
+    stranger = e[3]
+    new_a = _near(e[0], 3, 0.5, rng)
+    emb = np.vstack([a, b, new_a, c, stranger[None], new_a[:1]])
+    cache = _tiny_cache(emb, np.arange(len(emb)))
+    old = [list(range(0, 6)), list(range(6, 12))]
+    new = np.arange(12, len(emb))
+    rule = sort_faces.identity_rule(cache)
+    joined, fresh = sort_faces.fold_in(cache, old, new, rule)
+    assert joined == {0: [12, 13, 14, 21]}
+    assert sorted(map(sorted, fresh)) == [[15, 16, 17, 18, 19], [20]]
+    corr = sort_faces.Corrections(np.full(len(emb), -1), np.zeros(0, np.int64), [],
+                                  np.zeros((0, 2), np.int64), np.isin(np.arange(len(emb)), [21]))
+    joined, _ = sort_faces.fold_in(cache, old, new, rule, corr=corr)
+    assert joined == {0: [12, 13, 14]}

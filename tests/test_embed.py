@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 import sort_faces
@@ -313,3 +314,37 @@ def test_ctrl_c_saves_progress_and_rerun_completes(copy_photos, tmp_path):
     for p in partial.file_path.tolist():
         assert (done.face_emb[done.face_file == done.by_path[p]]
                 == partial.face_emb[partial.face_file == partial.by_path[p]]).all()
+
+
+# ---------------------------------------------------------------------------- --device
+def _has_cuda():
+    import onnxruntime as ort
+    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+@pytest.mark.skipif(_has_cuda(), reason="this machine has a CUDA onnxruntime")
+def test_device_cuda_without_a_gpu_is_one_error_line(copy_photos, tmp_path, capsys):
+    src = tmp_path / "src"
+    copy_photos(src, ["insightface_t1.jpg"], src="groups")
+    rc = sort_faces.main(["embed", str(src), str(tmp_path / "c.npz"), "-q", "--device", "cuda",
+                          "--log-dir", str(tmp_path / "logs")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and len(err) == 1 and err[0].startswith("error: --device cuda:")
+    assert "onnxruntime-gpu" in err[0]
+    assert not (tmp_path / "c.npz").exists()
+
+
+@pytest.mark.skipif(not _has_cuda(), reason="no CUDA onnxruntime (onnxruntime-gpu) here")
+def test_gpu_and_cpu_embeddings_agree(copy_photos, tmp_path):
+    """Same photos on both devices: every face found on both, cosine >= 0.999 per face."""
+    src = tmp_path / "src"
+    copy_photos(src, spread(labeled_photos(), 40))
+    caches = {}
+    for device in ("cpu", "cuda"):
+        path = tmp_path / f"{device}.npz"
+        assert sort_faces.main(["embed", str(src), str(path), "-q", "--device", device,
+                                "--log-dir", str(tmp_path / "logs")]) == 0
+        caches[device] = sort_faces.load_cache(path)
+    cpu, gpu = caches["cpu"], caches["cuda"]
+    assert cpu.n_faces == gpu.n_faces
+    assert (np.sum(cpu.face_emb * gpu.face_emb, axis=1) >= 0.999).all()

@@ -180,7 +180,8 @@ def split(cache, swap, args):
     faces, roots = person_faces(cache, swap, entry, th, args)
     reader = YearReader(args.exif_cache, args.use_mtime)
     years = [reader.year(str(cache.file_path[cache.face_file[i]])) for i in faces]
-    reader.save()
+    if not (args.dry_run or args.probe):          # a probe or dry run writes nothing
+        reader.save()
     sf.CONSOLE.info(f"{args.faceset}: {len(faces)} faces under {len(roots)} source folders; "
                     f"{reader.reads} EXIF reads")
     if not len(faces):
