@@ -180,8 +180,7 @@ def split(cache, swap, args):
     faces, roots = person_faces(cache, swap, entry, th, args)
     reader = YearReader(args.exif_cache, args.use_mtime)
     years = [reader.year(str(cache.file_path[cache.face_file[i]])) for i in faces]
-    if not (args.dry_run or args.probe):          # a probe or dry run writes nothing
-        reader.save()
+    reader.save()                 # a cache of photo years, outside OUT (also on --probe)
     sf.CONSOLE.info(f"{args.faceset}: {len(faces)} faces under {len(roots)} source folders; "
                     f"{reader.reads} EXIF reads")
     if not len(faces):
@@ -227,7 +226,9 @@ def build_parser():
     sf.add_workflow_args(p)
     p.add_argument("--faceset", required=True, metavar="NAME", help="faceset to split")
     p.add_argument("--probe", action="store_true",
-                   help="print distances, sub-cluster sizes and years; write nothing")
+                   help="print distances, sub-cluster sizes and years; nothing is written "
+                        "to OUT (photo years are still remembered in --exif-cache, so the "
+                        "next run reads no EXIF)")
     g = p.add_argument_group("split (unset thresholds: the pack's, sort_faces.PACK_THRESHOLDS)")
     for flag, key, what in (("--recover-threshold", "outlier", "recover faces this close to "
                              "the seed"), ("--recentre-threshold", "export_outlier",
