@@ -102,6 +102,14 @@ CONTACT_PEOPLE = 1000         #: _contact.jpg for the largest people only
 THUMB_MARGIN = 1.3            #: thumbnail side / face box side
 THUMB_QUALITY = 80            #: JPEG quality of stored thumbnails (~3 KB each)
 OUT_SIZE = 512                #: pixels, side of an exported PNG
+EMBEDDING_DIM = 512           #: length of a face embedding (both packs)
+SWAP_VIEW = 640               #: the letterbox swap tools detect in (insightface's default)
+SAME_FACE_IOU = 0.3           #: boxes overlapping this much are one face seen twice
+RETRY_PADS = (0.3, 0.15)      #: tighter paddings tried when a crop shows a second face
+#: composite quality normalisers (README "composite quality"): frontality reaches 0 at
+#: FRONTAL_DEG off-axis, det_score counts from DET_FLOOR, size from SIZE_BASE px over
+#: SIZE_OCTAVES doublings
+FRONTAL_DEG, DET_FLOOR, SIZE_BASE, SIZE_OCTAVES = 60.0, 0.5, 64.0, 3.0
 PAD_RATIO = 0.5               #: face size added around the face on each side of a crop
 TOP_N = 30                    #: PNGs in the top-N bundle
 CANDIDATE_MIN_SCORE = 0.40    #: composite quality a candidate needs
@@ -715,7 +723,7 @@ class Pack:
 
     def identity(self):
         """What a cache records so that embeddings of different models never mix."""
-        return {"name": self.name, "embedding_size": 512,
+        return {"name": self.name, "embedding_size": EMBEDDING_DIM,
                 "det_sha256": self.sha256["det"], "rec_sha256": self.sha256["rec"]}
 
 
@@ -1014,7 +1022,7 @@ def face_thumb(bgr, box):
 @dataclass
 class Faces:
     """Faces of one image, as columns; coordinates in original (oriented) pixels."""
-    emb: np.ndarray       # (n, 512) float32, L2-normalised
+    emb: np.ndarray       # (n, EMBEDDING_DIM) float32, L2-normalised
     bbox: np.ndarray      # (n, 4) float32 x1 y1 x2 y2
     kps: np.ndarray       # (n, 5, 2) float32
     det_score: np.ndarray
@@ -1058,7 +1066,7 @@ def embed_faces(models, decoded, det_size=DET_SIZE):
         bbox, kps, score = detect_faces(models["det"], decoded.bgr, det_size, upscale=True)
     n = len(bbox)
     if n == 0:
-        return Faces(np.zeros((0, 512), np.float32), bbox, kps, score,
+        return Faces(np.zeros((0, EMBEDDING_DIM), np.float32), bbox, kps, score,
                      np.zeros(0, np.float32), np.zeros(0, np.float32))
     crops = [face_align.norm_crop(decoded.bgr, k) for k in kps]
     emb = models["rec"].get_feat(crops).astype(np.float32)
@@ -1120,7 +1128,7 @@ FILE_COLS = {"path": "U", "sha256": "U", "size": np.int64, "mtime_ns": np.int64,
 #: Columns that describe a file's content (not its path): an alias that becomes the owner of
 #: a content inherits them.
 CONTENT_COLS = ("width", "height", "phash", "phash_flip")
-FACE_COLS = {"emb": (np.float32, (512,)), "file": (np.int64, ()), "bbox": (np.float32, (4,)),
+FACE_COLS = {"emb": (np.float32, (EMBEDDING_DIM,)), "file": (np.int64, ()), "bbox": (np.float32, (4,)),
              "kps": (np.float32, (5, 2)), "det_score": (np.float32, ()),
              "short": (np.float32, ()), "blur": (np.float32, ()),
              # added by `enrich` (zeros until then): original-pixel landmarks, head pose in
@@ -1128,6 +1136,7 @@ FACE_COLS = {"emb": (np.float32, (512,)), "file": (np.int64, ()), "bbox": (np.fl
              "lmk106": (np.float32, (106, 2)), "lmk68": (np.float32, (68, 3)),
              "pose": (np.float32, (3,)), "pose_method": (np.int8, ())}
 POSE_METHODS = {0: "none", 1: "3d68", 2: "pnp106"}   #: face_pose_method codes
+ENRICH_COLS = ("lmk106", "lmk68", "pose", "pose_method")   #: the face columns enrich fills
 
 
 def _empty_columns():
@@ -1142,7 +1151,12 @@ _EMPTY_COLUMNS = _empty_columns()
 
 
 class Cache:
-    """The merged view of a cache: numpy columns for files (file_*) and faces (face_*)."""
+    """The merged view of a cache: numpy columns for files and faces, as attributes named
+    file_<column> (FILE_COLS: file_path, file_sha256, file_size, file_mtime_ns,
+    file_status, file_error, file_width, file_height, file_n_faces, file_phash,
+    file_phash_flip, file_enrich_error) and face_<column> (FACE_COLS: face_emb, face_file,
+    face_bbox, face_kps, face_det_score, face_short, face_blur, and enrich's face_lmk106,
+    face_lmk68, face_pose, face_pose_method)."""
 
     def __init__(self, path, meta, cols):
         self.path = path
@@ -1351,7 +1365,7 @@ def apply_enrichment(cols, e):
         for j, (s, b) in enumerate(zip(e["key_sha256"].tolist(), e["key_bbox"])):
             i = index.get((s, b.astype(np.float32).tobytes()))
             if i is not None:
-                for k in ("lmk106", "lmk68", "pose", "pose_method"):
+                for k in ENRICH_COLS:
                     cols[f"face_{k}"][i] = e[k][j]
     if len(e["error_path"]):
         row = {p: i for i, p in enumerate(cols["file_path"].tolist())}
@@ -1449,9 +1463,11 @@ class CacheWriter:
 
     def add(self, path, sha256="", size=0, mtime_ns=0, status="ok", error="",
             width=0, height=0, faces=None, phash=(0, 0)):
-        n = len(faces) if faces is not None else 0
-        self._files.append((path, sha256, size, mtime_ns, status, error, width, height, n,
-                            *phash, ""))
+        self._files.append({"path": path, "sha256": sha256, "size": size,
+                            "mtime_ns": mtime_ns, "status": status, "error": error,
+                            "width": width, "height": height,
+                            "n_faces": len(faces) if faces is not None else 0,
+                            "phash": phash[0], "phash_flip": phash[1], "enrich_error": ""})
         if faces is not None and status == "ok":
             self._faces.append((len(self._files) - 1, faces))
             self.known.add(sha256)
@@ -1474,7 +1490,7 @@ class CacheWriter:
             return
         cols = {"key_sha256": np.array([r[0] for r in self._enrich], dtype=str),
                 "key_bbox": np.array([r[1] for r in self._enrich], np.float32).reshape(-1, 4)}
-        for j, k in enumerate(("lmk106", "lmk68", "pose", "pose_method"), 2):
+        for j, k in enumerate(ENRICH_COLS, 2):
             shape, dtype = FACE_COLS[k][1], FACE_COLS[k][0]
             cols[k] = np.array([r[j] for r in self._enrich], dtype).reshape((-1,) + shape)
         cols["error_path"] = np.array([e[0] for e in self._enrich_errors], dtype=str)
@@ -1497,9 +1513,9 @@ class CacheWriter:
         self._flush_enrichment()
         if not self._files:
             return
-        cols = {f"file_{k}": np.array([r[j] for r in self._files],
+        cols = {f"file_{k}": np.array([r[k] for r in self._files],
                                       dtype=(t if t != "U" else str))
-                for j, (k, t) in enumerate(FILE_COLS.items())}
+                for k, t in FILE_COLS.items()}
         faces = [(i, f) for i, f in self._faces if len(f)]
         empty = _empty_columns()
         for k in FACE_COLS:
@@ -3446,10 +3462,11 @@ def quality_components(cache, idx):
     idx = np.asarray(idx, np.int64)
     pitch, yaw = cache.face_pose[idx, 0], cache.face_pose[idx, 1]
     comp = {
-        "frontality": 1.0 - np.clip(np.hypot(yaw, pitch) / 60.0, 0, 1),
-        "det_score": np.clip((cache.face_det_score[idx] - 0.5) / 0.5, 0, 1),
+        "frontality": 1.0 - np.clip(np.hypot(yaw, pitch) / FRONTAL_DEG, 0, 1),
+        "det_score": np.clip((cache.face_det_score[idx] - DET_FLOOR) / (1 - DET_FLOOR), 0, 1),
         "symmetry": np.array([landmark_symmetry(cache.face_lmk106[i]) for i in idx]),
-        "size": np.clip(np.log2(np.maximum(cache.face_short[idx], 1) / 64.0) / 3.0, 0, 1),
+        "size": np.clip(np.log2(np.maximum(cache.face_short[idx], 1) / SIZE_BASE)
+                        / SIZE_OCTAVES, 0, 1),
         "sharpness": np.clip((np.log10(np.maximum(cache.face_blur[idx], 1)) - 1) / 2, 0, 1),
     }
     comp["total"] = sum(w * comp[k] for k, w in QUALITY_WEIGHTS.items())
@@ -3489,15 +3506,16 @@ def _face_views(det, img):
     """Faces a swap tool could find in img, per view: native size, and the 640x640
     letterbox insightface's FaceAnalysis uses; both at the swap tools' usual score 0.5."""
     native, _, _ = detect_faces(det, img, det_thresh=RECHECK_THRESH)
-    letterbox, _ = det.detect(img, input_size=(640, 640), det_thresh=RECHECK_THRESH)
+    letterbox, _ = det.detect(img, input_size=(SWAP_VIEW, SWAP_VIEW),
+                              det_thresh=RECHECK_THRESH)
     return [list(native[:, :4]), list(letterbox[:, :4])]
 
 
 def _one_face(det, img, box):
     """(is the face at box found in every view, the other faces any view finds)."""
     views = _face_views(det, img)
-    found = all(any(box_iou(f, box) >= 0.3 for f in view) for view in views)
-    others = [f for view in views for f in view if box_iou(f, box) < 0.3]
+    found = all(any(box_iou(f, box) >= SAME_FACE_IOU for f in view) for view in views)
+    others = [f for view in views for f in view if box_iou(f, box) < SAME_FACE_IOU]
     return found, others
 
 
@@ -3520,7 +3538,7 @@ def single_face_crop(det, bgr, bbox, out_size=OUT_SIZE, pad_ratio=PAD_RATIO):
         return None, "the face is not found again in its crop"
     if not others:
         return crop, "none"
-    for pad in (p for p in (0.3, 0.15) if p < pad_ratio):
+    for pad in (p for p in RETRY_PADS if p < pad_ratio):
         smaller, sbox = _crop_at(bgr, bbox, out_size, pad)
         ok, rest = _one_face(det, smaller, sbox)
         if ok and not rest:
@@ -3528,7 +3546,7 @@ def single_face_crop(det, bgr, bbox, out_size=OUT_SIZE, pad_ratio=PAD_RATIO):
     masked = crop.copy()
     for f in others:
         x1, y1, x2, y2 = np.clip(np.round(f), 0, out_size).astype(int)
-        if x2 > x1 and y2 > y1 and box_iou(f, box) < 0.3:
+        if x2 > x1 and y2 > y1 and box_iou(f, box) < SAME_FACE_IOU:
             masked[y1:y2, x1:x2] = cv2.blur(masked[y1:y2, x1:x2], (31, 31)).mean(axis=(0, 1))
     ok, rest = _one_face(det, masked, box)
     if ok and not rest:
@@ -3793,7 +3811,7 @@ class SwapOut:
                 except (OSError, ValueError) as exc:
                     raise SortFacesError(f"{path}: unreadable faceset embedding "
                                          f"({_errno_text(exc)})")
-        return np.stack(cents).astype(np.float32) if cents else np.zeros((0, 512), np.float32)
+        return np.stack(cents).astype(np.float32) if cents else np.zeros((0, EMBEDDING_DIM), np.float32)
 
     def add(self, name, members, opts, *, source, key=None, folder=None, extra=None,
             note=None):
@@ -4417,9 +4435,11 @@ def _add_output_args(p):
                    help="print the cluster sizes, write nothing")
 
 
-def add_link_arg(p):
-    p.add_argument("--link", choices=("copy", "hardlink", "symlink"), default="copy",
-                   help="how photos land in OUT (sources are never moved)")
+def add_link_arg(p, default="copy"):
+    """--link: how photos land in OUT; extend's default is unset (as the output was made)."""
+    p.add_argument("--link", choices=("copy", "hardlink", "symlink"), default=default,
+                   help="how photos land in OUT (sources are never moved)"
+                        + ("" if default else "; unset: as the output was made"))
 
 
 def add_clean_arg(p):
@@ -4638,9 +4658,7 @@ def build_parser():
     p.add_argument("--join-margin", type=float, default=None, metavar="DIST",
                    help="...if that person is this much nearer than the next; unset: the "
                         "output's own")
-    p.add_argument("--link", choices=("copy", "hardlink", "symlink"), default=None,
-                   help="how photos land in the folders (sources are never moved); unset: "
-                        "as the output was made")
+    add_link_arg(p, default=None)
     add_common_args(p)
     p.set_defaults(func=cmd_extend)
 

@@ -132,7 +132,7 @@ def labeled_truth(cache):
             faces = np.flatnonzero(cache.face_file == file)
             best = max(faces, key=lambda i: sort_faces.box_iou(cache.face_bbox[i], box),
                        default=None)
-            if best is not None and sort_faces.box_iou(cache.face_bbox[best], box) >= 0.3:
+            if best is not None and sort_faces.box_iou(cache.face_bbox[best], box) >= sort_faces.SAME_FACE_IOU:
                 who = row["identity"]
                 truth[int(best)] = who if who != "distractors" else "distractor:" + row["relpath"]
     return truth

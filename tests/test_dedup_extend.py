@@ -111,11 +111,7 @@ def _identity_of(cache):
         box = boxes.get(rel)
         if not box or rel.startswith("distractors/"):
             continue
-        b = cache.face_bbox[i]
-        inter = max(0, min(b[2], box[2]) - max(b[0], box[0])) * \
-            max(0, min(b[3], box[3]) - max(b[1], box[1]))
-        union = (b[2] - b[0]) * (b[3] - b[1]) + (box[2] - box[0]) * (box[3] - box[1]) - inter
-        if inter / union >= 0.3:
+        if sort_faces.box_iou(cache.face_bbox[i], box) >= sort_faces.SAME_FACE_IOU:
             out[i] = rel.split("/")[0]
     return out
 

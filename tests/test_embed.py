@@ -70,8 +70,9 @@ def test_labeled_face_found_in_at_least_97_percent(labeled_cache):
     for r in rows:
         box = [float(v) for v in r["labeled_face_box_x1_y1_x2_y2"].split()]
         i = cache.by_path[str(root / r["relpath"])]
-        best = max((sort_faces.box_iou(box, b) for b in cache.face_bbox[cache.face_file == i]), default=0.0)
-        if best >= 0.3:
+        best = max((sort_faces.box_iou(box, b) for b in cache.face_bbox[cache.face_file == i]),
+                   default=0.0)
+        if best >= sort_faces.SAME_FACE_IOU:
             found += 1
         else:
             missed.append((r["relpath"], round(best, 2)))

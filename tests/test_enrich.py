@@ -89,7 +89,8 @@ def test_median_yaw_of_lfw_photos_is_small(enriched_labeled):
     yaws = []
     for i in range(c.n_faces):
         rel = os.path.relpath(str(c.file_path[c.face_file[i]]), DATA / "labeled")
-        if rel in lfw and rel in boxes and sort_faces.box_iou(c.face_bbox[i], boxes[rel]) >= 0.3:
+        if rel in lfw and rel in boxes \
+                and sort_faces.box_iou(c.face_bbox[i], boxes[rel]) >= sort_faces.SAME_FACE_IOU:
             yaws.append(float(c.face_pose[i, 1]))
     assert len(yaws) >= 100, len(yaws)                  # 115 LFW photos
     assert np.median(np.abs(yaws)) < 20, np.median(np.abs(yaws))
@@ -128,7 +129,8 @@ def test_mirrored_photo_gets_opposite_yaw(copy_photos, tmp_path, capsys):
             x1, y1, x2, y2 = c.face_bbox[i]
             flipped = [W - x2, y1, W - x1, y2]
             j = max(theirs, key=lambda j: sort_faces.box_iou(flipped, c.face_bbox[j]))
-            assert sort_faces.box_iou(flipped, c.face_bbox[j]) >= 0.7, (rel, c.face_bbox[i], c.face_bbox[j])
+            assert sort_faces.box_iou(flipped, c.face_bbox[j]) >= 0.7, \
+                (rel, c.face_bbox[i], c.face_bbox[j])
             (pitch, yaw, _), (pitch_m, yaw_m, _) = c.face_pose[i], c.face_pose[j]
             if sign:
                 assert sign * yaw > 10 and sign * yaw_m < -10, (rel, yaw, yaw_m)
