@@ -16,6 +16,7 @@ __version__ = "0.1.0"
 # Imports
 # ============================================================================
 import argparse
+import base64
 import collections.abc
 import concurrent.futures
 import contextlib
@@ -2439,7 +2440,8 @@ def _review_blocks(sections):
 def write_review(cache, root, sections, noface_paths):
     """The review pages: root/index.html and root/_thumbs/page_NNNN.html (static, they open
     from disk), at most PAGE_FACES thumbnails each, so a 100k-face result opens quickly.
-    Thumbnails come from the cache's ThumbStore: no photo is decoded. sections: [(name,
+    Thumbnails come from the cache's ThumbStore (no photo is decoded) and are inlined as
+    data: URIs (a file per face would cost more than the page). sections: [(name,
     folder or None, faces)], faces closest to the centre first. Returns {section name:
     contact sheet} for the CONTACT_PEOPLE first sections with a folder."""
     import html
@@ -2452,9 +2454,10 @@ def write_review(cache, root, sections, noface_paths):
     if lacking:
         CONSOLE.info(f"{lacking} faces have no stored thumbnail (grey on the page): run "
                      f"`embed` on the cache once to make them")
-    thumbs = os.path.join(root, "_thumbs")
-    os.makedirs(thumbs, exist_ok=True)
-    write_file(os.path.join(thumbs, "_none.jpg"), encode_image(_decode_jpeg(b"")))
+    os.makedirs(os.path.join(root, "_thumbs"), exist_ok=True)
+    uri = lambda data: "data:image/jpeg;base64," + base64.b64encode(data).decode("ascii")
+    none = uri(encode_image(_decode_jpeg(b"")))
+    counts = {name: len(f) for name, _, f in sections}
     pages, size = [[]], 0
     for b in blocks:
         if pages[-1] and size + len(b[3]) > PAGE_FACES:
@@ -2473,19 +2476,16 @@ def write_review(cache, root, sections, noface_paths):
         parts = []
         for bid, name, folder, shown, hidden in page:
             imgs = []
-            for k, i in shown:
-                src = f"{name}/{k + 1:05d}.jpg" if jpegs[i] else "_none.jpg"
-                if jpegs[i]:
-                    write_file(os.path.join(thumbs, src), jpegs[i])
+            for _, i in shown:
                 title = html.escape(str(cache.file_path[int(cache.face_file[i])]))
                 fid = face_id(cache.file_sha256[cache.face_file[i]], cache.face_bbox[i])
-                imgs.append(f'<img src="{quote(up and src or "_thumbs/" + src)}" '
-                            f'title="{title}" loading="lazy" width="{THUMB_PX}" '
-                            f'height="{THUMB_PX}" alt="" data-face="{fid}">')
+                imgs.append(f'<img src="{uri(jpegs[i]) if jpegs[i] else none}" '
+                            f'{"" if jpegs[i] else "class=none "}title="{title}" '
+                            f'width="{THUMB_PX}" height="{THUMB_PX}" alt="" data-face="{fid}">')
             if hidden:
                 cut = len(shown) - SECTION_FACES // 3
                 imgs.insert(cut, f'<span class="more">… {hidden} more in the folder …</span>')
-            faces = next(len(f) for nm, _, f in sections if nm == name)
+            faces = counts[name]
             link = f' <a href="{up}{quote(folder)}/">open folder</a>' if folder else ""
             parts.append(f'<section id="{html.escape(bid)}"><h2>{html.escape(name)} '
                          f'<small>{faces} faces</small>{link}</h2>\n{"".join(imgs)}</section>')

@@ -107,11 +107,11 @@ def test_review_page_lists_every_cluster(clustered):
     page = (out / "index.html").read_text()
     sections = re.findall(r'<section id="([^"]+)"', page)
     assert sections == [c["name"] for c in m["clusters"]] + ["_singletons", "_noface"]
-    srcs = re.findall(r'<img src="([^"]+)"', page)
-    assert all((out / src).is_file() for src in srcs)
-    assert "_thumbs/_none.jpg" not in srcs                # every face has its thumbnail
+    imgs = _images(page)
+    assert all(_decodes(src) for src, _ in imgs)
+    assert not any(none for _, none in imgs)               # every face has its thumbnail
     shown = lambda n: min(n, sort_faces.SECTION_FACES)
-    assert len(srcs) == sum(shown(len(c["faces"])) for c in m["clusters"]) \
+    assert len(imgs) == sum(shown(len(c["faces"])) for c in m["clusters"]) \
         + len(m["singletons"])
 
 
@@ -270,11 +270,29 @@ def test_refine_dry_run_and_the_packs_defaults(mixed_cache, tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------- review page
-def _page_images(page_path):
-    """(img paths resolved from the page's folder, section ids) of one review page."""
+def _images(html_text):
+    """[(src, is the grey no-thumbnail tile)] of the page's face thumbnails."""
+    return [(src, " class=none " in tag) for tag, src in
+            re.findall(r'(<img src="([^"]+)"[^>]*>)', html_text)]
+
+
+def _decodes(src):
+    """A thumbnail inlined as a JPEG data: URI that decodes to a real image."""
+    import base64
+    import cv2
+    import numpy as np
+    head, _, data = src.partition(",")
+    if head != "data:image/jpeg;base64":
+        return False
+    img = cv2.imdecode(np.frombuffer(base64.b64decode(data), np.uint8), cv2.IMREAD_COLOR)
+    return img is not None and img.shape[:2] == (sort_faces.THUMB_PX, sort_faces.THUMB_PX)
+
+
+def _sections(page_path):
+    """{section id: [(src, none)]} of one review page."""
     text = page_path.read_text()
-    imgs = [page_path.parent / s for s in re.findall(r'<img src="([^"]+)"', text)]
-    return imgs, re.findall(r'<section id="([^"]+)"', text)
+    return {sid: _images(body) for sid, body in
+            re.findall(r'<section id="([^"]+)"(.*?)</section>', text, re.S)}
 
 
 def test_the_page_is_made_without_the_photos(copy_photos, tmp_path):
@@ -288,8 +306,8 @@ def test_the_page_is_made_without_the_photos(copy_photos, tmp_path):
     shutil.rmtree(src)
     out = tmp_path / "out"
     assert sort_faces.main(["cluster", str(tmp_path / "c.npz"), str(out), "-q", *logs]) == 0
-    imgs, _ = _page_images(out / "index.html")
-    assert len(imgs) >= 12 and all(p.is_file() and p.name != "_none.jpg" for p in imgs)
+    imgs = _images((out / "index.html").read_text())
+    assert len(imgs) >= 12 and all(_decodes(src) and not none for src, none in imgs)
     assert [p.name for p in (out / "person_001").glob("*.jpg")] == ["_contact.jpg"]
 
 
@@ -302,7 +320,7 @@ def test_an_older_cache_gets_its_thumbnails_once(copy_photos, tmp_path, capsys):
     shutil.rmtree(str(cache) + ".thumbs")                   # as a cache made before the store
     out = tmp_path / "out"
     assert sort_faces.main(["cluster", str(cache), str(out), "-q", *logs]) == 0
-    assert {p.name for p in _page_images(out / "index.html")[0]} == {"_none.jpg"}
+    assert {none for _, none in _images((out / "index.html").read_text())} == {True}
     capsys.readouterr()
     assert sort_faces.main(["embed", str(src), str(cache), *logs]) == 0
     assert "thumbnails made for" in capsys.readouterr().out
@@ -311,8 +329,8 @@ def test_an_older_cache_gets_its_thumbnails_once(copy_photos, tmp_path, capsys):
     assert "thumbnails made for" not in capsys.readouterr().out
     assert sorted(os.listdir(str(cache) + ".thumbs")) == batches
     assert sort_faces.main(["cluster", str(cache), str(out), "-q", "--clean", *logs]) == 0
-    imgs = _page_images(out / "index.html")[0]
-    assert imgs and all(p.is_file() and p.name != "_none.jpg" for p in imgs)
+    imgs = _images((out / "index.html").read_text())
+    assert imgs and all(_decodes(src) and not none for src, none in imgs)
 
 
 def test_a_big_result_is_paged(mixed_cache, tmp_path, monkeypatch):
@@ -327,16 +345,19 @@ def test_a_big_result_is_paged(mixed_cache, tmp_path, monkeypatch):
     pages = [out / "index.html"] + sorted((out / "_thumbs").glob("page_*.html"))
     assert len(pages) >= 5
     seen, singles = [], 0
+    shown = {}
     for page in pages:
-        imgs, ids = _page_images(page)
-        assert 0 < len(imgs) <= 40 and all(p.is_file() for p in imgs)
+        sections = _sections(page)
+        imgs = [img for found in sections.values() for img in found]
+        assert 0 < len(imgs) <= 40 and all(_decodes(src) for src, _ in imgs)
         for link in re.findall(r'<nav>pages: (.*?)</nav>', page.read_text())[0].split():
             href = re.search(r'href="([^"]+)"', link)
             assert href is None or (page.parent / href.group(1)).resolve() in \
                 [p.resolve() for p in pages]
-        seen += [i for i in ids if i.startswith("person_")]
-        singles += sum(1 for p in imgs if p.parent.name == "_singletons")
+        seen += [i for i in sections if i.startswith("person_")]
+        singles += sum(len(v) for k, v in sections.items() if k.startswith("_singletons"))
+        shown.update(sections)
     assert seen == [c["name"] for c in m["clusters"]]
     assert singles == len(m["singletons"])
     big = max(m["clusters"], key=lambda c: len(c["faces"]))
-    assert len(list((out / "_thumbs" / big["name"]).glob("*.jpg"))) == 9
+    assert len(shown[big["name"]]) == 9
