@@ -1970,7 +1970,7 @@ def enrich_cache(cache_path, model_dir=None, flush_every=FLUSH_EVERY, threads=No
 # Both paths run the same code and differ only in how neighbours are found.
 KNN = 16                      #: nearest neighbours per face in the candidate graph
 PERSON_FACES = 4              #: faces that make a cluster a person (a centroid worth trusting)
-EXACT_MAX_FACES = 20000       #: faces; up to this neighbours are found by exact search
+EXACT_MAX_FACES = 5000        #: faces; up to this neighbours are found by exact search
 _NPROBE = 16                  #: IVF lists probed per query
 _CHUNK = 1 << 16              #: rows gathered at a time, to keep temporaries small
 _SEARCH_DIMS = 128            #: dimensions the IVF index searches in (principal directions)
