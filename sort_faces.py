@@ -4643,9 +4643,10 @@ def build_parser():
     p.set_defaults(func=cmd_dedup)
 
     p = sub.add_parser("extend", help="fold new faces into existing results, no renumbering",
-                       description=cmd_extend.__doc__ + "\n\nA new face joins the nearest "
-                       "existing person whose centroid is within --threshold; the rest are "
-                       "clustered among themselves and numbered after the current maximum. "
+                       description=cmd_extend.__doc__ + "\n\nNew faces join existing people "
+                       "by the rule the output was made with (README: How faces become "
+                       "people; --join-threshold/--join-margin may override stage 3); the "
+                       "rest become new people numbered after the current maximum. "
                        "Nothing existing moves; a second run adds nothing.",
                        formatter_class=HelpFormatter)
     p.add_argument("cache", metavar="CACHE", help="the cache the results were made from")
