@@ -805,7 +805,7 @@ def onnx_providers(device):
     return ["CPUExecutionProvider"]
 
 
-def load_models(pack, threads=None, det_thresh=DET_THRESH, device="auto", roles=None):
+def load_models(pack, threads=None, det_thresh=DET_THRESH, device="auto"):
     """Load the pack's models as insightface objects, with every setting explicit, on the
     device onnxruntime actually gives (one line names it)."""
     from insightface.model_zoo import model_zoo
@@ -817,8 +817,6 @@ def load_models(pack, threads=None, det_thresh=DET_THRESH, device="auto", roles=
     models = {}
     with contextlib.redirect_stdout(sys.stderr):   # insightface chatters on stdout
         for role, path in pack.files.items():
-            if roles and role not in roles:
-                continue
             model = model_zoo.get_model(path, providers=providers,
                                         sess_options=_session_options(threads),
                                         static_shape_sessions=False)
@@ -1209,6 +1207,11 @@ def _parts_dir(path):
     return path + ".parts"
 
 
+def _numbered_name(name):
+    """NNNNNNNN.npz: a cache part or a thumbnail batch."""
+    return len(name) == 12 and name.endswith(".npz") and name[:8].isdigit()
+
+
 def _part_files(path, warn=True):
     """The part files of a cache, in log order; anything else in CACHE.parts/ is named
     in a warning and left alone."""
@@ -1216,7 +1219,7 @@ def _part_files(path, warn=True):
     if not os.path.isdir(folder):
         return parts
     for name in sorted(os.listdir(folder)):
-        if len(name) == 12 and name.endswith(".npz") and name[:8].isdigit():
+        if _numbered_name(name):
             parts.append(os.path.join(folder, name))
         elif warn and not name.startswith(".tmp-"):
             CONSOLE.warn(os.path.join(folder, name), "not a cache part, ignored")
@@ -1227,11 +1230,17 @@ def _read_npz(path):
     with open_regular(path) as f, np.load(f, allow_pickle=False) as z:
         meta = json.loads(str(z["meta"]))
         cols = {k: z[k] for k in z.files if k != "meta"}
-    for k, empty in _empty_columns().items():      # columns added since the file was made
+    for k in _EMPTY_COLUMNS:
         if k not in cols and meta.get("kind") != "enrich":
-            n = len(cols["file_path" if k.startswith("file_") else "face_emb"])
-            cols[k] = np.zeros((n,) + empty.shape[1:], empty.dtype)
+            cols[k] = _added_column(k, cols)
     return meta, cols
+
+
+def _added_column(key, cols):
+    """Zeros for a column added since a cache file was made, as long as its table."""
+    empty = _EMPTY_COLUMNS[key]
+    n = len(cols["file_path" if key.startswith("file_") else "face_file"])
+    return np.zeros((n,) + empty.shape[1:], empty.dtype)
 
 
 class _LazyColumns(collections.abc.MutableMapping):
@@ -1255,10 +1264,8 @@ class _LazyColumns(collections.abc.MutableMapping):
         if key not in self._loaded:
             if key in self._z.files and key != "meta":
                 self._loaded[key] = self._z[key]
-            elif key in _EMPTY_COLUMNS:            # a column added since the file was made
-                empty = _EMPTY_COLUMNS[key]
-                n = len(self["file_path" if key.startswith("file_") else "face_file"])
-                self._loaded[key] = np.zeros((n,) + empty.shape[1:], empty.dtype)
+            elif key in _EMPTY_COLUMNS:
+                self._loaded[key] = _added_column(key, self)
             else:
                 raise KeyError(key)
         return self._loaded[key]
@@ -1357,14 +1364,21 @@ def read_source(cache, f, aliases=None, min_side=None):
     raise BadFile(reason)
 
 
+def face_content_keys(shas, bboxes):
+    """A face's identity across re-embeds, merges and caches: its photo's sha256 + box."""
+    b = np.ascontiguousarray(bboxes, np.float32).reshape(-1, 4)
+    return [(sha if isinstance(sha, bytes) else sha.encode()) + b[i].tobytes()
+            for i, sha in enumerate(shas)]
+
+
 def apply_enrichment(cols, e):
     """Write landmarks/pose of an enrich part onto the faces it names (content + box)."""
     if len(e["key_sha256"]):
-        shas = cols["file_sha256"][cols["face_file"]]
-        index = {(s, b.tobytes()): i for i, (s, b) in
-                 enumerate(zip(shas.tolist(), cols["face_bbox"].astype(np.float32)))}
-        for j, (s, b) in enumerate(zip(e["key_sha256"].tolist(), e["key_bbox"])):
-            i = index.get((s, b.astype(np.float32).tobytes()))
+        keys = face_content_keys(cols["file_sha256"][cols["face_file"]].tolist(),
+                                 cols["face_bbox"])
+        index = {key: i for i, key in enumerate(keys)}
+        for j, key in enumerate(face_content_keys(e["key_sha256"].tolist(), e["key_bbox"])):
+            i = index.get(key)
             if i is not None:
                 for k in ENRICH_COLS:
                     cols[f"face_{k}"][i] = e[k][j]
@@ -1557,15 +1571,7 @@ def _numbered_files(folder):
     """NNNNNNNN.npz files of a cache side folder, in order."""
     if not os.path.isdir(folder):
         return []
-    return [os.path.join(folder, n) for n in sorted(os.listdir(folder))
-            if len(n) == 12 and n.endswith(".npz") and n[:8].isdigit()]
-
-
-def face_content_keys(shas, bboxes):
-    """A face's identity across re-embeds, merges and caches: its photo's sha256 + box."""
-    b = np.ascontiguousarray(bboxes, np.float32).reshape(-1, 4)
-    return [(sha if isinstance(sha, bytes) else sha.encode()) + b[i].tobytes()
-            for i, sha in enumerate(shas)]
+    return [os.path.join(folder, n) for n in sorted(os.listdir(folder)) if _numbered_name(n)]
 
 
 class ThumbStore:
@@ -2002,8 +2008,7 @@ def _search(base, query, k, exact):
     else:
         full_base, full_query = base, query
         if base.shape[1] > _SEARCH_DIMS:    # find candidates there, score them in full
-            pb, pq = _project(base, query)
-            base, query = pb, (pb if pq is None else pq)
+            base, query = _project(base, query)
         n, dim = base.shape
         nlist = int(np.clip(4 * np.sqrt(n), 16, 4096))
         sample = base[np.sort(np.random.default_rng(0).choice(n, min(n, 12 * nlist), False))]
@@ -2045,7 +2050,8 @@ def _project(base, query):
     _, vecs = np.linalg.eigh(sample.T.astype(np.float64) @ sample)
     proj = np.ascontiguousarray(vecs[:, ::-1][:, :_SEARCH_DIMS], np.float32)
     chunks = lambda x: np.vstack([x[a:a + _CHUNK] @ proj for a in range(0, len(x), _CHUNK)])
-    return chunks(base), (chunks(query) if query is not base else None)
+    projected = chunks(base)
+    return projected, (projected if query is base else chunks(query))
 
 
 def knn_graph(emb, k=KNN, exact=True):
@@ -2220,7 +2226,7 @@ def _stage1(emb, threshold, groups, exact, seeds=None, cannot=None):
     ids, sims = knn_graph(emb, min(KNN, n - 1), exact)
     s_min = np.float32(1 - threshold)
     rows = np.repeat(np.arange(n), ids.shape[1])
-    near = (sims.ravel() >= s_min - 0.01) & (ids.ravel() >= 0)   # fp16 slack: exact below
+    near = (sims.ravel() >= s_min - 0.01) & (ids.ravel() >= 0)   # slack: _rac re-scores
     vecs, size, frozen = emb.copy(), np.ones(n), np.zeros(n, bool)
     parent = np.arange(n)
     if seeds is not None and (seeds >= 0).any():
@@ -2417,7 +2423,7 @@ def _decode_jpeg(data):
 
 
 def _review_blocks(sections):
-    """Sections -> page blocks (id, name, folder, [(k, face)], hidden): a person shows its
+    """Sections -> page blocks (id, name, folder, [face], hidden): a person shows its
     closest and farthest faces (outliers are what a reviewer looks for), a section without
     a folder of its own (singletons) is split into page-sized blocks, all shown."""
     blocks = []
@@ -2426,10 +2432,9 @@ def _review_blocks(sections):
         if name == "_singletons":
             chunks = [faces[a:a + PAGE_FACES] for a in range(0, len(faces), PAGE_FACES)] or [[]]
             for n, chunk in enumerate(chunks):
-                blocks.append((name if n == 0 else f"{name}-{n + 1}", name, folder,
-                               list(enumerate(chunk, n * PAGE_FACES)), 0))
+                blocks.append((name if n == 0 else f"{name}-{n + 1}", name, folder, chunk, 0))
             continue
-        shown = list(enumerate(faces))
+        shown = faces
         if len(shown) > SECTION_FACES:
             far = SECTION_FACES // 3
             shown = shown[:SECTION_FACES - far] + shown[-far:]
@@ -2448,7 +2453,7 @@ def write_review(cache, root, sections, noface_paths):
     from urllib.parse import quote
     blocks = _review_blocks(sections)
     store = ThumbStore(cache.path)
-    jpegs = store.get(cache, [i for b in blocks for _, i in b[3]])
+    jpegs = store.get(cache, [i for b in blocks for i in b[3]])
     CONSOLE.phase("thumbnails")
     lacking = sum(not v for v in jpegs.values())
     if lacking:
@@ -2476,7 +2481,7 @@ def write_review(cache, root, sections, noface_paths):
         parts = []
         for bid, name, folder, shown, hidden in page:
             imgs = []
-            for _, i in shown:
+            for i in shown:
                 title = html.escape(str(cache.file_path[int(cache.face_file[i])]))
                 fid = face_id(cache.file_sha256[cache.face_file[i]], cache.face_bbox[i])
                 imgs.append(f'<img src="{uri(jpegs[i]) if jpegs[i] else none}" '
@@ -2733,6 +2738,13 @@ class Corrections:
     def empty(self):
         return not len(self.cannot) and not self.rejected.any() and not (self.seeds >= 0).any()
 
+    def cannot_among(self, faces):
+        """The cannot-link pairs between faces, as positions in `faces`."""
+        pos = np.full(len(self.rejected), -1)
+        pos[np.asarray(faces, np.int64)] = np.arange(len(faces))
+        pairs = pos[self.cannot]
+        return pairs[(pairs >= 0).all(1)]
+
 
 def load_corrections(cache):
     """Corrections of the cache's people file (faces no longer cached are ignored)."""
@@ -2767,11 +2779,8 @@ def corrected_identities(cache, idx, rule, corr):
     Returns (labels over idx, {label: name})."""
     emb = _cluster_emb(cache, idx)
     seeds = corr.seeds[idx]
-    pos = np.full(cache.n_faces, -1)
-    pos[idx] = np.arange(len(idx))
-    cannot = pos[corr.cannot] if len(corr.cannot) else corr.cannot
-    cannot = cannot[(cannot >= 0).all(1)] if len(cannot) else cannot
-    labels = identities(emb, cache.face_file[idx], rule, seeds=seeds, cannot=cannot)
+    labels = identities(emb, cache.face_file[idx], rule, seeds=seeds,
+                        cannot=corr.cannot_among(idx))
     names = {}
     if (seeds >= 0).any():
         rec = np.full(len(idx), -1)
@@ -3252,10 +3261,7 @@ def fold_in(cache, groups, new, rule, outlier=None, corr=None, vouched=()):
         _, seeds = np.unique(group * (len(corr.person) + 1) + corr.seeds[old] + 1,
                              return_inverse=True)
         seeds = seeds.ravel()
-        pos = np.full(cache.n_faces, -1)
-        pos[np.r_[old, new]] = np.arange(len(old) + len(new))
-        cannot = pos[corr.cannot] if len(corr.cannot) else None
-        cannot = cannot[(cannot >= 0).all(1)] if cannot is not None else None
+        cannot = corr.cannot_among(np.r_[old, new])
     seed_group = np.zeros(int(seeds.max()) + 1 if len(seeds) else 0, np.int64)
     seed_group[seeds] = group
     faces = np.r_[old, new]
@@ -3286,11 +3292,11 @@ def _next_names(prefix, existing, count):
     return [f"{prefix}{top + k:0{width}d}" for k in range(1, count + 1)]
 
 
-def _unplaced(cache, keys, params, placed):
+def _unplaced(cache, keys, params, placed, corr):
     """Faces an output's filters select that none of its manifest entries `placed` holds
     (nor the people file rejects)."""
     done = set(manifest_members(keys, placed))
-    done |= set(np.flatnonzero(load_corrections(cache).rejected).tolist())
+    done |= set(np.flatnonzero(corr.rejected).tolist())
     idx = select_faces(cache, params.get("max_faces_per_image", 0),
                        params.get("skip_partial", False))
     return [int(i) for i in idx if int(i) not in done]
@@ -3358,8 +3364,9 @@ def extend_raw(cache, out, link=None, join=None, margin=None):
     keys = cache_face_keys(cache)
     members = [manifest_members(keys, c["faces"]) for c in m["clusters"]]
     p = m["params"]
+    corr = load_corrections(cache)
     new = _unplaced(cache, keys, p, [f for c in m["clusters"] for f in c["faces"]]
-                    + m["singletons"])
+                    + m["singletons"], corr)
     known_noface = set(m["noface"])
     aliases = cache.aliases()
     noface = [f for f in range(cache.n_files) if cache.file_status[f] == "ok"
@@ -3367,7 +3374,7 @@ def extend_raw(cache, out, link=None, join=None, margin=None):
     if not new and not noface:
         return None
     rule = rule_from_params(cache, p, "threshold", join, margin)
-    joined, clusters = fold_in(cache, members, new, rule, corr=load_corrections(cache))
+    joined, clusters = fold_in(cache, members, new, rule, corr=corr)
     link = link or p.get("link", "copy")
     min_size = p.get("min_cluster_size", MIN_CLUSTER_SIZE)
     fresh = [c for c in clusters if len(c) >= min_size]
@@ -3404,8 +3411,9 @@ def extend_refined(cache, out, link=None, join=None, margin=None):
     p = m["params"]
     keys = cache_face_keys(cache)
     members = [manifest_members(keys, fs["faces"]) for fs in m["facesets"]]
+    corr = load_corrections(cache)
     new = _unplaced(cache, keys, p, [f for fs in m["facesets"] for f in fs["faces"]]
-                    + m["dropped"])
+                    + m["dropped"], corr)
     if not new:
         return None
     dropped = []
@@ -3414,7 +3422,7 @@ def extend_refined(cache, out, link=None, join=None, margin=None):
     passing = quality_gate(cache, new, gates, dropped)
     rule = rule_from_params(cache, p, "initial_threshold", join, margin)
     joined, clusters = fold_in(cache, members, passing, rule, p["outlier_threshold"],
-                               load_corrections(cache),
+                               corr,
                                [g for g, fs in enumerate(m["facesets"]) if fs.get("person")])
     fresh = [f for f in (finish_faceset(cache, c, p["outlier_threshold"], p["min_faces"],
                                         dropped) for c in clusters) if f]
