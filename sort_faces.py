@@ -1749,7 +1749,7 @@ def embed_tree(src, cache_path, pack_name="default", model_dir=None, flush_every
     writer = CacheWriter(cache_path, pack, [root])
     stats = EmbedStats()
     try:
-        models = _LazyModels(pack, threads, det_thresh, device)
+        models = _LazyModels(pack, threads=threads, det_thresh=det_thresh, device=device)
         workers = (os.cpu_count() or 1) if workers is None else workers
         _embed_loop(root, writer, models, stats, flush_every, strict, workers,
                     det_size, max_megapixels, retry_failed)
@@ -1793,15 +1793,16 @@ def fill_thumbnails(writer, flush_every=FLUSH_EVERY):
 class _LazyModels(dict):
     """Loads the models on first use, so a re-run with nothing new starts instantly."""
 
-    def __init__(self, pack, threads, det_thresh, device="auto"):
+    def __init__(self, pack, *, threads, det_thresh, device="auto"):
         super().__init__()
-        self._args = (pack, threads, det_thresh, device)
+        self._pack = pack
+        self._kw = dict(threads=threads, det_thresh=det_thresh, device=device)
         self._lock = __import__("threading").Lock()
 
     def __missing__(self, role):
         with self._lock:            # workers may ask at the same moment
             if not dict.__contains__(self, role):
-                self.update(load_models(*self._args))
+                self.update(load_models(self._pack, **self._kw))
         return dict.__getitem__(self, role)
 
 
@@ -1931,7 +1932,7 @@ def enrich_cache(cache_path, model_dir=None, flush_every=FLUSH_EVERY, threads=No
         by_file = {}
         for i in todo.tolist():
             by_file.setdefault(int(cache.face_file[i]), []).append(i)
-        models = _LazyModels(pack, threads, DET_THRESH, device)
+        models = _LazyModels(pack, threads=threads, det_thresh=DET_THRESH, device=device)
         aliases = cache.aliases()
         with progress(total=len(todo), unit="face", desc="enrich") as bar:
             for done, (f, faces) in enumerate(by_file.items(), 1):

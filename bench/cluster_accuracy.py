@@ -13,7 +13,9 @@ import argparse
 import dataclasses
 import json
 import os
+import shutil
 import sys
+import tempfile
 
 import numpy as np
 
@@ -33,8 +35,9 @@ SWEEPS = {"pair": [0.50, 0.55, 0.58, 0.60, 0.62, 0.65, 0.70],
 def embedded(cache_dir, name, folders, pack):
     path = os.path.join(cache_dir, f"{name}-{pack}.npz")
     for folder in folders:
-        sort_faces.main(["embed", os.path.join(DATA, folder), path, "-q", "--pack", pack,
-                         "--log-dir", os.path.join(cache_dir, "logs")])
+        if sort_faces.main(["embed", os.path.join(DATA, folder), path, "-q", "--pack", pack,
+                            "--log-dir", os.path.join(cache_dir, "logs")]):
+            sys.exit(f"embed of {folder} failed")
     return sort_faces.load_cache(path)
 
 
@@ -61,7 +64,7 @@ def centroid_distances(emb, idx, true, min_faces=4):
             "worst_person_kept_at": {str(t): round(v, 3) for t, v in keep.items()}}
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--pack", default="default", help="model pack to embed and score with")
@@ -70,11 +73,31 @@ def main():
     ap.add_argument("--synthetic", type=int, default=20000,
                     help="synthetic faces (0: none)")
     ap.add_argument("--sweep", action="store_true", help="sweep each identity parameter")
-    args = ap.parse_args()
+    ap.add_argument("--smoke", action="store_true",
+                    help="a few seconds end to end: 3 people of labeled/ and of calib/, "
+                         "1000 synthetic faces, every run and one sweep value, caches in a "
+                         "temp folder (checks the bench still works; its figures mean nothing)")
+    args = ap.parse_args(argv)
+    if args.smoke:
+        tmp = tempfile.mkdtemp(prefix="cluster_accuracy-")
+        try:
+            args.cache_dir, args.synthetic, args.sweep = tmp, 1000, True
+            return run(args, SMOKE_FOLDERS, {k: v[:1] for k, v in SWEEPS.items()})
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return run(args, FOLDERS, SWEEPS)
+
+
+FOLDERS = {"labeled": ["labeled", "groups"], "calib": ["calib"]}
+SMOKE_FOLDERS = {"labeled": ["labeled/Cesar_Gaviria", "labeled/Shimon_Peres", "labeled/Li_Peng"],
+                 "calib": ["calib/Al_Gore", "calib/Yoko_Ono", "calib/Zhu_Rongji"]}
+
+
+def run(args, folders, sweeps):
     os.makedirs(args.cache_dir, exist_ok=True)
     sets = {}
-    lab = embedded(args.cache_dir, "labeled", ["labeled", "groups"], args.pack)
-    cal = embedded(args.cache_dir, "calib", ["calib"], args.pack)
+    lab = embedded(args.cache_dir, "labeled", folders["labeled"], args.pack)
+    cal = embedded(args.cache_dir, "calib", folders["calib"], args.pack)
     rule = sort_faces.identity_rule(lab)
     for name, cache, truth in (("labeled+groups", lab, labeled_truth(lab)),
                                ("calib", cal, calib_truth(cal))):
@@ -97,7 +120,7 @@ def main():
                 "average linkage at 0.80 (old)": {k: round(v, 4) for k, v in scores(
                     true, sort_faces.agglomerate(emb, 0.80, groups)[idx]).items()}}
         if args.sweep:
-            for field, values in SWEEPS.items():
+            for field, values in sweeps.items():
                 for v in values:
                     rows[f"{field}={v}"] = score(emb, groups, idx, true,
                                                  dataclasses.replace(rule, **{field: v}))
@@ -108,7 +131,8 @@ def main():
         print(f"{name:22s} centroid distances {dist}")
         out["sets"][name] = {"runs": rows, "centroid_distances": dist}
     print(json.dumps(out))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -122,10 +122,10 @@ def run_cluster(cache, out, extra, log_dir):
     return wall, phases, max(rss, before) / 1024 / 1024, r.stdout.strip()
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--faces", type=int, required=True, help="synthetic faces")
+    ap.add_argument("--faces", type=int, help="synthetic faces (required unless --smoke)")
     ap.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
     ap.add_argument("--isotropic", action="store_true",
                     help="the old generator: identity centres uniform on the sphere")
@@ -140,7 +140,14 @@ def main():
                                                           "calib-default.npz"),
                     help="calib/ cache for the percentile check (skipped when missing)")
     ap.add_argument("--tmp", default=None, help="work folder (default: a temp folder)")
-    args = ap.parse_args()
+    ap.add_argument("--smoke", action="store_true",
+                    help="a few seconds end to end: 2000 faces with photos, one run, one "
+                         "reference (checks the bench still works; its figures mean nothing)")
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.faces, args.photos, args.repeat = 2000, True, 1
+    elif not args.faces:
+        ap.error("--faces is required")
     tmp = tempfile.mkdtemp(dir=args.tmp)
     try:
         t = time.perf_counter()
@@ -169,7 +176,7 @@ def main():
             wall, phases, rss, line = run_cluster(cache, out, extra, os.path.join(tmp, "logs"))
             refs = [synthetic.reference_knn(sort_faces.load_cache(cache).face_emb)
                     for _ in range(0 if args.no_reference else
-                                   1 if args.faces > 300_000 else 2)]
+                                   1 if args.faces > 300_000 or args.smoke else 2)]
             ref = min(refs) if refs else float("nan")
             runs.append(dict(wall=wall, reference=ref, ratio=wall / ref, rss_gb=rss, **phases))
             print(f"run {r + 1}: cluster {wall:.1f} s, reference {ref:.1f} s "
@@ -181,7 +188,8 @@ def main():
                           "summary": line, "load_avg_1m": round(os.getloadavg()[0], 1)}))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

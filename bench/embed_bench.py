@@ -73,14 +73,16 @@ def import_tool(path):
     return mod
 
 
-def memo_load_models(pack, threads=None, det_thresh=None):
+def memo_load_models(pack, threads=None, det_thresh=None, device="auto"):
+    """sort_faces.load_models with its keyword signature, memoised."""
     threads = threads or os.cpu_count() or 1
     if det_thresh is None:
         det_thresh = sort_faces.DET_THRESH
-    key = (pack.name, pack.folder, threads, det_thresh)
+    key = (pack.name, pack.folder, threads, det_thresh, device)
     if key not in _MODEL_CACHE:
         t0 = time.perf_counter()
-        _MODEL_CACHE[key] = _ORIG_LOAD_MODELS(pack, threads=threads, det_thresh=det_thresh)
+        _MODEL_CACHE[key] = _ORIG_LOAD_MODELS(pack, threads=threads, det_thresh=det_thresh,
+                                              device=device)
         MODEL_LOAD_S[threads] = time.perf_counter() - t0
     return _MODEL_CACHE[key]
 
@@ -109,6 +111,14 @@ def longest_side(path):
     from PIL import Image
     with Image.open(path) as im:
         return max(im.size)
+
+
+def first_images(root, n, dst):
+    """A folder holding copies of the first n images of root."""
+    os.makedirs(dst, exist_ok=True)
+    for i, p in enumerate(list_images(root)[:n]):
+        shutil.copy2(p, os.path.join(dst, f"{i:03d}_{os.path.basename(p)}"))
+    return dst
 
 
 def make_large_set(groups, dst, min_side):
@@ -319,6 +329,12 @@ def build_parser():
     p.add_argument("--stages", action=argparse.BooleanOptionalAction, default=True,
                    help="also print a serial per-stage time breakdown (decode / detect / "
                         "embed / hash) of both sides per set")
+    p.add_argument("--limit", type=int, default=0, metavar="N",
+                   help="images per set: the first N of each (0 = all)")
+    p.add_argument("--smoke", action="store_true",
+                   help="a few seconds end to end: 3 labeled + 1 big image (1600x1200), "
+                        "one layout, one run, no warm-up (checks the bench still works; "
+                        "its figures mean nothing)")
     p.add_argument("--cprofile", type=int, default=0, metavar="N",
                    help="print the top N cProfile entries (by own time) of one default "
                         "embed_tree run per set; 0 = off")
@@ -331,6 +347,10 @@ DEVICE = "cpu"        #: --device of the tool's runs
 def main(argv=None):
     global DEVICE
     args = build_parser().parse_args(argv)
+    if args.smoke:
+        args.sets, args.limit, args.big_size = "labeled,big", 3, "1600x1200"
+        args.big_sources = DEFAULT_BIG.split(",")[0]
+        args.repeat, args.warmup, args.layouts, args.no_default = 1, 0, "1x2", True
     DEVICE = args.device
     import_tool(os.path.abspath(args.module))
     warnings.simplefilter("ignore", FutureWarning)    # skimage deprecation in insightface
@@ -367,6 +387,9 @@ def main(argv=None):
                                           args.big_quality)
             else:
                 raise SystemExit(f"unknown set {name!r}")
+        if args.limit:
+            sets = {k: first_images(v, args.limit, os.path.join(tmp_root, f"{k}-{args.limit}"))
+                    for k, v in sets.items()}
         files = {k: list_images(v) for k, v in sets.items()}
         for k, v in files.items():
             if not v:
@@ -377,8 +400,8 @@ def main(argv=None):
         warm_img = cv2.imread(files[next(iter(files))][0])
         thread_counts = {ncpu} | {t for t, _ in layouts}
         for t in sorted(thread_counts):
-            warm_models(memo_load_models(pack, threads=t), warm_img)
-        naive_models = memo_load_models(pack, threads=ncpu)
+            warm_models(memo_load_models(pack, threads=t, device=DEVICE), warm_img)
+        naive_models = memo_load_models(pack, threads=ncpu, device="cpu")
 
         def runner(set_name, spec):
             if spec is None:

@@ -4,7 +4,9 @@ import hashlib
 import os
 import shutil
 import stat
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -34,6 +36,54 @@ def spread(items, n):
         return list(items)
     step = len(items) / n
     return [items[int(i * step)] for i in range(n)]
+
+
+def count_files(path):
+    """Files under path (0 while it does not exist)."""
+    return sum(len(files) for _, _, files in os.walk(path))
+
+
+def remove_cache(cache):
+    """A cache and everything beside it (parts, thumbnails, lock), as if never made."""
+    for p in (Path(str(cache) + suffix) for suffix in ("", ".parts", ".thumbs", ".lock")):
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
+
+
+#: A guard against a hung run only: no test waits for or measures a duration.
+HANG_GUARD_S = 900
+
+
+def signal_mid_run(argv, ready, sig, mid_way, *, stderr_path, reset=lambda: None, tries=5):
+    """Run the tool (argv after the interpreter; stderr into stderr_path), send it `sig` as
+    soon as ready() holds, and return the finished Popen (its stderr as .err) once
+    mid_way(proc) proves the signal landed while work remained. A run that ended before the
+    signal, or got it after its work was done, proves nothing: reset() and try again.
+    Nothing here races the clock: the trigger is what the run has done (files it wrote,
+    progress it printed), the proof is what it left."""
+    for _ in range(tries):
+        reset()
+        with open(stderr_path, "w") as err:
+            proc = subprocess.Popen([sys.executable, *map(str, argv)],
+                                    stdout=subprocess.DEVNULL, stderr=err)
+            try:
+                guard = time.monotonic() + HANG_GUARD_S
+                while proc.poll() is None and not ready():
+                    assert time.monotonic() < guard, f"hung: {argv}"
+                    time.sleep(0.005)
+                if proc.poll() is None:
+                    proc.send_signal(sig)
+                proc.wait(timeout=HANG_GUARD_S)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+        proc.err = Path(stderr_path).read_text(errors="replace")
+        if mid_way(proc):
+            return proc
+    pytest.fail(f"{tries} runs of {argv[:2]} all finished before {sig!r} landed")
 
 
 @pytest.fixture(autouse=True)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import sort_faces
-from conftest import DATA, ROOT, SCRIPT, requires_data
+from conftest import DATA, HANG_GUARD_S, ROOT, SCRIPT, requires_data
 
 pytestmark = requires_data
 
@@ -86,7 +86,7 @@ def warnings_by_path(stderr):
 
 def run_cli(*args):
     return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=HANG_GUARD_S)
 
 
 @pytest.fixture(scope="module")
@@ -256,7 +256,7 @@ def test_unreadable_file_is_reported(copy_photos):
         before = _tree_digest(src)
         res = subprocess.run([sys.executable, "-c", CHILD, str(ROOT), str(warm), str(src),
                               str(out / "c.npz"), str(out / "logs")],
-                             capture_output=True, text=True, timeout=300)
+                             capture_output=True, text=True, timeout=HANG_GUARD_S)
         if res.returncode == 99:
             pytest.skip(f"cannot drop root privileges here: {res.stdout.strip()}")
         assert res.returncode == 0, res.stderr

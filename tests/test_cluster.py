@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from conftest import DATA, calib_truth, labeled_truth, requires_data, scores
+from conftest import DATA, HANG_GUARD_S, calib_truth, labeled_truth, requires_data, scores
 import sort_faces
 
 pytestmark = requires_data
@@ -131,7 +131,7 @@ def test_review_page_in_headless_chromium(clustered, tmp_path):
              "--disable-background-networking", "--disable-component-update", "--disable-sync",
              f"--user-data-dir={tmp_path / 'profile'}", "--enable-logging=stderr", "--v=0",
              "--virtual-time-budget=10000", "--dump-dom", probe.as_uri()],
-            capture_output=True, text=True, timeout=120)
+            capture_output=True, text=True, timeout=HANG_GUARD_S)
     finally:
         probe.unlink()
     console = [line for line in r.stderr.splitlines() if ":CONSOLE" in line]

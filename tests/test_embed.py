@@ -6,15 +6,13 @@ import os
 import re
 import shutil
 import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
 
 import sort_faces
-from conftest import DATA, SCRIPT, labeled_photos, requires_data, spread
+from conftest import (DATA, SCRIPT, labeled_photos, remove_cache, requires_data,
+                      signal_mid_run, spread)
 
 pytestmark = requires_data
 
@@ -38,23 +36,6 @@ def embed_quiet(src, cache):
     """embed_tree with its stats, without progress output."""
     sort_faces.CONSOLE.quiet = True
     return sort_faces.embed_tree(str(src), str(cache))
-
-
-def spawn_embed(src, cache, tmp_path, *extra, stderr=subprocess.PIPE):
-    return subprocess.Popen([sys.executable, str(SCRIPT), "embed", str(src), str(cache),
-                             "--log-dir", str(tmp_path / "logs"), *extra],
-                            stdout=subprocess.PIPE, stderr=stderr, text=True)
-
-
-def wait_for(cond, timeout, proc, what):
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if proc.poll() is not None:
-            pytest.fail(f"embed exited (rc {proc.returncode}) before {what}")
-        if time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 # ---------------------------------------------------------------------------- detection
@@ -230,12 +211,16 @@ def test_sigkill_then_rerun_equals_uninterrupted_run(copy_photos, labeled_cache,
     copy_photos(src, photos)
     cache = tmp_path / "c.npz"
     parts = str(cache) + ".parts"
-    proc = spawn_embed(src, cache, tmp_path, "--flush-every", "5", "-q")
-    wait_for(lambda: os.path.isdir(parts) and any(n.endswith(".npz") for n in os.listdir(parts)),
-             120, proc, "the first part file")
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate()
-    assert proc.returncode == -signal.SIGKILL
+
+    def killed_mid_way(proc):
+        return proc.returncode == -signal.SIGKILL and \
+            sort_faces.load_cache(cache).n_files < 60
+    signal_mid_run([SCRIPT, "embed", src, cache, "--log-dir", tmp_path / "logs",
+                    "--flush-every", "5", "-q"],
+                   lambda: os.path.isdir(parts) and any(n.endswith(".npz")
+                                                        for n in os.listdir(parts)),
+                   signal.SIGKILL, killed_mid_way, stderr_path=tmp_path / "stderr.txt",
+                   reset=lambda: remove_cache(cache))
     partial = sort_faces.load_cache(cache)
     assert 5 <= partial.n_files < 60
 
@@ -288,21 +273,31 @@ def test_ctrl_c_saves_progress_and_rerun_completes(copy_photos, tmp_path):
     copy_photos(src, 120)
     cache = tmp_path / "c.npz"
     err_path = tmp_path / "stderr.txt"
-    with open(err_path, "w") as err_file:
-        proc = spawn_embed(src, cache, tmp_path, "--flush-every", "1000", stderr=err_file)
+    seen = []                  # files the progress bar showed done when Ctrl-C was sent
 
-        def progressed():
-            done = re.findall(r"(\d+)/120", err_path.read_text(errors="replace"))
-            return done and int(done[-1]) >= 10
-        wait_for(progressed, 120, proc, "10 files embedded")
-        proc.send_signal(signal.SIGINT)
-        out, _ = proc.communicate(timeout=60)
-    err = err_path.read_text(errors="replace")
-    assert proc.returncode == 130, err
-    assert "Traceback" not in err
-    assert "interrupted" in err
+    def fresh():
+        seen.clear()
+        remove_cache(cache)
+
+    def progressed():
+        done = re.findall(r"(\d+)/120", err_path.read_text(errors="replace"))
+        if done and int(done[-1]) >= 1:
+            seen.append(int(done[-1]))
+            return True
+        return False
+
+    def interrupted_mid_way(proc):        # not: finished first, or Ctrl-C after the last file
+        return proc.returncode != 0 and not (proc.returncode == 130 and os.path.exists(cache)
+                                             and sort_faces.load_cache(cache).n_files == 120)
+    # nothing is flushed before Ctrl-C (--flush-every 1000): what is saved, Ctrl-C saved
+    proc = signal_mid_run([SCRIPT, "embed", src, cache, "--flush-every", "1000",
+                           "--log-dir", tmp_path / "logs"], progressed, signal.SIGINT,
+                          interrupted_mid_way, stderr_path=err_path, reset=fresh)
+    assert proc.returncode == 130, proc.err
+    assert "Traceback" not in proc.err
+    assert "interrupted" in proc.err
     partial = sort_faces.load_cache(cache)
-    assert 10 <= partial.n_files < 120                 # the unflushed files were saved
+    assert seen[-1] <= partial.n_files < 120           # the unflushed files were saved
     assert set(partial.file_status.tolist()) == {"ok"}
 
     rc = sort_faces.main(["embed", str(src), str(cache), "-q", "--log-dir",

@@ -6,15 +6,12 @@ import csv
 import os
 import shutil
 import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from conftest import DATA, SCRIPT, requires_data
+from conftest import DATA, SCRIPT, requires_data, signal_mid_run
 import sort_faces
 
 pytestmark = requires_data
@@ -152,21 +149,17 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(copy_photos, tmp_path,
     assert n >= 40
 
     parts = str(killed) + ".parts"
-    proc = subprocess.Popen([sys.executable, str(SCRIPT), "enrich", str(killed),
-                             "--flush-every", "3", "-q", "--log-dir", str(tmp_path / "logs")],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while not (os.path.isdir(parts) and any(p.endswith(".npz") for p in os.listdir(parts))):
-        if proc.poll() is not None:
-            pytest.fail(f"enrich exited (rc {proc.returncode}) before its first part file:"
-                        f" {proc.stderr.read()}")
-        if time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail("timed out waiting for the first part file")
-        time.sleep(0.002)
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate()
-    assert proc.returncode == -signal.SIGKILL
+
+    def killed_mid_way(proc):
+        left = sort_faces.load_cache(killed)
+        return proc.returncode == -signal.SIGKILL and (left.face_pose_method == 0).any()
+    signal_mid_run([SCRIPT, "enrich", killed, "--flush-every", "3", "-q",
+                    "--log-dir", tmp_path / "logs"],
+                   lambda: os.path.isdir(parts) and any(p.endswith(".npz")
+                                                        for p in os.listdir(parts)),
+                   signal.SIGKILL, killed_mid_way, stderr_path=tmp_path / "stderr.txt",
+                   reset=lambda: (shutil.rmtree(parts, ignore_errors=True),
+                                  shutil.copy(clean, killed)))
     partial = sort_faces.load_cache(killed)
     done = int((partial.face_pose_method != 0).sum())
     assert 3 <= done < n, (done, n)                     # what the killed run saved

@@ -9,7 +9,7 @@ import urllib.request
 
 import pytest
 
-from conftest import DATA, requires_data
+from conftest import DATA, HANG_GUARD_S, requires_data
 import sort_faces
 
 pytestmark = requires_data
@@ -118,7 +118,7 @@ def served(thirds):
 
 def _get(url):
     try:
-        with urllib.request.urlopen(url, timeout=10) as r:
+        with urllib.request.urlopen(url, timeout=HANG_GUARD_S) as r:
             return r.status, r.read()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read()
@@ -168,7 +168,7 @@ def test_corrections_clicked_in_chromium_stick(served):
     def act(click):
         click()
         done[0] += 1
-        WebDriverWait(driver, 20).until(
+        WebDriverWait(driver, HANG_GUARD_S).until(
             lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-sf-done")
             == str(done[0]))
         status = driver.find_element(By.ID, "sf-status").text

@@ -8,12 +8,12 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from conftest import DATA, ROOT, SCRIPT, _tree_digest, requires_data
+from conftest import (DATA, HANG_GUARD_S, ROOT, SCRIPT, _tree_digest, count_files,
+                      requires_data, signal_mid_run)
 import sort_faces
 
 pytestmark = requires_data
@@ -37,7 +37,7 @@ def errors(capsys, tmp, *args):
     return rc, capsys.readouterr().err.strip().splitlines()
 
 
-def cli(*args, timeout=300, preexec=None, script=SCRIPT):
+def cli(*args, timeout=HANG_GUARD_S, preexec=None, script=SCRIPT):
     """The tool in a child process (real exit status, real signals)."""
     return subprocess.run([sys.executable, str(script), *map(str, args), "-q"],
                           capture_output=True, text=True, timeout=timeout,
@@ -266,7 +266,7 @@ def test_export_swap_never_replaces_a_faceset_of_another_source(lib, tmp_path):
         [sys.executable, str(ROOT / "work" / "discover.py"), "--cache", str(lib["cache"]),
          "--out", str(out), "--source", str(lib["src"] / "Hugo_Chavez"), "--min-short", "40",
          *SMALL, "-q", "--log-dir", str(tmp_path / "logs")],
-        capture_output=True, text=True, timeout=300)
+        capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert discover.returncode == 0, discover.stderr
     theirs = _tree_digest(str(out / "faceset_001"))
     entry = json.loads((out / "manifest.json").read_text())["facesets"][0]
@@ -289,33 +289,17 @@ def test_export_swap_never_replaces_a_faceset_of_another_source(lib, tmp_path):
     assert _tree_digest(str(out / "faceset_001")) == theirs
 
 
-def _timed(*args, **kw):
-    t = time.monotonic()
-    res = cli(*args, **kw)
-    assert res.returncode == 0, res.stderr
-    return time.monotonic() - t
-
-
-def _kill_after(args, seconds, script=SCRIPT, extra=()):
-    """Start the tool, SIGKILL it after `seconds`; True if it was still running then."""
-    proc = subprocess.Popen([sys.executable, str(script), *map(str, args), "-q", *extra],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        proc.wait(timeout=seconds)
-        return False
-    except subprocess.TimeoutExpired:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=60)
-        return True
-
-
-def _kill_mid_run(args, seconds, out, script=SCRIPT):
-    """_kill_after, sooner each time a run finished before its kill (timings vary)."""
-    for scale in (1.0, 0.7, 0.5, 0.3):
-        shutil.rmtree(out, ignore_errors=True)
-        if _kill_after(args, seconds * scale, script=script):
-            return True
-    return False
+def _kill_mid_run(args, at, whole, out, script=SCRIPT):
+    """SIGKILL a run of the tool into out (fresh each try) once it has written `at` of the
+    files an uninterrupted run (whole) has; True once one was killed with its work left
+    (its manifest, written last, not there yet)."""
+    want = max(1, int(at * count_files(whole)))
+    signal_mid_run([script, *args, "-q"], lambda: count_files(out) >= want, signal.SIGKILL,
+                   lambda proc: proc.returncode == -signal.SIGKILL
+                   and not (out / "manifest.json").exists(),
+                   stderr_path=out.parent / "killed-stderr.txt",
+                   reset=lambda: shutil.rmtree(out, ignore_errors=True))
+    return True
 
 
 def _bundles(out):
@@ -325,14 +309,15 @@ def _bundles(out):
 
 @pytest.mark.parametrize("when", [0.5, 0.7, 0.9])
 def test_killed_export_swap_finishes_with_the_same_command(lib, tmp_path, when):
-    """SIGKILL at several moments of a run (fractions of an uninterrupted run's time); the
-    same command without --clean then finishes, equal to an uninterrupted run (every
-    bundle and PNG byte-identical, the manifest listing them)."""
+    """SIGKILL at several moments of a run (once it has written that fraction of an
+    uninterrupted run's files); the same command without --clean then finishes, equal to an
+    uninterrupted run (every bundle and PNG byte-identical, the manifest listing them)."""
     args = ["export-swap", lib["cache"], lib["ref"] / "refine_manifest.json"]
     want = tmp_path / "whole"
-    took = _timed(*args, want, *SMALL)
+    res = cli(*args, want, *SMALL)
+    assert res.returncode == 0, res.stderr
     out = tmp_path / "out"
-    assert _kill_mid_run([*args, out, *SMALL], when * took, out)
+    assert _kill_mid_run([*args, out, *SMALL], when, want, out)
     res = cli(*args, out, *SMALL)
     assert res.returncode == 0, res.stderr
     assert _bundles(out) == _bundles(want)
@@ -347,9 +332,10 @@ def test_killed_workflow_finishes_with_the_same_command(lib, tmp_path):
     args = ["--cache", lib["cache"], "--out", tmp_path / "out", "--trusted",
             *[lib["src"] / p for p in PEOPLE], *SMALL, "--log-dir", tmp_path / "logs"]
     script = ROOT / "work" / "build_folders.py"
-    took = _timed(*[a if a != tmp_path / "out" else tmp_path / "whole" for a in args],
-                  script=script)
-    assert _kill_mid_run(args, 0.8 * took, tmp_path / "out", script=script)
+    whole = tmp_path / "whole"
+    res = cli(*[a if a != tmp_path / "out" else whole for a in args], script=script)
+    assert res.returncode == 0, res.stderr
+    assert _kill_mid_run(args, 0.8, whole, tmp_path / "out", script=script)
     res = cli(*args, script=script)
     assert res.returncode == 0, res.stderr
     m = json.loads((tmp_path / "out" / "manifest.json").read_text())
@@ -468,12 +454,12 @@ def test_a_photo_replaced_by_a_fifo_hangs_nothing(lib, tmp_path):
                  ["export-swap", cache, home / "ref" / "refine_manifest.json", home / "swap",
                   *SMALL],
                  ["dedup", cache], ["extend", cache, home / "raw"]):
-        res = cli(*args, *logs, timeout=240)
+        res = cli(*args, *logs, timeout=HANG_GUARD_S)
         assert res.returncode == 0, (args, res.stderr)
         assert "Traceback" not in res.stderr
     res = cli("--cache", cache, "--out", home / "swap", "--faceset", "faceset_001",
               "--probe", "--min-short", "40", *SMALL, *logs,
-              script=ROOT / "work" / "age_split.py", timeout=240)
+              script=ROOT / "work" / "age_split.py", timeout=HANG_GUARD_S)
     assert res.returncode == 0, res.stderr
     m = json.loads((home / "raw" / "manifest.json").read_text())
     assert all(f["path"] != str(fifo) or f["file"] is None

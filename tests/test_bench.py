@@ -1,0 +1,63 @@
+"""Every bench/ script's --smoke mode: the real code path end to end on the smallest input,
+so a benchmark that breaks fails the suite instead of rotting until someone needs it."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, requires_data
+
+pytestmark = requires_data
+
+
+def smoke(script, *extra):
+    """Run bench/<script> --smoke; returns its last stdout line as JSON."""
+    res = subprocess.run([sys.executable, str(ROOT / "bench" / script), "--smoke", *extra],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "Traceback" not in res.stderr, res.stderr[-3000:]
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def test_embed_bench_smoke():
+    out = smoke("embed_bench.py")
+    assert set(out["sets"]) == {"labeled", "big"}
+    for s in out["sets"].values():
+        methods = {m["method"]: m for m in s["methods"]}
+        assert "naive" in methods and len(methods) == 2
+        tool = next(m for k, m in methods.items() if k != "naive")
+        # the tool finds at least the faces the naive loop finds, and fails on nothing
+        assert tool["faces"] >= methods["naive"]["faces"] > 0 and tool["failed"] == 0
+        assert s["stages"]["tool_ms_per_image"]["detect"] > 0
+
+
+def test_cluster_accuracy_smoke():
+    out = smoke("cluster_accuracy.py")
+    assert {"labeled+groups", "calib", "synthetic 1000"} <= set(out["sets"])
+    for name, s in out["sets"].items():
+        assert 0 <= s["runs"]["defaults"]["pairwise_p"] <= 1
+        assert any(k.startswith("pair=") for k in s["runs"]), name        # a sweep ran
+    # three well-known people apart: the defaults keep them in three folders
+    assert out["sets"]["labeled+groups"]["runs"]["defaults"]["pairwise_p"] == 1.0
+
+
+def test_cluster_scale_smoke():
+    out = smoke("cluster_scale.py")
+    assert out["faces"] == 2000 and out["runs"] == 1
+    assert out["median"]["wall"] > 0 and out["median"]["reference"] > 0
+    assert out["summary"].startswith("cluster:"), out["summary"]
+
+
+def test_export_bench_smoke():
+    out = smoke("export_bench.py")
+    assert out["faces"] >= 25 and out["pngs"] >= 2
+    assert out["enrich_ms_per_face"] > 0 and out["export_ms_per_png"] > 0
+
+
+@pytest.mark.parametrize("isotropic", [False, True])
+def test_synthetic_smoke(isotropic):
+    out = smoke("synthetic.py", *(["--isotropic"] if isotropic else []))
+    assert out["faces"] == 2000 and out["identities"] > 100
+    pct = out["percentiles"]
+    assert pct["same_p50_p95_p99"][0] < pct["other_p50_p1_p01_p001"][1]            # a person's faces are nearer than 1 % of strangers
