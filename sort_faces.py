@@ -31,6 +31,7 @@ import importlib.util
 import io
 import itertools
 import json
+import math
 import os
 import re
 import shlex
@@ -40,6 +41,7 @@ import stat
 import sys
 import tempfile
 import time
+import unicodedata
 import warnings
 from dataclasses import dataclass, field
 
@@ -2632,19 +2634,44 @@ def face_id(sha256, bbox):
 
 
 def read_people(cache_path):
-    """The people file of a cache (empty when there is none), checked."""
+    """The people file of a cache (empty when there is none), checked field by field: a
+    bad one is one error naming the file and the field, never a path outside OUT. Names
+    come back NFC-normalised."""
     path = people_path(cache_path)
     if not os.path.lexists(path):
         return {"schema": PEOPLE_SCHEMA, "people": [], "not": [], "rejected": []}
     data = read_json(path, "people file")
-    ok = isinstance(data, dict) and data.get("schema") == PEOPLE_SCHEMA \
-        and isinstance(data.get("people"), list) and isinstance(data.get("not"), list) \
-        and isinstance(data.get("rejected"), list) \
-        and all(isinstance(r, dict) and isinstance(r.get("groups"), list)
-                and (r.get("name") is None or isinstance(r.get("name"), str))
-                for r in data["people"])
-    if not ok:
-        raise SortFacesError(f"{path}: not a schema-{PEOPLE_SCHEMA} people file")
+
+    def bad(field, why):
+        raise SortFacesError(f"{path}: {field} {why} (not a schema-{PEOPLE_SCHEMA} people "
+                             f"file as sort_faces writes it)")
+    faces = lambda v: isinstance(v, list) and all(isinstance(f, str) for f in v)
+    if not isinstance(data, dict) or data.get("schema") != PEOPLE_SCHEMA:
+        bad("schema", f"is {data.get('schema') if isinstance(data, dict) else None!r}")
+    for key in ("people", "not", "rejected"):
+        if not isinstance(data.get(key), list):
+            bad(key, "is not a list")
+    ids, names = set(), {}
+    for k, r in enumerate(data["people"]):
+        if not isinstance(r, dict):
+            bad(f"people[{k}]", "is not a record")
+        if not isinstance(r.get("id"), str) or not r["id"] or r["id"] in ids:
+            bad(f"people[{k}].id", "is missing, not text or not unique")
+        ids.add(r["id"])
+        if not isinstance(r.get("groups"), list) or not all(map(faces, r["groups"])):
+            bad(f"people[{k}].groups", "is not a list of lists of faces")
+        if r.get("name") is not None:
+            r["name"] = check_person_name(r["name"], f"{path}: people[{k}].name")
+            twin = names.setdefault(r["name"].casefold(), k)
+            if twin != k:
+                bad(f"people[{k}].name", f"{r['name']!r} is also people[{twin}]'s name "
+                                         f"(names that differ only by case are one person)")
+    for k, item in enumerate(data["not"]):
+        if not isinstance(item, dict) or not isinstance(item.get("face"), str) \
+                or not faces(item.get("faces")):
+            bad(f"not[{k}]", "is not a face with a list of faces")
+    if not faces(data["rejected"]):
+        bad("rejected", "is not a list of faces")
     return data
 
 
@@ -2662,15 +2689,18 @@ def edit_people(cache_path):
         lock.release()
 
 
-def check_person_name(name):
-    """A person's name becomes a folder name: one safe path component that cannot be
-    mistaken for a numbered folder or one of the tool's own entries."""
-    name = (name or "").strip()
-    safe_component(name, "person name", SWAP_SUFFIX_BYTES)
-    if name.startswith("_") or re.fullmatch(r"(person|faceset)_\d+", name) \
+def check_person_name(name, where="person name"):
+    """A person's name becomes a folder name: one safe path component (NFC-normalised, so
+    one name is one folder) that cannot be mistaken for a numbered folder or one of the
+    tool's own entries. Every name passes here, whatever its source."""
+    if not isinstance(name, str):
+        raise SortFacesError(f"{where}: {name!r} is not text")
+    name = unicodedata.normalize("NFC", name.strip())
+    safe_component(name, where, SWAP_SUFFIX_BYTES)
+    if name.startswith("_") or re.fullmatch(r"(person|faceset)_\d+", name, re.IGNORECASE) \
             or not name.isprintable() or name.lower() in {"index.html", "manifest.json",
                                                          "refine_manifest.json"}:
-        raise SortFacesError(f"person name {name!r}: a name may not start with '_', be "
+        raise SortFacesError(f"{where} {name!r}: a name may not start with '_', be "
                              f"person_NNN / faceset_NNN or a file the tool writes")
     return name
 
@@ -2684,19 +2714,30 @@ def _take_faces(data, faces):
     data["rejected"] = [f for f in data["rejected"] if f not in gone]
 
 
+def _named(data, name):
+    """The record named name (names that differ only by case are one), or None."""
+    return next((r for r in data["people"] if name is not None and r.get("name")
+                 and r["name"].casefold() == name.casefold()), None)
+
+
 def _record(data, name):
-    for r in data["people"]:
-        if name is not None and r.get("name") == name:
-            return r
+    if _named(data, name):
+        return _named(data, name)
     used = {r["id"] for r in data["people"]}
     rid = next(f"p{n}" for n in itertools.count(len(used) + 1) if f"p{n}" not in used)
     data["people"].append({"id": rid, "name": name, "groups": []})
     return data["people"][-1]
 
 
-def people_name(data, faces, name):
-    """These faces are the person `name` (None: one unnamed person)."""
+def people_name(data, faces, name, merge=False):
+    """These faces are the person `name` (None: one unnamed person). A name another person
+    has already is refused unless merge: two people are never joined by a typo."""
     faces = list(dict.fromkeys(faces))
+    other = _named(data, name)
+    if other and not merge and not any(set(g) & set(faces) for g in other["groups"]):
+        raise SortFacesError(f"another person is already named {other['name']!r}; to make "
+                             f"these faces that person too, merge on purpose (name --merge, "
+                             f"or Merge on the review page)")
     _take_faces(data, faces)
     _record(data, name)["groups"].append(faces)
 
@@ -2800,6 +2841,189 @@ def corrected_identities(cache, idx, rule, corr):
 
 
 # ============================================================================
+# Identities: one number per person, for good
+# ============================================================================
+# CACHE.identities.npz remembers which person number each face was last written under
+# (face: its photo's sha256 and its box as manifests round it). A step that writes people
+# gives each the number that most of its remembered faces carry, new people the next
+# number never used, and a number whose person is gone is never given again: person_004,
+# faceset_004 and the swap folder's faceset_004 are one person across every re-run.
+IDENTITIES_SCHEMA = 1
+
+
+def identities_path(cache_path):
+    return os.fspath(cache_path) + ".identities.npz"
+
+
+def face_key_array(shas, bboxes):
+    """Fixed-width byte keys of faces (sha256 hex + the box at 0.1 px), sortable by numpy:
+    the one key of face_key() for whole columns at once."""
+    box = np.ascontiguousarray(np.round(np.asarray(bboxes, np.float64).reshape(-1, 4) * 10),
+                               dtype="<i8")
+    return np.char.add(np.asarray(shas, "S64"), box.view("S32").ravel())
+
+
+@dataclass
+class Identities:
+    """Face key -> person number, and the next number never given."""
+    keys: np.ndarray          # (K,) sorted unique face keys
+    numbers: np.ndarray       # (K,) int64, >= 1
+    next: int = 1
+
+    def lookup(self, keys):
+        """The number of each key, 0 where the face was never numbered."""
+        if not len(self.keys):
+            return np.zeros(len(keys), np.int64)
+        pos = np.minimum(np.searchsorted(self.keys, keys), len(self.keys) - 1)
+        return np.where(self.keys[pos] == keys, self.numbers[pos], 0)
+
+    def assign(self, groups_keys, taken=()):
+        """Numbers for groups of face keys: each earlier number (but those taken) goes to
+        the group holding most of its faces (most overlap first); the others get new
+        numbers, largest group first. Returns (numbers, updated Identities)."""
+        numbers = [0] * len(groups_keys)
+        pairs = []
+        for g, keys in enumerate(groups_keys):
+            old, n = np.unique(self.lookup(keys), return_counts=True)
+            pairs += [(-int(c), -len(keys), g, int(o)) for o, c in zip(old, n) if o > 0]
+        used = set(taken)
+        for _, _, g, o in sorted(pairs):
+            if not numbers[g] and o not in used:
+                numbers[g] = o
+                used.add(o)
+        nxt = self.next
+        for g in sorted(range(len(groups_keys)), key=lambda g: -len(groups_keys[g])):
+            if not numbers[g]:
+                numbers[g], nxt = nxt, nxt + 1
+        return numbers, self._with(groups_keys, numbers, nxt)
+
+    def seeded(self, entries, prefix):
+        """Also the faces of an earlier output's prefixNNN entries under NNN, where this
+        file does not remember them (an output older than the file, or the file removed),
+        and next past every NNN: an earlier folder name is never given to someone else."""
+        keys, nums = [], []
+        for e in entries if isinstance(entries, list) else []:
+            m = re.fullmatch(re.escape(prefix) + r"(\d{1,9})", str(e.get("name"))) \
+                if isinstance(e, dict) else None
+            faces = [f for f in (e.get("faces") if m and isinstance(e.get("faces"), list)
+                                 else []) if _is_face_record(f)]
+            if m and int(m.group(1)) > 0:
+                nums.append(int(m.group(1)))
+                keys.append(face_key_array([f["sha256"] for f in faces],
+                                           [f["bbox"] for f in faces]))
+        if not nums:
+            return self
+        nxt = max(self.next, max(nums) + 1)
+        fresh = [k[self.lookup(k) == 0] for k in keys]
+        return self._with(fresh, nums, nxt)
+
+    def _with(self, groups_keys, numbers, nxt):
+        """These groups' faces under their numbers; other remembered faces kept."""
+        new = [k for k in groups_keys if len(k)]
+        if not new:
+            return Identities(self.keys, self.numbers, nxt)
+        keys = np.concatenate(new)
+        nums = np.concatenate([np.full(len(k), n, np.int64) for k, n in
+                               zip(groups_keys, numbers) if len(k)])
+        keep = ~np.isin(self.keys, keys)
+        keys, first = np.unique(np.concatenate([keys, self.keys[keep]]), return_index=True)
+        return Identities(keys, np.concatenate([nums, self.numbers[keep]])[first], nxt)
+
+
+def _is_face_record(f):
+    """A manifest face entry whose key can be read: sha256 text and a box of 4 numbers."""
+    return isinstance(f, dict) and isinstance(f.get("sha256"), str) \
+        and re.fullmatch(r"[0-9a-f]{64}", f["sha256"]) is not None \
+        and isinstance(f.get("bbox"), list) and len(f["bbox"]) == 4 \
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                and math.isfinite(v) for v in f["bbox"])
+
+
+def read_identities(cache_path):
+    """The identities file of a cache (empty when there is none), checked field by field."""
+    path = identities_path(cache_path)
+    if not os.path.lexists(path):
+        return Identities(np.zeros(0, "S96"), np.zeros(0, np.int64))
+    try:
+        with open_regular(path) as f, np.load(f, allow_pickle=False) as z:
+            meta, keys, numbers = json.loads(str(z["meta"])), z["keys"], z["numbers"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise SortFacesError(f"{path}: unreadable identities file ({_errno_text(exc)}); "
+                             f"remove it to number people afresh")
+    bad = None
+    if not isinstance(meta, dict) or meta.get("schema") != IDENTITIES_SCHEMA:
+        bad = f"schema {meta.get('schema') if isinstance(meta, dict) else None!r}, " \
+              f"not {IDENTITIES_SCHEMA}"
+    elif not isinstance(meta.get("next"), int) or isinstance(meta["next"], bool) \
+            or meta["next"] < 1:
+        bad = "field next is not a number >= 1"
+    elif keys.dtype.kind != "S" or keys.ndim != 1:
+        bad = "field keys is not a column of face keys"
+    elif numbers.dtype.kind not in "iu" or numbers.shape != keys.shape:
+        bad = "field numbers is not one whole number per key"
+    elif len(numbers) and (numbers.min() < 1 or numbers.max() >= meta["next"]):
+        bad = "field numbers holds a number below 1 or not below next"
+    elif len(keys) > 1 and not (keys[1:] > keys[:-1]).all():
+        bad = "field keys is not sorted and unique"
+    if bad:
+        raise SortFacesError(f"{path}: not a schema-{IDENTITIES_SCHEMA} identities file "
+                             f"({bad}); remove it to number people afresh")
+    return Identities(keys, numbers.astype(np.int64), meta["next"])
+
+
+def write_identities(cache_path, ids):
+    _write_npz(identities_path(cache_path),
+               {"schema": IDENTITIES_SCHEMA, "next": ids.next, "tool_version": __version__},
+               {"keys": ids.keys, "numbers": ids.numbers})
+
+
+def cache_keys(cache, faces):
+    """face_key_array of cache faces."""
+    faces = np.asarray(faces, np.int64)
+    return face_key_array(cache.file_sha256[cache.face_file[faces]], cache.face_bbox[faces])
+
+
+def earlier_groups(out, step):
+    """The groups of the result a run is about to replace in OutDir out (none when there is
+    none or it cannot be read: the new result replaces it either way)."""
+    name = MANIFEST_FILES[step]
+    if name not in out.entries:
+        return []
+    try:
+        m = read_json(os.path.join(out.path, name), "manifest")
+    except SortFacesError:
+        return []
+    return m.get(GROUP_LISTS[step], []) if isinstance(m, dict) else []
+
+
+@contextlib.contextmanager
+def numbering(cache):
+    """number(groups) -> a person number per group of cache faces, under the identities
+    file's lock; what was numbered is saved only when the block ends without an error
+    (a dry run or a failed write gives no number away)."""
+    path = identities_path(cache.path)
+    lock = FileLock(path + ".lock", path)
+    try:
+        state = [read_identities(cache.path), False]
+
+        def number(groups, save=True, earlier=(), prefix="person_", extending=False):
+            """earlier: the entries of the output being replaced, or extended (whose
+            numbers are then not given again)."""
+            known = state[0].seeded(list(earlier), prefix)
+            taken = [int(e["name"][len(prefix):]) for e in earlier if extending and
+                     re.fullmatch(re.escape(prefix) + r"\d{1,9}", str(e.get("name")))]
+            numbers, ids = known.assign([cache_keys(cache, g) for g in groups], taken)
+            if save:
+                state[:] = [ids, True]
+            return numbers
+        yield number
+        if state[1]:
+            write_identities(cache.path, state[0])
+    finally:
+        lock.release()
+
+
+# ============================================================================
 # Step: cluster and refine
 # ============================================================================
 CLUSTER_ENTRIES = ("manifest.json", "index.html", "_singletons", "_noface", "_thumbs")
@@ -2866,6 +3090,7 @@ class ClusterPlan:
     omitted: int          # faces in clusters beyond --top
     noface: list          # file indices (owning record) of images without faces
     names: list = field(default_factory=list)     # per cluster: the person's name or None
+    numbers: list = field(default_factory=list)   # per cluster: its person number
 
 
 def people_of(cache, idx, rule, corr=None):
@@ -2917,12 +3142,9 @@ def write_cluster_output(cache, plan, root, link, params):
     """person_NNN/, _singletons/, _noface/, the review and manifest.json under root."""
     aliases = cache.aliases()
     manifest = new_manifest("cluster", cache, params, clusters=[], singletons=[], noface=[])
-    width = max(3, len(str(len(plan.clusters))))
     jobs = []
-    names = plan.names or [None] * len(plan.clusters)
-    number = itertools.count(1)                 # named people are not numbered
-    for members, person in zip(plan.clusters, names):
-        name = person or f"person_{next(number):0{width}d}"
+    for members, person, number in zip(plan.clusters, plan.names, plan.numbers):
+        name = person or f"person_{number:03d}"
         faces = [face_record(cache, i, aliases) for i in members]
         manifest["clusters"].append({"name": name, **({"person": person} if person else {}),
                                      **cluster_stats(cache.face_emb[members]),
@@ -2980,6 +3202,8 @@ class RefinePlan:
     dropped: list         # (face index, gate, value)
     reports: list         # (faces of the cluster, faces kept, its dropped triples)
     names: list = field(default_factory=list)     # per faceset: the person's name or None
+    people: list = field(default_factory=list)    # per faceset: all faces of its person
+    numbers: list = field(default_factory=list)   # per faceset: its person number
 
 
 def count_gates(dropped, into=None):
@@ -3055,9 +3279,10 @@ def refine_clusters(cache, clusters, outlier, gates, min_faces, names=None):
         dropped += mine
         reports.append((len(members), len(kept), mine))
         if kept:
-            facesets.append((kept, name))
+            facesets.append((kept, name, list(members)))
     facesets.sort(key=lambda f: (f[1] is None, -len(f[0]), f[0][0]))
-    return RefinePlan([f for f, _ in facesets], dropped, reports, [n for _, n in facesets])
+    return RefinePlan([f[0] for f in facesets], dropped, reports, [f[1] for f in facesets],
+                      [f[2] for f in facesets])
 
 
 def plan_refine(cache, idx, rule, outlier, gates=Gates(), min_faces=MIN_FACES,
@@ -3100,13 +3325,10 @@ def report_small_sets(plan, limits, min_faces):
 def write_refine_output(cache, plan, root, link, params):
     """faceset_NNN/, the review and refine_manifest.json (with what each gate dropped)."""
     aliases = cache.aliases()
-    width = max(3, len(str(len(plan.facesets))))
     manifest = new_manifest("refine", cache, params, facesets=[], dropped=[], gate_counts={})
     jobs, sections = [], []
-    names = plan.names or [None] * len(plan.facesets)
-    number = itertools.count(1)                 # named people are not numbered
-    for members, person in zip(plan.facesets, names):
-        name = person or f"faceset_{next(number):0{width}d}"
+    for members, person, number in zip(plan.facesets, plan.names, plan.numbers):
+        name = person or f"faceset_{number:03d}"
         faces = [face_record(cache, i, aliases) for i in members]
         manifest["facesets"].append({"name": name, **({"person": person} if person else {}),
                                      **cluster_stats(cache.face_emb[members]),
@@ -3303,10 +3525,11 @@ def _unplaced(cache, keys, params, placed, corr):
     return [int(i) for i in idx if int(i) not in done]
 
 
-def _grow_groups(cache, groups, members, joined, fresh, prefix, record, run, images):
-    """Add joined faces to existing manifest groups and fresh clusters as new groups
-    numbered after the highest (entries edited in place). Returns (new names, jobs) with
-    jobs (record, folder name)."""
+def _grow_groups(cache, groups, members, joined, fresh, prefix, record, run, images, *,
+                 number):
+    """Add joined faces to existing manifest groups and fresh clusters as new groups under
+    the next person numbers (numbering(); entries edited in place). Returns (new names,
+    jobs) with jobs (record, folder name)."""
     jobs = []
 
     def add(entry, faces, all_faces):
@@ -3319,7 +3542,8 @@ def _grow_groups(cache, groups, members, joined, fresh, prefix, record, run, ima
 
     for g, faces in joined.items():
         add(groups[g], faces, members[g] + faces)
-    names = _next_names(prefix, [e["name"] for e in groups], len(fresh))
+    names = [f"{prefix}{n:03d}" for n in number(fresh, earlier=groups, prefix=prefix,
+                                                        extending=True)]
     for name, faces in zip(names, fresh):
         groups.append({"name": name, "added_by_extend": run})
         add(groups[-1], faces, faces)
@@ -3357,7 +3581,7 @@ def _write_extension(cache, out, manifest, mname, jobs, link, sections, noface=(
         out.commit(os.listdir(root))
 
 
-def extend_raw(cache, out, link=None, join=None, margin=None):
+def extend_raw(cache, out, link=None, join=None, margin=None, *, number):
     """Fold new cache faces into a `cluster` output by the rule it was made with (join
     and margin may be given); returns a summary dict or None."""
     out = OutDir(out, "cluster", cache.meta.get("roots", [])).check(needs="cluster")
@@ -3383,7 +3607,7 @@ def extend_raw(cache, out, link=None, join=None, margin=None):
     run = len(m.get("extends", [])) + 1
     record = lambda i: {**face_record(cache, i, aliases), "added_by_extend": run}
     names, jobs = _grow_groups(cache, m["clusters"], members, joined, fresh, "person_",
-                               record, run, images=False)
+                               record, run, images=False, number=number)
     for i in singles:
         m["singletons"].append(record(i))
         jobs.append((m["singletons"][-1], "_singletons"))
@@ -3404,7 +3628,7 @@ def extend_raw(cache, out, link=None, join=None, margin=None):
     return summary
 
 
-def extend_refined(cache, out, link=None, join=None, margin=None):
+def extend_refined(cache, out, link=None, join=None, margin=None, *, number):
     """Fold new cache faces into a `refine` output under its own rule and gates; summary
     or None."""
     out = OutDir(out, "refine", cache.meta.get("roots", [])).check(needs="refine")
@@ -3432,7 +3656,7 @@ def extend_refined(cache, out, link=None, join=None, margin=None):
     run = len(m.get("extends", [])) + 1
     record = lambda i: {**face_record(cache, i, aliases), "added_by_extend": run}
     names, jobs = _grow_groups(cache, m["facesets"], members, joined, fresh, "faceset_",
-                               record, run, images=True)
+                               record, run, images=True, number=number)
     m["dropped"] += [{**record(i), "gate": gate, "value": round(value, 4)}
                      for i, gate, value in dropped]
     count_gates(dropped, into=m["gate_counts"])
@@ -3686,7 +3910,9 @@ def export_faceset(cache, name, members, folder, *, det, opts, dup_group, aliase
         records.append({**face_record(cache, i, aliases, fname), "rank": len(pngs),
                         "quality": quality[i], "crop_fix": fix})
     fields = {"pngs": len(pngs), "bundles": {}, "embedding": None, "reactor_model": None,
-              "dropped": count_gates(dropped)}
+              "dropped": count_gates(dropped),
+              "faces": [{"png": r["file"], **{k: r[k] for k in ("path", "sha256", "bbox")}}
+                        for r in records]}
     if pngs:
         for fname, data in pngs:
             write_file(os.path.join(folder, fname), data)
@@ -3962,11 +4188,15 @@ def cmd_name(args):
     cache = load_cache(args.cache)
     name = check_person_name(args.name)
     _, m, group = folder_faces(args.folder)
+    if group["name"].startswith("_"):
+        raise SortFacesError(f"{args.folder}: {group['name']} holds many different people, "
+                             f"not one; move the faces of one person to a new person on "
+                             f"the review page instead")
     ids = _manifest_face_ids(cache, m, group.get("faces", []))
     if not ids:
         raise SortFacesError(f"{args.folder}: no faces listed for it")
     with edit_people(cache.path) as data:
-        people_name(data, ids, name)
+        people_name(data, ids, name, merge=args.merge)
     log_result(f"name: {len(ids)} faces of {group['name']} are {name!r} in "
                f"{people_path(cache.path)}; every later cluster, refine, extend and "
                f"export-swap names them so")
@@ -4115,7 +4345,7 @@ class ReviewServer:
                 ids = [f for s in sections for f in self.section_ids(m, s)]
                 named = [r["name"] for r in data["people"] if r.get("name")
                          and any(set(g) & set(ids) for g in r["groups"])]
-                people_name(data, ids, named[0] if named else None)
+                people_name(data, ids, named[0] if named else None, merge=True)
                 msg = f"merged {', '.join(sections)}"
             elif op == "move" and faces:
                 to = req.get("to") or ""
@@ -4265,7 +4495,10 @@ def cmd_cluster(args):
     params = {**rule_params(rule), "min_cluster_size": args.min_cluster_size,
               "top": args.top, "max_faces_per_image": args.max_faces_per_image,
               "skip_partial": args.skip_partial, "link": args.link}
-    write_result(out, lambda root: write_cluster_output(cache, plan, root, args.link, params))
+    with numbering(cache) as number:
+        plan.numbers = number(plan.clusters, earlier=earlier_groups(out, "cluster"))
+        write_result(out, lambda root: write_cluster_output(cache, plan, root, args.link,
+                                                            params))
     log_result(summary + f"; wrote {out.path}")
     return 0
 
@@ -4297,7 +4530,11 @@ def cmd_refine(args):
               **dataclasses.asdict(gates),
               "min_faces": args.min_faces, "max_faces_per_image": args.max_faces_per_image,
               "skip_partial": args.skip_partial, "link": args.link}
-    write_result(out, lambda root: write_refine_output(cache, plan, root, args.link, params))
+    with numbering(cache) as number:
+        plan.numbers = number(plan.people, earlier=earlier_groups(out, "refine"),
+                              prefix="faceset_")
+        write_result(out, lambda root: write_refine_output(cache, plan, root, args.link,
+                                                           params))
     log_result(summary + f"; wrote {out.path}")
     return 0
 
@@ -4337,12 +4574,14 @@ def cmd_extend(args):
     roots = cache.meta.get("roots", [])
     for out in [args.raw_out] + ([args.refine_out] if args.refine_out else []):
         OutDir(out, "extend", roots)           # refuses an OUT in a source tree, a file
-    raw = extend_raw(cache, args.raw_out, args.link, args.join_threshold, args.join_margin)
-    lines = [_extend_line("raw", raw, "new_people")]
-    if args.refine_out:
-        lines.append(_extend_line("refine", extend_refined(
-            cache, args.refine_out, args.link, args.join_threshold, args.join_margin),
-            "new_facesets"))
+    with numbering(cache) as number:         # a new person: one number in both outputs
+        raw = extend_raw(cache, args.raw_out, args.link, args.join_threshold,
+                         args.join_margin, number=number)
+        lines = [_extend_line("raw", raw, "new_people")]
+        if args.refine_out:
+            lines.append(_extend_line("refine", extend_refined(
+                cache, args.refine_out, args.link, args.join_threshold, args.join_margin,
+                number=number), "new_facesets"))
     log_result("extend: " + "; ".join(lines))
     return 0
 
@@ -4717,12 +4956,15 @@ def build_parser():
                        description=cmd_name.__doc__ + "\n\nSaved in CACHE.people.json: "
                        "cluster and refine name the person's folder after it, extend adds "
                        "new faces to it, export-swap names the faceset and bundles after it. "
-                       "Naming two folders alike makes them one person.",
+                       "A name another person already has is refused unless --merge.",
                        formatter_class=HelpFormatter)
     p.add_argument("cache", metavar="CACHE", help="the cache the output was made from")
     p.add_argument("folder", metavar="FOLDER",
                    help="a person_NNN/, faceset_NNN/ or named folder of an output")
     p.add_argument("name", metavar="NAME", help="the person's name (becomes a folder name)")
+    p.add_argument("--merge", action="store_true",
+                   help="NAME is already another person's and these faces are that person "
+                        "too: make them one (without it, a name in use is refused)")
     add_common_args(p)
     p.set_defaults(func=cmd_name)
 

@@ -40,14 +40,23 @@ def folder_of(out, person):
     return next(n for n, who in people_in(out).items() if who == {person})
 
 
-def test_naming_two_folders_alike_makes_one_person_that_extend_grows(thirds):
-    """The acceptance run: name Tony Blair's and Hugo Chavez's folders Alpha, re-cluster,
-    embed the rest, extend: one Alpha folder with both, growing; Madonna untouched."""
+def test_a_name_in_use_needs_merge_and_then_makes_one_person_that_extend_grows(thirds,
+                                                                               capsys):
+    """Name Tony Blair's folder Alpha; naming Hugo Chavez's folder alpha too is refused (one
+    line saying how to merge), --merge makes them one; re-cluster, embed the rest, extend:
+    one Alpha folder with both, growing; Madonna untouched."""
     t, cache, out = thirds, thirds / "c.npz", thirds / "out"
     assert run("embed", str(t / "a"), str(cache), tmp=t) == 0
     assert run("cluster", str(cache), str(out), tmp=t) == 0
-    for person in ("Tony_Blair", "Hugo_Chavez"):
-        assert run("name", str(cache), str(out / folder_of(out, person)), "Alpha", tmp=t) == 0
+    assert run("name", str(cache), str(out / folder_of(out, "Tony_Blair")), "Alpha", tmp=t) == 0
+    hugo = str(out / folder_of(out, "Hugo_Chavez"))
+    capsys.readouterr()
+    assert run("name", str(cache), hugo, "alpha", tmp=t) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "already named 'Alpha'" in err[0] and "--merge" in err[0], err
+    assert run("name", str(cache), hugo, "alpha", "--merge", tmp=t) == 0
+    # naming the same folder again is no conflict
+    assert run("name", str(cache), str(out / folder_of(out, "Tony_Blair")), "Alpha", tmp=t) == 0
     assert run("cluster", str(cache), str(out), "--clean", tmp=t) == 0
     m = json.loads((out / "manifest.json").read_text())
     alpha = [c for c in m["clusters"] if "Alpha" in c["name"]]
@@ -88,6 +97,73 @@ def test_rejected_faces_appear_nowhere(thirds):
     files = [f["file"] for c in m["clusters"] for f in c["faces"]] \
         + [f["file"] for f in m["singletons"]]
     assert photo not in files and len(files) >= 30
+
+
+def test_singletons_are_never_one_person(thirds, capsys):
+    t, cache, out = thirds, thirds / "c.npz", thirds / "out"
+    assert run("embed", str(t / "a"), str(cache), tmp=t) == 0
+    assert run("cluster", str(cache), str(out), tmp=t) == 0
+    (out / "_singletons").mkdir(exist_ok=True)
+    capsys.readouterr()
+    assert run("name", str(cache), str(out / "_singletons"), "Strangers", tmp=t) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "many different people" in err[0], err
+    assert not os.path.exists(str(cache) + ".people.json")
+
+
+@pytest.mark.parametrize("bad", ["../x", "/abs/x", "../../x", ".sort_faces", "a/b", ".",
+                                 "a\0b", "two\nlines", "person_002", "Person_002",
+                                 "_singletons", 5, ""])
+def test_a_hostile_people_file_is_one_error_line_and_writes_nothing(thirds, bad, capsys):
+    """Names, whatever their source, pass one check where they are read: a people file
+    naming a person `/abs/x` or `../../x` never makes a step write outside OUT."""
+    t, cache, out = thirds, thirds / "c.npz", thirds / "out"
+    assert run("embed", str(t / "a" / "Madonna"), str(cache), tmp=t) == 0
+    assert run("cluster", str(cache), str(out), tmp=t) == 0
+    faces = [sort_faces.face_id(f["sha256"], f["bbox"]) for f in
+             json.loads((out / "manifest.json").read_text())["clusters"][0]["faces"]]
+    people = {"schema": 1, "people": [{"id": "p1", "name": bad, "groups": [faces]}],
+              "not": [], "rejected": []}
+    (t / "c.npz.people.json").write_text(json.dumps(people))
+    before = sorted(str(p) for p in t.rglob("*") if "logs" not in p.parts)
+    for step in (["cluster", str(cache), str(out), "--clean"],
+                 ["refine", str(cache), str(t / "ref"), "--min-faces", "2",
+                  "--min-face-short", "40"]):
+        capsys.readouterr()
+        assert run(*step, tmp=t) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and "people[0].name" in err[0]
+    assert sorted(str(p) for p in t.rglob("*") if "logs" not in p.parts) == before
+    assert not (t.parent / "x").exists() and not os.path.exists("/abs")
+
+
+@pytest.mark.parametrize("damage", [{"rejected": [[1]]}, {"people": [{"id": "p1",
+                                                                      "groups": [[1, 2]]}]},
+                                    {"people": [{"name": "A", "groups": []}]},
+                                    {"not": [{"face": 3}]}, {"people": "x"}, {"schema": 9}])
+def test_a_damaged_people_file_is_one_error_line(thirds, damage, capsys):
+    t, cache, out = thirds, thirds / "c.npz", thirds / "out"
+    assert run("embed", str(t / "a" / "Madonna"), str(cache), tmp=t) == 0
+    people = {"schema": 1, "people": [], "not": [], "rejected": [], **damage}
+    (t / "c.npz.people.json").write_text(json.dumps(people))
+    capsys.readouterr()
+    assert run("cluster", str(cache), str(out), tmp=t) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {t / 'c.npz.people.json'}: "), err
+
+
+def test_names_are_one_person_whatever_their_form(thirds):
+    """café in NFC and in NFD is one name (one folder); Anna and anna too."""
+    t, cache, out = thirds, thirds / "c.npz", thirds / "out"
+    assert run("embed", str(t / "a"), str(cache), tmp=t) == 0
+    assert run("cluster", str(cache), str(out), tmp=t) == 0
+    tony, hugo = (str(out / folder_of(out, p)) for p in ("Tony_Blair", "Hugo_Chavez"))
+    assert run("name", str(cache), tony, "cafe\u0301", tmp=t) == 0          # NFD
+    assert run("name", str(cache), hugo, "CAF\u00c9", "--merge", tmp=t) == 0
+    assert run("cluster", str(cache), str(out), "--clean", tmp=t) == 0
+    named = [c["name"] for c in json.loads((out / "manifest.json").read_text())["clusters"]
+             if c.get("person")]
+    assert named == ["caf\u00e9"]                                     # NFC, one folder
 
 
 @pytest.mark.parametrize("bad", ["../x", "_hidden", "person_004", ".x", "a/b", ""])

@@ -291,12 +291,14 @@ def test_export_swap_never_replaces_a_faceset_of_another_source(lib, tmp_path):
 
 def _kill_mid_run(args, at, whole, out, script=SCRIPT):
     """SIGKILL a run of the tool into out (fresh each try) once it has written `at` of the
-    files an uninterrupted run (whole) has; True once one was killed with its work left
-    (its manifest, written last, not there yet)."""
+    files an uninterrupted run (whole) has; True once one was killed with work left (its
+    manifest missing or listing less than the whole run's)."""
     want = max(1, int(at * count_files(whole)))
+    listed = lambda d: [(e["name"], e["pngs"]) for e in json.loads(
+        (d / "manifest.json").read_text())["facesets"]] if (d / "manifest.json").exists() else []
     signal_mid_run([script, *args, "-q"], lambda: count_files(out) >= want, signal.SIGKILL,
                    lambda proc: proc.returncode == -signal.SIGKILL
-                   and not (out / "manifest.json").exists(),
+                   and listed(out) != listed(whole),
                    stderr_path=out.parent / "killed-stderr.txt",
                    reset=lambda: shutil.rmtree(out, ignore_errors=True))
     return True
