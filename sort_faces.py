@@ -372,8 +372,29 @@ def _inside(path, root):
     return p == r or p.startswith(r.rstrip(os.sep) + os.sep)
 
 
+def _within(path, root):
+    """_inside, or one of the folders above path is root itself (same device and inode):
+    a bind mount of root, or another path to it, shares no prefix with it. For the checks
+    that keep outputs out of source trees."""
+    if _inside(path, root):
+        return True
+    try:
+        rst = os.stat(root)
+    except OSError:
+        return False
+    p = os.path.realpath(path)
+    while True:
+        with contextlib.suppress(OSError):
+            if os.path.samestat(os.stat(p), rst):
+                return True
+        up = os.path.dirname(p)
+        if up == p:
+            return False
+        p = up
+
+
 def _inside_any(path, roots):
-    return any(_inside(path, r) for r in roots)
+    return any(_within(path, r) for r in roots)
 
 
 def _walk_files(folder):
@@ -448,7 +469,7 @@ class OutDir:
             raise SortFacesError(f"{self.path} exists and is not a folder; give a folder "
                                  f"for the output")
         for r in roots:
-            if _inside(self.path, r) or _inside(r, self.path):
+            if _within(self.path, r) or _within(r, self.path):
                 raise SortFacesError(f"output {self.path} overlaps the source tree {r}; "
                                      f"choose an output folder outside it")
         self.state = os.path.join(self.path, STATE_DIR)
@@ -458,7 +479,10 @@ class OutDir:
                                  f"file); remove it")
         self.ledger = self._read_ledger()
         self.entries = self.ledger["entries"]      # rel -> [files inside] | None (a file)
-        self.interrupted = bool(self.ledger.get("pending"))
+        # a run cut short (in its commit, or before it: staging left) is finished or
+        # redone by the same command, without --clean
+        self.interrupted = bool(self.ledger.get("pending")) or (
+            os.path.isdir(self.staging) and bool(os.listdir(self.staging)))
         self._lock = None
 
     # ------------------------------------------------------------------ what is there
@@ -476,7 +500,8 @@ class OutDir:
                     if not f or "\0" in f or any(p in ("", ".", "..") for p in f.split("/")):
                         raise SortFacesError(f"{path}: {f!r} is not a file inside {rel}")
             pending = led.get("pending") or {}
-            for rel in pending.get("swap", []) + pending.get("drop", []):
+            for rel in pending.get("swap", []) + pending.get("drop", []) \
+                    + list(led.get("writing", [])):
                 safe_relpath(rel, path)
         except (KeyError, TypeError, AttributeError):
             raise SortFacesError(f"{path}: damaged ownership ledger; move OUT aside and "
@@ -535,14 +560,31 @@ class OutDir:
             CONSOLE.info(f"{self.path}: finishing the swap of a run that was cut short")
             self._apply(self.ledger["pending"])
             self._write_ledger(self._final(self.ledger["pending"]))
+        self._drop_partial_copies()
         for leftover in ("staging", "trash"):
             _rmtree(os.path.join(self.state, leftover))
         return self
 
+    def _drop_partial_copies(self):
+        """Remove the temporary copies (.tmp-PID-N.part) a run cut short left in the owned
+        folders it was writing into straight (the ledger names them)."""
+        for rel in self.ledger.get("writing", []):
+            top = os.path.join(self.path, rel)
+            if rel not in self.entries or os.path.islink(top) or not os.path.isdir(top):
+                continue
+            for here, _, files in os.walk(top):
+                for f in files:
+                    if re.fullmatch(r"\.tmp-\d+-\d+\.part", f):
+                        os.unlink(os.path.join(here, f))
+        if self.ledger.get("writing"):
+            self._write_ledger(self.entries, writing=[])
+
     def close(self):
-        """Drop what staging holds (a result given up) and release OUT."""
+        """Drop what staging holds (a result given up) and release OUT; a commit cut short
+        (Ctrl-C, a full disk) keeps it: the next run finishes that commit from it."""
         if self._lock:
-            _rmtree(self.staging)
+            if not self.ledger.get("pending"):
+                _rmtree(self.staging)
             self._lock.release()
             self._lock = None
 
@@ -568,7 +610,8 @@ class OutDir:
         listing = self.entries.setdefault(rel, [])
         known = set(listing)
         listing += [f for f in files if f not in known]
-        self._write_ledger(self.entries)
+        self._write_ledger(self.entries,
+                           writing=sorted(set(self.ledger.get("writing", [])) | {rel}))
 
     def commit(self, rels, drop=()):
         """Swap the staged entries rels into OUT, replacing owned entries of the same name
@@ -582,7 +625,7 @@ class OutDir:
                    "old": {r: self.entries[r] for r in rels + drop if r in self.entries}}
         self._write_ledger({**self.entries, **new}, pending)
         self._apply(pending)
-        self._write_ledger(self._final(pending))
+        self._write_ledger(self._final(pending), writing=[])
         _rmtree(os.path.join(self.state, "trash"))
 
     def _final(self, pending):
@@ -591,11 +634,15 @@ class OutDir:
             entries[rel] = [f for f in entries[rel] if f not in skipped]
         return {r: v for r, v in entries.items() if r not in pending["drop"]}
 
-    def _write_ledger(self, entries, pending=None):
+    def _write_ledger(self, entries, pending=None, writing=None):
+        """writing: the owned folders copies go straight into (None: as they were)."""
+        writing = self.ledger.get("writing", []) if writing is None else writing
         self.ledger = {"schema": 1, "tool": "sort_faces", "tool_version": __version__,
                        "step": self.step, "entries": entries}
         if pending:
             self.ledger["pending"] = pending
+        if writing:
+            self.ledger["writing"] = writing
         self.entries = entries
         write_json_atomic(os.path.join(self.state, "owned.json"), self.ledger)
 
@@ -603,6 +650,10 @@ class OutDir:
         """Do (or finish) a commit; each move checks what is already done."""
         self._skipped = {}
         old = pending.get("old", {})
+        for rel in pending["swap"]:       # an old manifest goes first: never ahead of disk
+            if rel.endswith(".json") and rel in old \
+                    and os.path.lexists(os.path.join(self.staging, rel)):
+                self._retire(rel, old[rel])
         for rel in pending["drop"]:
             self._retire(rel, old.get(rel))
             self._prune(os.path.dirname(rel))
@@ -1228,10 +1279,63 @@ def _part_files(path, warn=True):
     return parts
 
 
+def _column_spec(key):
+    """(dtype kind, shape after the table's length) a cache column must have, or None
+    for a column the format does not define (an enrich part's keys)."""
+    table, _, name = key.partition("_")
+    if table == "file" and name in FILE_COLS:
+        t = FILE_COLS[name]
+        return ("U" if t == "U" else np.dtype(t).kind), ()
+    if table == "face" and name in FACE_COLS:
+        t, shape = FACE_COLS[name]
+        return np.dtype(t).kind, shape
+    return None
+
+
+def check_shapes(shapes):
+    """Every column's dtype and shape as the format has it, file and face columns each of
+    one length; shapes: {column: (shape, dtype)}. Raises ValueError naming the column."""
+    lengths = {}
+    for key, (shape, dtype) in shapes.items():
+        spec = _column_spec(key)
+        if spec is None:
+            continue
+        kind, rest = spec
+        ok_kind = dtype.kind == kind or (kind in "iu" and dtype.kind in "iu")
+        if not ok_kind or len(shape) != 1 + len(rest) or tuple(shape[1:]) != rest:
+            raise ValueError(f"column {key} is {dtype} {tuple(shape)}, not {kind} "
+                             f"(N, {', '.join(map(str, rest))})".replace(", )", ")"))
+        table = key.split("_")[0]
+        if lengths.setdefault(table, (shape[0], key))[0] != shape[0]:
+            raise ValueError(f"column {key} has {shape[0]} rows, {lengths[table][1]} has "
+                             f"{lengths[table][0]}")
+
+
+def check_content(key, arr, n_files, where):
+    """What a column holds: finite unit embeddings, faces of files that exist."""
+    bad = None
+    if key == "face_emb" and len(arr):
+        norms = np.sqrt(np.einsum("ij,ij->i", arr, arr))
+        if not np.isfinite(norms).all() or np.abs(norms - 1).max() > 1e-3:
+            bad = "holds embeddings that are not finite unit vectors"
+    elif key == "face_file" and len(arr) and (arr.min() < 0 or arr.max() >= n_files):
+        bad = f"names a file outside the cache's {n_files}"
+    elif key in ("face_bbox", "face_kps") and len(arr) and not np.isfinite(arr).all():
+        bad = "holds a box or keypoint that is not a number"
+    if bad:
+        raise SortFacesError(f"{where}: column {key} {bad}; the cache is damaged: "
+                             f"re-embed into a new cache")
+    return arr
+
+
 def _read_npz(path):
     with open_regular(path) as f, np.load(f, allow_pickle=False) as z:
         meta = json.loads(str(z["meta"]))
         cols = {k: z[k] for k in z.files if k != "meta"}
+    check_shapes({k: (v.shape, v.dtype) for k, v in cols.items()})
+    for k in ("face_emb", "face_file", "face_bbox", "face_kps"):
+        if k in cols:
+            check_content(k, cols[k], len(cols.get("file_path", ())), path)
     for k in _EMPTY_COLUMNS:
         if k not in cols and meta.get("kind") != "enrich":
             cols[k] = _added_column(k, cols)
@@ -1255,17 +1359,30 @@ class _LazyColumns(collections.abc.MutableMapping):
         try:
             self._z = np.load(self._fh, allow_pickle=False)
             self.meta = json.loads(str(self._z["meta"]))
+            stored = [k for k in self._z.files if k != "meta"]
+            self._shapes = {k: self._header(k) for k in stored}
+            check_shapes(self._shapes)
         except BaseException:
             self._fh.close()
             raise
-        stored = [k for k in self._z.files if k != "meta"]
+        self.path = path
         self._names = list(dict.fromkeys(stored + list(_EMPTY_COLUMNS)))
         self._loaded = {}
+
+    def _header(self, key):
+        """(shape, dtype) of a stored column, read from its .npy header only."""
+        with self._z.zip.open(key + ".npy") as f:
+            version = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) \
+                else np.lib.format.read_array_header_2_0
+            shape, _, dtype = read(f)
+        return shape, np.dtype(dtype)
 
     def __getitem__(self, key):
         if key not in self._loaded:
             if key in self._z.files and key != "meta":
-                self._loaded[key] = self._z[key]
+                n_files = self._shapes.get("file_path", ((0,),))[0][0]
+                self._loaded[key] = check_content(key, self._z[key], n_files, self.path)
             elif key in _EMPTY_COLUMNS:
                 self._loaded[key] = _added_column(key, self)
             else:
@@ -1743,7 +1860,7 @@ def embed_tree(src, cache_path, pack_name="default", model_dir=None, flush_every
         raise SortFacesError(f"{src} is a file, not a folder: SRC is the folder of photos to "
                              f"scan (did you swap SRC and CACHE?)" if os.path.exists(root)
                              else f"source folder not found: {src}")
-    if _inside(cache_path, root):
+    if _within(cache_path, root):
         raise SortFacesError(f"cache {cache_path} is inside the source tree {root}; "
                              f"the source is never written to: put the cache elsewhere")
     pack = locate_pack(pack_name, model_dir)
@@ -1836,7 +1953,7 @@ def _embed_loop(root, writer, models, stats, flush_every, strict, workers, det_s
             continue
         todo.append((path, st))
     for folder in linked:
-        if _inside(writer.path, folder):
+        if _within(writer.path, folder):
             raise SortFacesError(f"cache {writer.path} is inside {folder}, a source folder "
                                  f"(linked from {root}); put the cache elsewhere")
     writer.meta["roots"] = sorted(set(writer.meta["roots"]) | set(linked))
@@ -2578,6 +2695,59 @@ def manifest_members(keys, faces):
     return [i for i in found if i is not None]
 
 
+def _is_face_record(f):
+    """A manifest face entry whose key can be read: sha256 text and a box of 4 numbers."""
+    return isinstance(f, dict) and isinstance(f.get("sha256"), str) \
+        and re.fullmatch(r"[0-9a-f]{64}", f["sha256"]) is not None \
+        and isinstance(f.get("bbox"), list) and len(f["bbox"]) == 4 \
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                and math.isfinite(v) for v in f["bbox"])
+
+
+#: manifest params a later step reads back: name -> the types it may have
+MANIFEST_PARAMS = {**{k: (int, float) for k in (
+    "threshold", "initial_threshold", "merge_threshold", "join_threshold", "join_margin",
+    "outlier_threshold", "min_face_short", "min_short", "min_blur", "min_det_score")},
+    **{k: (int,) for k in ("min_cluster_size", "min_faces", "max_faces_per_image", "top")},
+    "skip_partial": (bool,), "link": (str,)}
+
+
+def _check_manifest(m, step, path):
+    """The structure later steps rely on: params of the right types, group lists of
+    records whose faces have a readable key. Raises SortFacesError naming the field."""
+    def bad(field, why):
+        raise SortFacesError(f"{path}: {field} {why}; the manifest is damaged: re-run "
+                             f"`{step}` with --clean")
+    params = m.get("params", {})
+    if not isinstance(params, dict):
+        bad("params", "is not a record")
+    for key, types in MANIFEST_PARAMS.items():
+        v = params.get(key)
+        if v is not None and (not isinstance(v, types) or (bool not in types and
+                                                           isinstance(v, bool))
+                              or (isinstance(v, float) and not math.isfinite(v))):
+            bad(f"params.{key}", f"is {v!r}")
+    lists = [GROUP_LISTS[step]] + (["singletons", "dropped"] if step != "export-swap" else [])
+    for key in lists:
+        if key in m and not isinstance(m[key], list):
+            bad(key, "is not a list")
+    if not isinstance(m.get(GROUP_LISTS[step]), list):
+        bad(GROUP_LISTS[step], "is missing")
+    for k, g in enumerate(m[GROUP_LISTS[step]]):
+        if not isinstance(g, dict) or not isinstance(g.get("name"), str):
+            bad(f"{GROUP_LISTS[step]}[{k}]", "is not a named group")
+        faces = g.get("faces", [] if step == "export-swap" else None)
+        if not isinstance(faces, list):
+            bad(f"{GROUP_LISTS[step]}[{k}].faces", "is not a list")
+        for j, f in enumerate(faces):
+            if not _is_face_record(f):
+                bad(f"{GROUP_LISTS[step]}[{k}].faces[{j}]", "is not a face (sha256, bbox)")
+    for key in lists[1:]:
+        for j, f in enumerate(m.get(key, [])):
+            if not _is_face_record(f):
+                bad(f"{key}[{j}]", "is not a face (sha256, bbox)")
+
+
 def read_manifest(path, step, cache, same_cache=True):
     """A manifest written by `step` with the cache's pack (and, if same_cache, from this
     very cache), its group names checked as names, or a clear refusal."""
@@ -2596,6 +2766,7 @@ def read_manifest(path, step, cache, same_cache=True):
     if same_cache and os.path.realpath(m.get("cache", "")) != os.path.realpath(cache.path):
         raise SortFacesError(f"{path} was made from cache {m.get('cache')}, not {cache.path}; "
                              f"use the cache it was made from")
+    _check_manifest(m, step, path)
     suffix = SWAP_SUFFIX_BYTES if step in ("refine", "export-swap") else 0
     for k, group in enumerate(m.get(GROUP_LISTS[step], [])):
         where = f"{path}: {GROUP_LISTS[step]}[{k}]"
@@ -2639,7 +2810,8 @@ def read_people(cache_path):
     come back NFC-normalised."""
     path = people_path(cache_path)
     if not os.path.lexists(path):
-        return {"schema": PEOPLE_SCHEMA, "people": [], "not": [], "rejected": []}
+        return {"schema": PEOPLE_SCHEMA, "people": [], "not": [], "rejected": [],
+                "journal": []}
     data = read_json(path, "people file")
 
     def bad(field, why):
@@ -2672,6 +2844,7 @@ def read_people(cache_path):
             bad(f"not[{k}]", "is not a face with a list of faces")
     if not faces(data["rejected"]):
         bad("rejected", "is not a list of faces")
+    _check_journal(data.setdefault("journal", []), bad)
     return data
 
 
@@ -2765,6 +2938,126 @@ def people_reject(data, faces):
     faces = list(dict.fromkeys(faces))
     _take_faces(data, faces)
     data["rejected"] += faces
+
+
+# Every change is a journal entry (people file "journal"): for each face it moved, its fate
+# before and after (null: nowhere, "rejected", or [person id, first face of its group]), the
+# names it changed, the not-links it added. Undo applies an entry's inverse to the faces
+# still as it left them, so later unrelated changes stay; an undo is an entry too.
+def _fates(data):
+    out = {}
+    for r in data["people"]:
+        for g in r["groups"]:
+            for f in g:
+                out[f] = [r["id"], g[0]]
+    for f in data["rejected"]:
+        out[f] = "rejected"
+    return out
+
+
+def _state(data):
+    return (_fates(data), {r["id"]: r.get("name") for r in data["people"]},
+            {json.dumps(x, sort_keys=True) for x in data["not"]})
+
+
+def _log_change(data, before, op, what, **extra):
+    """Append the journal entry of the change from state `before` to data; its number."""
+    (fa, na, la), (fb, nb, lb) = before, _state(data)
+    journal = data.setdefault("journal", [])
+    n = journal[-1]["n"] + 1 if journal else 1
+    journal.append({"n": n, "at": datetime.datetime.now().isoformat(timespec="seconds"),
+                    "op": op, "what": what,
+                    "faces": {f: [fa.get(f), fb.get(f)] for f in sorted(set(fa) | set(fb))
+                              if fa.get(f) != fb.get(f)},
+                    "names": {r: [na.get(r), nb.get(r)] for r in sorted(set(na) | set(nb))
+                              if na.get(r) != nb.get(r)},
+                    "not_added": [json.loads(x) for x in sorted(lb - la)], **extra})
+    return n
+
+
+@contextlib.contextmanager
+def change_people(cache_path, op, what):
+    """edit_people() for one change, journaled (see above). Yields the data."""
+    with edit_people(cache_path) as data:
+        before = _state(data)
+        yield data
+        _log_change(data, before, op, what)
+
+
+def _restore(data, face, fate, names):
+    """Put face where fate says (after _take_faces took it from where it is)."""
+    if fate == "rejected":
+        data["rejected"].append(face)
+    elif fate:
+        rid, anchor = fate
+        rec = next((r for r in data["people"] if r["id"] == rid), None)
+        if rec is None:
+            rec = {"id": rid, "name": names.get(rid, [None])[0], "groups": []}
+            data["people"].append(rec)
+        group = next((g for g in rec["groups"] if anchor in g), None) if anchor != face \
+            else None
+        if group is None:
+            rec["groups"].append([face])
+        else:
+            group.append(face)
+
+
+def people_undo(data, n=None):
+    """Revert journal entry n (default: the latest change not undone) by its inverse;
+    returns the line that says what was undone."""
+    journal = data.get("journal", [])
+    if n is None:
+        entry = next((e for e in reversed(journal) if e["op"] != "undo"
+                      and "undone_by" not in e), None)
+        if entry is None:
+            raise SortFacesError("nothing to undo")
+    else:
+        entry = next((e for e in journal if e["n"] == n), None)
+        if entry is None:
+            raise SortFacesError(f"no change #{n} in the journal (`people CACHE` lists them)")
+        if "undone_by" in entry:
+            raise SortFacesError(f"change #{n} was undone already (by #{entry['undone_by']})")
+    before = _state(data)
+    fates, names, _ = before
+    todo = {f: b for f, (b, a) in entry["faces"].items() if fates.get(f) == a}
+    _take_faces(data, list(todo))
+    for face, fate in sorted(todo.items(), key=lambda kv: not (
+            isinstance(kv[1], list) and kv[1][1] == kv[0])):     # a group's first face first
+        _restore(data, face, fate, entry["names"])
+    taken = {r.get("name").casefold() for r in data["people"] if r.get("name")}
+    for rid, (b, a) in entry["names"].items():
+        rec = next((r for r in data["people"] if r["id"] == rid), None)
+        if rec is not None and rec.get("name") == a and (b is None or b.casefold() not in taken):
+            rec["name"] = b
+    added = {json.dumps(x, sort_keys=True) for x in entry["not_added"]}
+    data["not"] = [x for x in data["not"] if json.dumps(x, sort_keys=True) not in added]
+    data["people"] = [r for r in data["people"] if r["groups"] or r.get("name")]
+    kept = len(entry["faces"]) - len(todo)
+    what = f"undo #{entry['n']} ({entry['what']})" + (
+        f"; {kept} faces changed since are left as they are" if kept else "")
+    entry["undone_by"] = _log_change(data, before, "undo", what, undoes=entry["n"])
+    return what
+
+
+def _check_journal(journal, bad):
+    """The journal's structure (read_people's `bad` reports a field)."""
+    fate = lambda v: v is None or v == "rejected" or (
+        isinstance(v, list) and len(v) == 2 and all(isinstance(x, str) for x in v))
+    if not isinstance(journal, list):
+        bad("journal", "is not a list")
+    last = 0
+    for k, e in enumerate(journal):
+        ok = isinstance(e, dict) and isinstance(e.get("n"), int) and e["n"] > last \
+            and isinstance(e.get("op"), str) and isinstance(e.get("what"), str) \
+            and isinstance(e.get("faces"), dict) and isinstance(e.get("names"), dict) \
+            and isinstance(e.get("not_added"), list) \
+            and all(isinstance(v, list) and len(v) == 2 and all(map(fate, v))
+                    for v in e["faces"].values()) \
+            and all(isinstance(v, list) and len(v) == 2 and all(
+                x is None or isinstance(x, str) for x in v) for v in e["names"].values())
+        if not ok:
+            bad(f"journal[{k}]", "is not a change as sort_faces records it")
+        last = e["n"]
 
 
 @dataclass
@@ -2928,15 +3221,6 @@ class Identities:
         keep = ~np.isin(self.keys, keys)
         keys, first = np.unique(np.concatenate([keys, self.keys[keep]]), return_index=True)
         return Identities(keys, np.concatenate([nums, self.numbers[keep]])[first], nxt)
-
-
-def _is_face_record(f):
-    """A manifest face entry whose key can be read: sha256 text and a box of 4 numbers."""
-    return isinstance(f, dict) and isinstance(f.get("sha256"), str) \
-        and re.fullmatch(r"[0-9a-f]{64}", f["sha256"]) is not None \
-        and isinstance(f.get("bbox"), list) and len(f["bbox"]) == 4 \
-        and all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                and math.isfinite(v) for v in f["bbox"])
 
 
 def read_identities(cache_path):
@@ -4155,6 +4439,7 @@ def output_manifest(out):
         if os.path.isfile(path):
             m = read_json(path, "manifest")
             if isinstance(m, dict) and m.get("step") == step:
+                _check_manifest(m, step, path)
                 return step, m
     raise SortFacesError(f"{out}: no sort_faces manifest (cluster, refine or export-swap) "
                          f"in it")
@@ -4195,7 +4480,7 @@ def cmd_name(args):
     ids = _manifest_face_ids(cache, m, group.get("faces", []))
     if not ids:
         raise SortFacesError(f"{args.folder}: no faces listed for it")
-    with edit_people(cache.path) as data:
+    with change_people(cache.path, "name", f"{group['name']} named {name!r}") as data:
         people_name(data, ids, name, merge=args.merge)
     log_result(f"name: {len(ids)} faces of {group['name']} are {name!r} in "
                f"{people_path(cache.path)}; every later cluster, refine, extend and "
@@ -4220,10 +4505,36 @@ def cmd_reject(args):
             if not faces:
                 raise SortFacesError(f"{path}: not a face of {group['name']} in its manifest")
         ids += _manifest_face_ids(cache, m, faces)
-    with edit_people(cache.path) as data:
+    with change_people(cache.path, "reject", f"rejected {len(ids)} faces") as data:
         people_reject(data, ids)
     log_result(f"reject: {len(ids)} faces in {people_path(cache.path)}; no later output "
                f"shows them")
+    return 0
+
+
+def cmd_undo(args):
+    """Revert one correction by its inverse, keeping every later unrelated one."""
+    cache_path = os.path.abspath(os.path.expanduser(args.cache))
+    if not os.path.lexists(people_path(cache_path)):
+        raise SortFacesError(f"{people_path(cache_path)}: no corrections to undo")
+    with edit_people(cache_path) as data:
+        what = people_undo(data, args.n)
+    log_result(f"undo: {what}; re-run the step with --clean (or extend) to see it")
+    return 0
+
+
+def cmd_people(args):
+    """The people file of a cache: each person you named or corrected, then the journal."""
+    data = read_people(os.path.abspath(os.path.expanduser(args.cache)))
+    for r in data["people"]:
+        n = sum(map(len, r["groups"]))
+        log_result(f"{r['id']}\t{r.get('name') or '(unnamed)'}\t{n} faces in "
+                   f"{len(r['groups'])} groups")
+    log_result(f"rejected\t{len(data['rejected'])} faces\nnot-together\t{len(data['not'])} "
+               f"faces kept from a person")
+    for e in data["journal"]:
+        done = f" [undone by #{e['undone_by']}]" if "undone_by" in e else ""
+        log_result(f"#{e['n']}\t{e['at']}\t{e['op']}\t{e['what']}{done}")
     return 0
 
 
@@ -4313,7 +4624,7 @@ class ReviewServer:
         self.step, manifest = output_manifest(self.out)
         self.cache = load_cache(cache_path or manifest.get("cache", ""))
         self.token = secrets.token_urlsafe(18)
-        self.undo = []
+        self.mine = []          # journal numbers of this server's changes: Undo takes these
         handler = type("Handler", (_ReviewHandler,), {"review": self})
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", port), handler)
         self.port = self.httpd.server_address[1]
@@ -4333,7 +4644,7 @@ class ReviewServer:
         op, m = req.get("op"), self.manifest()
         faces = [f for f in req.get("faces", []) if isinstance(f, str)]
         with edit_people(self.cache.path) as data:
-            before = json.dumps(data)
+            before = _state(data)
             if op == "name":
                 name = check_person_name(req.get("name"))
                 people_name(data, self.section_ids(m, req.get("section")), name)
@@ -4357,16 +4668,14 @@ class ReviewServer:
             elif op == "reject" and faces:
                 people_reject(data, faces)
                 msg = f"rejected {len(faces)} faces"
-            elif op == "undo":
-                if not self.undo:
-                    raise SortFacesError("nothing to undo")
-                data.clear()
-                data.update(json.loads(self.undo.pop()))
-                msg = "undone"
+            elif op == "undo":                     # this page's last change, else the last
+                undone = {e["n"] for e in data["journal"] if "undone_by" in e}
+                mine = [n for n in self.mine if n not in undone]
+                msg = people_undo(data, mine[-1] if mine else None)
             else:
                 raise SortFacesError(f"unknown or empty action {op!r}")
             if op != "undo":
-                self.undo.append(before)
+                self.mine.append(_log_change(data, before, op, msg))
         CONSOLE._to_log(f"review: {msg}")
         return msg + "; saved (re-run the step with --clean, or extend, to see it)"
 
@@ -4977,6 +5286,24 @@ def build_parser():
     p.add_argument("paths", nargs="+", metavar="PATH", help="folders or files of an output")
     add_common_args(p)
     p.set_defaults(func=cmd_reject)
+
+    p = sub.add_parser("undo", help="revert a correction (name, merge, move, reject) by its "
+                       "inverse", description=cmd_undo.__doc__ + "\n\nFaces changed again "
+                       "since keep their later change; an undo is itself a change (undo it "
+                       "to redo). `people CACHE` lists the changes and their numbers.",
+                       formatter_class=HelpFormatter)
+    p.add_argument("cache", metavar="CACHE", help="the cache whose corrections to change")
+    p.add_argument("n", nargs="?", type=int, metavar="N",
+                   help="the change to revert (default: the latest one not undone)")
+    add_common_args(p)
+    p.set_defaults(func=cmd_undo)
+
+    p = sub.add_parser("people", help="list the people you named or corrected, and the "
+                       "journal of changes", description=cmd_people.__doc__,
+                       formatter_class=HelpFormatter)
+    p.add_argument("cache", metavar="CACHE", help="the cache whose corrections to list")
+    add_common_args(p)
+    p.set_defaults(func=cmd_people)
     return parser
 
 

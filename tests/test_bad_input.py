@@ -274,3 +274,84 @@ def test_unreadable_file_is_reported(copy_photos):
             for n in files:
                 os.chmod(os.path.join(folder, n), 0o644, follow_symlinks=False)
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------- records read back
+def one_error_line(capsys, *argv, tmp):
+    """Run a step in-process; its single stderr line (it must fail with exactly one)."""
+    capsys.readouterr()
+    rc = sort_faces.main([*map(str, argv), "-q", "--log-dir", str(tmp / "logs")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and len(err) == 1 and err[0].startswith("error: "), (rc, err)
+    assert "Traceback" not in err[0]
+    return err[0]
+
+
+@pytest.mark.parametrize("damage", ["nan", "dim7", "face_file", "lengths", "object"])
+def test_a_damaged_cache_is_refused_in_one_line(labeled_cache, tmp_path, capsys, damage):
+    """A cache with NaN or 7-d embeddings, a face of a file that is not there, columns of
+    different lengths or an object column: one error naming the file, nothing written."""
+    cols = dict(np.load(labeled_cache, allow_pickle=False))
+    if damage == "nan":
+        cols["face_emb"][3, 0] = np.nan
+    elif damage == "dim7":
+        cols["face_emb"] = cols["face_emb"][:, :7]
+    elif damage == "face_file":
+        cols["face_file"][0] = len(cols["file_path"]) + 5
+    elif damage == "lengths":
+        cols["face_bbox"] = cols["face_bbox"][:-1]
+    else:
+        cols["file_error"] = cols["file_error"].astype(object)
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, **cols)
+    for step in (["cluster", bad, tmp_path / "out"], ["dedup", bad]):
+        line = one_error_line(capsys, *step, tmp=tmp_path)
+        assert str(bad) in line, line
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture(scope="module")
+def outputs(tmp_path_factory):
+    """A cache of two people with a cluster and a refine output, to damage copies of."""
+    tmp = tmp_path_factory.mktemp("records")
+    for person in ("Tony_Blair", "Hugo_Chavez"):
+        shutil.copytree(L / person, tmp / "photos" / person)
+    argv = lambda *a: sort_faces.main([*map(str, a), "-q", "--log-dir", str(tmp / "logs")])
+    assert argv("embed", tmp / "photos", tmp / "c.npz") == 0
+    assert argv("cluster", tmp / "c.npz", tmp / "raw") == 0
+    assert argv("refine", tmp / "c.npz", tmp / "ref", "--min-face-short", "40",
+                "--min-faces", "4") == 0
+    return tmp
+
+
+@pytest.mark.parametrize("where, damage", [
+    ("ref", lambda m: m["facesets"][0]["faces"][0].update(bbox=["1", "2", "3", "4"])),
+    ("ref", lambda m: m.pop("facesets")),
+    ("ref", lambda m: m["facesets"][0].update(faces="x")),
+    ("ref", lambda m: m["params"].update(min_blur="high")),
+    ("raw", lambda m: m.update(params="x")),
+    ("raw", lambda m: m["clusters"].append(7)),
+    ("raw", lambda m: m["singletons"].append({"sha256": "ab", "bbox": [1, 2, 3, 4]})),
+])
+def test_a_damaged_manifest_is_refused_in_one_line(outputs, tmp_path, capsys, where, damage):
+    """extend (and name) read a manifest back: a damaged one is one error naming the file
+    and the field, and the output is left as it was."""
+    import json
+    home = tmp_path
+    shutil.copy2(outputs / "c.npz", home / "c.npz")
+    for out in ("raw", "ref"):
+        shutil.copytree(outputs / out, home / out, symlinks=True)
+    argv = lambda *a: sort_faces.main([*map(str, a), "-q", "--log-dir", str(home / "logs")])
+    # re-made from this copy of the cache, so that only the damage can refuse them
+    assert argv("cluster", home / "c.npz", home / "raw", "--clean") == 0
+    assert argv("refine", home / "c.npz", home / "ref", "--min-face-short", "40",
+                "--min-faces", "4", "--clean") == 0
+    mpath = home / where / ("manifest.json" if where == "raw" else "refine_manifest.json")
+    m = json.loads(mpath.read_text())
+    damage(m)
+    mpath.write_text(json.dumps(m))
+    before = mpath.read_bytes()
+    line = one_error_line(capsys, "extend", home / "c.npz", home / "raw", "--refine-out",
+                          home / "ref", tmp=home)
+    assert str(mpath) in line, line
+    assert mpath.read_bytes() == before

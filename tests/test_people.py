@@ -276,7 +276,7 @@ def test_corrections_clicked_in_chromium_stick(served):
         undone_id = undone.get_attribute("data-face")
         js_click(undone)
         act(lambda: js_click(driver.find_element(By.ID, "sf-reject")))
-        assert act(lambda: js_click(driver.find_element(By.ID, "sf-undo"))).startswith("undone")
+        assert act(lambda: js_click(driver.find_element(By.ID, "sf-undo"))).startswith("undo #")
         logs = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
         assert not logs, logs
     finally:
@@ -293,3 +293,45 @@ def test_corrections_clicked_in_chromium_stick(served):
     everywhere = set().union(*ids.values()) | {sort_faces.face_id(f["sha256"], f["bbox"])
                                                for f in m["singletons"]}
     assert rejected_id not in everywhere
+
+
+def test_undo_reverts_one_change_by_its_inverse_and_keeps_later_ones(thirds, capsys):
+    """name, reject, then undo the name (from the CLI, in a later process): the name is
+    gone, the later reject stays; undo of the undo brings the name back; `people` lists
+    the journal; a CLI reject made between two page actions is never lost."""
+    t, cache, out = thirds, thirds / "c.npz", thirds / "out"
+    assert run("embed", str(t / "a"), str(cache), tmp=t) == 0
+    assert run("cluster", str(cache), str(out), tmp=t) == 0
+    tony, madonna = (out / folder_of(out, p) for p in ("Tony_Blair", "Madonna"))
+    assert run("name", str(cache), str(tony), "Tony", tmp=t) == 0
+    photo = sorted(p for p in os.listdir(madonna) if p.endswith(".jpg") and p[0] != "_")[0]
+    assert run("reject", str(cache), str(madonna / photo), tmp=t) == 0
+    assert run("undo", str(cache), "1", tmp=t) == 0
+    data = sort_faces.read_people(cache)
+    assert not [r for r in data["people"] if r.get("name")]        # the name is undone
+    assert len(data["rejected"]) == 1                              # the later reject stays
+    assert run("cluster", str(cache), str(out), "--clean", tmp=t) == 0
+    assert "Tony" not in people_in(out) and folder_of(out, "Tony_Blair") == tony.name
+    assert run("undo", str(cache), "3", tmp=t) == 0                # redo: undo the undo
+    assert [r["name"] for r in sort_faces.read_people(cache)["people"]] == ["Tony"]
+    capsys.readouterr()
+    assert run("people", str(cache), tmp=t) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("#1\t") and "[undone by #3]" in line for line in lines), lines
+    assert any(line.startswith("#4\t") and "undo #3" in line for line in lines), lines
+    assert run("undo", str(cache), "1", tmp=t) == 1                # already undone
+
+
+def test_the_pages_undo_reverts_its_own_change_and_keeps_a_cli_reject(served):
+    t, cache, out, server = served
+    base = f"http://127.0.0.1:{server.port}/api?token={server.token}"
+    tony = folder_of(out, "Tony_Blair")
+    assert _post(base, {"op": "name", "section": tony, "name": "Tony"})[0] == 200
+    madonna = out / folder_of(out, "Madonna")
+    photo = sorted(p for p in os.listdir(madonna) if p.endswith(".jpg") and p[0] != "_")[0]
+    assert run("reject", str(cache), str(madonna / photo), tmp=t) == 0      # meanwhile
+    status, body = _post(base, {"op": "undo"})
+    assert status == 200, body
+    assert b"undo #1" in body
+    data = sort_faces.read_people(cache)
+    assert not [r for r in data["people"] if r.get("name")] and len(data["rejected"]) == 1

@@ -542,3 +542,99 @@ def test_swap_output_stores_each_png_at_most_twice(lib, tmp_path):
     for e in json.loads((out / "manifest.json").read_text())["facesets"]:
         assert e["pngs"] <= 30 and e["bundles"]["top"] == e["bundles"]["all"]
         assert [p.name for p in (out / e["path"]).glob("*.fsz")] == [f"{e['name']}_all.fsz"]
+
+
+@pytest.fixture
+def bind_mounted(lib, tmp_path):
+    """lib's photos, and the same folder again through a bind mount (other path, same
+    device and inode); skipped where this user cannot mount."""
+    src, mnt = lib["src"], tmp_path / "mnt"
+    mnt.mkdir()
+    res = subprocess.run(["mount", "--bind", str(src), str(mnt)], capture_output=True)
+    if res.returncode:
+        pytest.skip(f"cannot bind-mount here: {res.stderr.decode(errors='replace').strip()}")
+    try:
+        yield src, mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_out_inside_the_source_through_a_bind_mount_is_refused(lib, bind_mounted, tmp_path,
+                                                               capsys):
+    src, mnt = bind_mounted
+    before = _tree_digest(str(src))
+    for args in (["cluster", lib["cache"], mnt / "out"],
+                 ["refine", lib["cache"], mnt / "sets"],
+                 ["embed", src, mnt / "c.npz"]):
+        rc, err = errors(capsys, lib["tmp"], *args)
+        assert rc == 1 and ("source" in one_error(err)), (args, err)
+    assert _tree_digest(str(src)) == before
+
+
+#: A child that runs the tool and dies (os._exit, like SIGKILL: nothing runs after) at
+#: an exact point: the k-th move of a commit ("commit"), or the first file written into
+#: staging ("staged"). Deterministic where a signal would race the clock.
+DIE_AT = """
+import os, runpy, sys
+mode, k, script = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+seen = [0]
+def dying(real, hit):
+    def call(a, b, *rest, **kw):
+        if hit(os.fspath(a), os.fspath(b)):
+            seen[0] += 1
+            if seen[0] > k:
+                os._exit(137)
+        return real(a, b, *rest, **kw)
+    return call
+S, T = "/.sort_faces/staging/", "/.sort_faces/trash/"
+if mode == "commit":
+    os.rename = dying(os.rename, lambda a, b: S in a or T in b)
+else:
+    os.replace = dying(os.replace, lambda a, b: S in b)
+sys.argv = [script, *sys.argv[4:]]
+runpy.run_path(script, run_name="__main__")
+"""
+
+
+def _listed_on_disk(out):
+    """A manifest in OUT lists only folders and files that are there (never ahead)."""
+    m = json.loads((out / "manifest.json").read_text())
+    for c in m["clusters"]:
+        for f in c["faces"]:
+            assert (out / c["name"] / f["file"]).is_file(), (c["name"], f["file"])
+
+
+@pytest.mark.parametrize("mode, k", [("staged", 0), ("commit", 0), ("commit", 1),
+                                     ("commit", 3), ("commit", 12)])
+def test_cluster_killed_in_or_before_its_commit_is_finished_by_the_same_command(
+        lib, tmp_path, mode, k):
+    """cluster --clean over an earlier result, killed at an exact point of its commit (or
+    before it): OUT never shows a manifest that disagrees with the disk, no temporary
+    file survives, and the same command without --clean finishes, equal to a run never
+    killed."""
+    home = lib["fresh"](f"commit-{mode}-{k}")
+    cache, out, whole = home / "c.npz", home / "out", home / "whole"
+    for p in sorted((home / "photos").rglob("*.jpg"))[::3]:    # the earlier result lacks
+        p.rename(p.with_suffix(".later"))                         # a third of the photos
+    run(home, "embed", home / "photos", cache)
+    run(home, "cluster", cache, out)
+    shutil.copytree(out, whole, symlinks=True)
+    for p in sorted((home / "photos").rglob("*.later")):
+        p.rename(p.with_suffix(".jpg"))
+    run(home, "embed", home / "photos", cache)
+    args = ["cluster", cache, out, "--clean", "--log-dir", home / "logs", "-q"]
+    died = subprocess.run([sys.executable, "-c", DIE_AT, mode, str(k), str(SCRIPT),
+                           *map(str, args)], capture_output=True, text=True,
+                          timeout=HANG_GUARD_S)
+    assert died.returncode == 137, died.stderr
+    if (out / "manifest.json").exists():
+        _listed_on_disk(out)
+    res = cli("cluster", cache, out, "--log-dir", home / "logs")       # no --clean
+    assert res.returncode == 0, res.stderr
+    _listed_on_disk(out)
+    run(home, "cluster", cache, whole, "--clean")
+    strip = lambda d: {k: v.split(" mtime=")[0] for k, v in _tree_digest(str(d)).items()
+                       if not k.startswith(".sort_faces") and k != "index.html"}
+    assert strip(out) == strip(whole)
+    assert not [p for p in out.rglob(".tmp-*")], list(out.rglob(".tmp-*"))
+    assert not (out / ".sort_faces" / "staging").exists()
