@@ -479,10 +479,11 @@ class OutDir:
                                  f"file); remove it")
         self.ledger = self._read_ledger()
         self.entries = self.ledger["entries"]      # rel -> [files inside] | None (a file)
-        # a run cut short (in its commit, or before it: staging left) is finished or
-        # redone by the same command, without --clean
+        # a run cut short (in its commit, or before it: a whole new result of this step
+        # was being staged) is finished or redone by the same command, without --clean
         self.interrupted = bool(self.ledger.get("pending")) or (
-            os.path.isdir(self.staging) and bool(os.listdir(self.staging)))
+            self.ledger.get("replacing") == step and os.path.isdir(self.staging)
+            and bool(os.listdir(self.staging)))
         self._lock = None
 
     # ------------------------------------------------------------------ what is there
@@ -521,6 +522,7 @@ class OutDir:
         but never where the new result must go: `reserved` names, names with `prefixes`).
         replace: the step writes a whole new result, which needs --clean when one is
         there (not after a run cut short). needs: the step the result must come from."""
+        self.settle()
         foreign = self.foreign()
         if foreign and not self.entries:
             raise SortFacesError(f"{self.path} holds files sort_faces did not write (e.g. "
@@ -551,6 +553,18 @@ class OutDir:
                          + ", ".join(foreign[:5]) + (" …" if len(foreign) > 5 else ""))
         return self
 
+    def settle(self):
+        """Finish a commit cut short before anything in OUT is read: until then OUT holds
+        no manifest (the old one goes first, so none ever lists what is gone)."""
+        if self.ledger.get("pending") and os.path.isdir(self.state):
+            step, self.step = self.step, self.ledger.get("step") or self.step
+            try:
+                self.lock()
+            finally:
+                self.close()
+                self.step = step
+        return self
+
     # ------------------------------------------------------------------ writing
     def lock(self):
         """Create OUT, hold its lock, finish a commit cut short, drop leftovers."""
@@ -574,7 +588,7 @@ class OutDir:
                 continue
             for here, _, files in os.walk(top):
                 for f in files:
-                    if re.fullmatch(r"\.tmp-\d+-\d+\.part", f):
+                    if re.fullmatch(r"\.tmp-[^/]+\.part", f):    # place_file's, _write_atomic's
                         os.unlink(os.path.join(here, f))
         if self.ledger.get("writing"):
             self._write_ledger(self.entries, writing=[])
@@ -598,8 +612,12 @@ class OutDir:
     def staging(self):
         return os.path.join(self.state, "staging")
 
-    def stage(self, rel):
-        """A fresh staging folder for entry rel (its final place is OUT/rel)."""
+    def stage(self, rel, replacing=False):
+        """A fresh staging folder for entry rel (its final place is OUT/rel); replacing: a
+        whole new result of this step goes there (a run cut short before its commit is then
+        redone without --clean: OutDir.interrupted)."""
+        if replacing:
+            self._write_ledger(self.entries, replacing=self.step)
         path = os.path.join(self.staging, rel)
         _rmtree(path)
         os.makedirs(path)
@@ -625,7 +643,7 @@ class OutDir:
                    "old": {r: self.entries[r] for r in rels + drop if r in self.entries}}
         self._write_ledger({**self.entries, **new}, pending)
         self._apply(pending)
-        self._write_ledger(self._final(pending), writing=[])
+        self._write_ledger(self._final(pending), writing=[], replacing="")
         _rmtree(os.path.join(self.state, "trash"))
 
     def _final(self, pending):
@@ -634,15 +652,19 @@ class OutDir:
             entries[rel] = [f for f in entries[rel] if f not in skipped]
         return {r: v for r, v in entries.items() if r not in pending["drop"]}
 
-    def _write_ledger(self, entries, pending=None, writing=None):
-        """writing: the owned folders copies go straight into (None: as they were)."""
+    def _write_ledger(self, entries, pending=None, writing=None, replacing=None):
+        """writing: the owned folders copies go straight into; replacing: the step staging
+        a whole new result (None: as they were; [] / "": none)."""
         writing = self.ledger.get("writing", []) if writing is None else writing
+        replacing = self.ledger.get("replacing", "") if replacing is None else replacing
         self.ledger = {"schema": 1, "tool": "sort_faces", "tool_version": __version__,
                        "step": self.step, "entries": entries}
         if pending:
             self.ledger["pending"] = pending
         if writing:
             self.ledger["writing"] = writing
+        if replacing:
+            self.ledger["replacing"] = replacing
         self.entries = entries
         write_json_atomic(os.path.join(self.state, "owned.json"), self.ledger)
 
@@ -2728,9 +2750,21 @@ def _check_manifest(m, step, path):
                               or (isinstance(v, float) and not math.isfinite(v))):
             bad(f"params.{key}", f"is {v!r}")
     lists = [GROUP_LISTS[step]] + (["singletons", "dropped"] if step != "export-swap" else [])
-    for key in lists:
+    for key in lists + ["extends", "noface"]:
         if key in m and not isinstance(m[key], list):
             bad(key, "is not a list")
+    needed = {"cluster": ("singletons", "noface"), "refine": ("dropped", "gate_counts")}
+    for key in needed.get(step, ()):
+        if key not in m:
+            bad(key, "is missing")
+    if step == "cluster" and not all(isinstance(p, str) for p in m["noface"]):
+        bad("noface", "is not a list of paths")
+    if step == "refine":
+        if not isinstance(m["gate_counts"], dict):
+            bad("gate_counts", "is not a record")
+        for key in ("min_blur", "min_det_score", "outlier_threshold", "min_faces"):
+            if key not in params:
+                bad(f"params.{key}", "is missing")
     if not isinstance(m.get(GROUP_LISTS[step]), list):
         bad(GROUP_LISTS[step], "is missing")
     for k, g in enumerate(m[GROUP_LISTS[step]]):
@@ -2896,8 +2930,11 @@ def _named(data, name):
 def _record(data, name):
     if _named(data, name):
         return _named(data, name)
-    used = {r["id"] for r in data["people"]}
-    rid = next(f"p{n}" for n in itertools.count(len(used) + 1) if f"p{n}" not in used)
+    # ids are never reissued: the journal's entries name people by id
+    n = max([data.get("next_id", 1)] + [int(r["id"][1:]) + 1 for r in data["people"]
+                                        if re.fullmatch(r"p\d{1,9}", r["id"])])
+    data["next_id"] = n + 1
+    rid = f"p{n}"
     data["people"].append({"id": rid, "name": name, "groups": []})
     return data["people"][-1]
 
@@ -2908,11 +2945,15 @@ def people_name(data, faces, name, merge=False):
     faces = list(dict.fromkeys(faces))
     other = _named(data, name)
     if other and not merge and not any(set(g) & set(faces) for g in other["groups"]):
-        raise SortFacesError(f"another person is already named {other['name']!r}; to make "
-                             f"these faces that person too, merge on purpose (name --merge, "
-                             f"or Merge on the review page)")
+        _name_in_use(other)
     _take_faces(data, faces)
     _record(data, name)["groups"].append(faces)
+
+
+def _name_in_use(other):
+    raise SortFacesError(f"another person is already named {other['name']!r}; to make "
+                         f"these faces that person too, merge on purpose (name --merge, "
+                         f"or Merge or Move to that person on the review page)")
 
 
 def people_move(data, faces, to_faces, name, away_from):
@@ -2928,6 +2969,8 @@ def people_move(data, faces, to_faces, name, away_from):
             holder["groups"].append(list(to_faces))
         holder["groups"].append(faces)
     else:
+        if _named(data, name):
+            _name_in_use(_named(data, name))
         _record(data, name)["groups"].append(faces)
     away = [f for f in away_from if f not in set(faces)][:200]
     if away:
@@ -2960,6 +3003,12 @@ def _state(data):
             {json.dumps(x, sort_keys=True) for x in data["not"]})
 
 
+def _who(fate):
+    """What a change is judged by: the person (a face moving between groups of one person
+    is no change to undo or to guard)."""
+    return fate[0] if isinstance(fate, list) else fate
+
+
 def _log_change(data, before, op, what, **extra):
     """Append the journal entry of the change from state `before` to data; its number."""
     (fa, na, la), (fb, nb, lb) = before, _state(data)
@@ -2968,10 +3017,11 @@ def _log_change(data, before, op, what, **extra):
     journal.append({"n": n, "at": datetime.datetime.now().isoformat(timespec="seconds"),
                     "op": op, "what": what,
                     "faces": {f: [fa.get(f), fb.get(f)] for f in sorted(set(fa) | set(fb))
-                              if fa.get(f) != fb.get(f)},
+                              if _who(fa.get(f)) != _who(fb.get(f))},
                     "names": {r: [na.get(r), nb.get(r)] for r in sorted(set(na) | set(nb))
                               if na.get(r) != nb.get(r)},
-                    "not_added": [json.loads(x) for x in sorted(lb - la)], **extra})
+                    "not_added": [json.loads(x) for x in sorted(lb - la)],
+                    "not_removed": [json.loads(x) for x in sorted(la - lb)], **extra})
     return n
 
 
@@ -2984,22 +3034,26 @@ def change_people(cache_path, op, what):
         _log_change(data, before, op, what)
 
 
-def _restore(data, face, fate, names):
-    """Put face where fate says (after _take_faces took it from where it is)."""
-    if fate == "rejected":
-        data["rejected"].append(face)
-    elif fate:
-        rid, anchor = fate
-        rec = next((r for r in data["people"] if r["id"] == rid), None)
-        if rec is None:
-            rec = {"id": rid, "name": names.get(rid, [None])[0], "groups": []}
-            data["people"].append(rec)
-        group = next((g for g in rec["groups"] if anchor in g), None) if anchor != face \
-            else None
-        if group is None:
-            rec["groups"].append([face])
-        else:
+def _restore(data, todo, names):
+    """Put each face where its fate says (after _take_faces took them): rejected, or into
+    its person, beside the first face of its group when that is there again."""
+    records = {r["id"]: r for r in data["people"]}
+    group_of = {(r["id"], f): g for r in data["people"] for g in r["groups"] for f in g}
+    for face, fate in sorted(todo.items(), key=lambda kv: not (
+            isinstance(kv[1], list) and kv[1][1] == kv[0])):     # a group's first face first
+        if fate == "rejected":
+            data["rejected"].append(face)
+        elif fate:
+            rid, anchor = fate
+            if rid not in records:
+                records[rid] = {"id": rid, "name": names.get(rid, [None])[0], "groups": []}
+                data["people"].append(records[rid])
+            group = group_of.get((rid, anchor)) if anchor != face else None
+            if group is None:
+                group = []
+                records[rid]["groups"].append(group)
             group.append(face)
+            group_of[(rid, face)] = group
 
 
 def people_undo(data, n=None):
@@ -3019,11 +3073,9 @@ def people_undo(data, n=None):
             raise SortFacesError(f"change #{n} was undone already (by #{entry['undone_by']})")
     before = _state(data)
     fates, names, _ = before
-    todo = {f: b for f, (b, a) in entry["faces"].items() if fates.get(f) == a}
+    todo = {f: b for f, (b, a) in entry["faces"].items() if _who(fates.get(f)) == _who(a)}
     _take_faces(data, list(todo))
-    for face, fate in sorted(todo.items(), key=lambda kv: not (
-            isinstance(kv[1], list) and kv[1][1] == kv[0])):     # a group's first face first
-        _restore(data, face, fate, entry["names"])
+    _restore(data, todo, entry["names"])
     taken = {r.get("name").casefold() for r in data["people"] if r.get("name")}
     for rid, (b, a) in entry["names"].items():
         rec = next((r for r in data["people"] if r["id"] == rid), None)
@@ -3031,7 +3083,12 @@ def people_undo(data, n=None):
             rec["name"] = b
     added = {json.dumps(x, sort_keys=True) for x in entry["not_added"]}
     data["not"] = [x for x in data["not"] if json.dumps(x, sort_keys=True) not in added]
+    data["not"] += entry.get("not_removed", [])
     data["people"] = [r for r in data["people"] if r["groups"] or r.get("name")]
+    if "undoes" in entry:                    # a redo: the change it undid stands again
+        for e in journal:
+            if e["n"] == entry["undoes"]:
+                e.pop("undone_by", None)
     kept = len(entry["faces"]) - len(todo)
     what = f"undo #{entry['n']} ({entry['what']})" + (
         f"; {kept} faces changed since are left as they are" if kept else "")
@@ -3049,6 +3106,10 @@ def _check_journal(journal, bad):
     for k, e in enumerate(journal):
         ok = isinstance(e, dict) and isinstance(e.get("n"), int) and e["n"] > last \
             and isinstance(e.get("op"), str) and isinstance(e.get("what"), str) \
+            and isinstance(e.get("at"), str) \
+            and all(isinstance(e.get(key, []), list) and all(isinstance(x, dict) for x in
+                                                              e.get(key, []))
+                    for key in ("not_added", "not_removed")) \
             and isinstance(e.get("faces"), dict) and isinstance(e.get("names"), dict) \
             and isinstance(e.get("not_added"), list) \
             and all(isinstance(v, list) and len(v) == 2 and all(map(fate, v))
@@ -3057,6 +3118,10 @@ def _check_journal(journal, bad):
                 x is None or isinstance(x, str) for x in v) for v in e["names"].values())
         if not ok:
             bad(f"journal[{k}]", "is not a change as sort_faces records it")
+        for v in e["names"].values():
+            for name in v:
+                if name is not None:
+                    check_person_name(name, f"journal[{k}].names")
         last = e["n"]
 
 
@@ -3170,10 +3235,11 @@ class Identities:
         pos = np.minimum(np.searchsorted(self.keys, keys), len(self.keys) - 1)
         return np.where(self.keys[pos] == keys, self.numbers[pos], 0)
 
-    def assign(self, groups_keys, taken=()):
+    def assign(self, groups_keys, taken=(), overwrite=True):
         """Numbers for groups of face keys: each earlier number (but those taken) goes to
         the group holding most of its faces (most overlap first); the others get new
-        numbers, largest group first. Returns (numbers, updated Identities)."""
+        numbers, largest group first. Returns (numbers, updated Identities: the groups'
+        faces under their numbers, or with overwrite=False only those never numbered)."""
         numbers = [0] * len(groups_keys)
         pairs = []
         for g, keys in enumerate(groups_keys):
@@ -3188,6 +3254,8 @@ class Identities:
         for g in sorted(range(len(groups_keys)), key=lambda g: -len(groups_keys[g])):
             if not numbers[g]:
                 numbers[g], nxt = nxt, nxt + 1
+        if not overwrite:
+            groups_keys = [k[self.lookup(k) == 0] for k in groups_keys]
         return numbers, self._with(groups_keys, numbers, nxt)
 
     def seeded(self, entries, prefix):
@@ -3231,7 +3299,7 @@ def read_identities(cache_path):
     try:
         with open_regular(path) as f, np.load(f, allow_pickle=False) as z:
             meta, keys, numbers = json.loads(str(z["meta"])), z["keys"], z["numbers"]
-    except (OSError, ValueError, KeyError) as exc:
+    except Exception as exc:               # not an npz (a zip error, a bare .npy, …)
         raise SortFacesError(f"{path}: unreadable identities file ({_errno_text(exc)}); "
                              f"remove it to number people afresh")
     bad = None
@@ -3280,29 +3348,26 @@ def earlier_groups(out, step):
     return m.get(GROUP_LISTS[step], []) if isinstance(m, dict) else []
 
 
-@contextlib.contextmanager
-def numbering(cache):
-    """number(groups) -> a person number per group of cache faces, under the identities
-    file's lock; what was numbered is saved only when the block ends without an error
-    (a dry run or a failed write gives no number away)."""
+def number_people(cache, groups, *, earlier=(), prefix="person_", extending=False,
+                  identity_step=False, save=True):
+    """A person number per group of cache faces (Identities.assign), saved at once under
+    the identities file's lock, before the output is written: a number spent on a run
+    that then fails is retired, one written but not remembered could be given again.
+    earlier: the entries of the output being replaced, or extended (their numbers are
+    then not given again). identity_step: cluster's people are the identities, and their
+    faces are remembered under the new numbers; other steps only add faces never seen, so
+    a refine that merges two people does not rename one of them for the next cluster."""
     path = identities_path(cache.path)
     lock = FileLock(path + ".lock", path)
     try:
-        state = [read_identities(cache.path), False]
-
-        def number(groups, save=True, earlier=(), prefix="person_", extending=False):
-            """earlier: the entries of the output being replaced, or extended (whose
-            numbers are then not given again)."""
-            known = state[0].seeded(list(earlier), prefix)
-            taken = [int(e["name"][len(prefix):]) for e in earlier if extending and
-                     re.fullmatch(re.escape(prefix) + r"\d{1,9}", str(e.get("name")))]
-            numbers, ids = known.assign([cache_keys(cache, g) for g in groups], taken)
-            if save:
-                state[:] = [ids, True]
-            return numbers
-        yield number
-        if state[1]:
-            write_identities(cache.path, state[0])
+        known = read_identities(cache.path).seeded(list(earlier), prefix)
+        taken = [int(e["name"][len(prefix):]) for e in earlier if extending and
+                 re.fullmatch(re.escape(prefix) + r"\d{1,9}", str(e.get("name")))]
+        keys = [cache_keys(cache, g) for g in groups]
+        numbers, ids = known.assign(keys, taken, overwrite=identity_step)
+        if save:
+            write_identities(cache.path, ids)
+        return numbers
     finally:
         lock.release()
 
@@ -3632,7 +3697,7 @@ def write_refine_output(cache, plan, root, link, params):
 def write_result(out, write):
     """Build a whole new result with write(staging root) and swap it in for the old."""
     with out.lock():
-        root = out.stage("")
+        root = out.stage("", replacing=True)
         write(root)
         out.commit(os.listdir(root), drop=[r for r in out.entries])
 
@@ -3809,11 +3874,10 @@ def _unplaced(cache, keys, params, placed, corr):
     return [int(i) for i in idx if int(i) not in done]
 
 
-def _grow_groups(cache, groups, members, joined, fresh, prefix, record, run, images, *,
-                 number):
+def _grow_groups(cache, groups, members, joined, fresh, prefix, record, run, images):
     """Add joined faces to existing manifest groups and fresh clusters as new groups under
-    the next person numbers (numbering(); entries edited in place). Returns (new names,
-    jobs) with jobs (record, folder name)."""
+    the next person numbers (number_people(); entries edited in place). Returns (new
+    names, jobs) with jobs (record, folder name)."""
     jobs = []
 
     def add(entry, faces, all_faces):
@@ -3826,8 +3890,8 @@ def _grow_groups(cache, groups, members, joined, fresh, prefix, record, run, ima
 
     for g, faces in joined.items():
         add(groups[g], faces, members[g] + faces)
-    names = [f"{prefix}{n:03d}" for n in number(fresh, earlier=groups, prefix=prefix,
-                                                        extending=True)]
+    names = [f"{prefix}{n:03d}" for n in number_people(cache, fresh, earlier=groups,
+                                                        prefix=prefix, extending=True)]
     for name, faces in zip(names, fresh):
         groups.append({"name": name, "added_by_extend": run})
         add(groups[-1], faces, faces)
@@ -3865,7 +3929,7 @@ def _write_extension(cache, out, manifest, mname, jobs, link, sections, noface=(
         out.commit(os.listdir(root))
 
 
-def extend_raw(cache, out, link=None, join=None, margin=None, *, number):
+def extend_raw(cache, out, link=None, join=None, margin=None):
     """Fold new cache faces into a `cluster` output by the rule it was made with (join
     and margin may be given); returns a summary dict or None."""
     out = OutDir(out, "cluster", cache.meta.get("roots", [])).check(needs="cluster")
@@ -3891,7 +3955,7 @@ def extend_raw(cache, out, link=None, join=None, margin=None, *, number):
     run = len(m.get("extends", [])) + 1
     record = lambda i: {**face_record(cache, i, aliases), "added_by_extend": run}
     names, jobs = _grow_groups(cache, m["clusters"], members, joined, fresh, "person_",
-                               record, run, images=False, number=number)
+                               record, run, images=False)
     for i in singles:
         m["singletons"].append(record(i))
         jobs.append((m["singletons"][-1], "_singletons"))
@@ -3912,7 +3976,7 @@ def extend_raw(cache, out, link=None, join=None, margin=None, *, number):
     return summary
 
 
-def extend_refined(cache, out, link=None, join=None, margin=None, *, number):
+def extend_refined(cache, out, link=None, join=None, margin=None):
     """Fold new cache faces into a `refine` output under its own rule and gates; summary
     or None."""
     out = OutDir(out, "refine", cache.meta.get("roots", [])).check(needs="refine")
@@ -3940,7 +4004,7 @@ def extend_refined(cache, out, link=None, join=None, margin=None, *, number):
     run = len(m.get("extends", [])) + 1
     record = lambda i: {**face_record(cache, i, aliases), "added_by_extend": run}
     names, jobs = _grow_groups(cache, m["facesets"], members, joined, fresh, "faceset_",
-                               record, run, images=True, number=number)
+                               record, run, images=True)
     m["dropped"] += [{**record(i), "gate": gate, "value": round(value, 4)}
                      for i, gate, value in dropped]
     count_gates(dropped, into=m["gate_counts"])
@@ -4434,6 +4498,7 @@ def _group_entry(m, step, name):
 
 def output_manifest(out):
     """(step, manifest) of a cluster, refine or export-swap output folder."""
+    OutDir(out, "review").settle()
     for step in ("cluster", "refine", "export-swap"):
         path = os.path.join(out, MANIFEST_FILES[step])
         if os.path.isfile(path):
@@ -4633,7 +4698,11 @@ class ReviewServer:
     def manifest(self):
         return output_manifest(self.out)[1]
 
-    def section_ids(self, m, name):
+    def section_ids(self, m, name, person=False):
+        """Faces of a section; person: it is to be one person (never _singletons)."""
+        if person and isinstance(name, str) and name.startswith("_"):
+            raise SortFacesError(f"{name} holds many different people, not one; move the "
+                                 f"faces of one person to a new person instead")
         group = _group_entry(m, self.step, name)
         if group is None:
             raise SortFacesError(f"no person {name!r} in this output")
@@ -4647,13 +4716,13 @@ class ReviewServer:
             before = _state(data)
             if op == "name":
                 name = check_person_name(req.get("name"))
-                people_name(data, self.section_ids(m, req.get("section")), name)
+                people_name(data, self.section_ids(m, req.get("section"), person=True), name)
                 msg = f"named {req.get('section')} {name!r}"
             elif op == "merge":
                 sections = [s for s in req.get("sections", []) if isinstance(s, str)]
                 if len(sections) < 2:
                     raise SortFacesError("tick two or more people to merge")
-                ids = [f for s in sections for f in self.section_ids(m, s)]
+                ids = [f for s in sections for f in self.section_ids(m, s, person=True)]
                 named = [r["name"] for r in data["people"] if r.get("name")
                          and any(set(g) & set(ids) for g in r["groups"])]
                 people_name(data, ids, named[0] if named else None, merge=True)
@@ -4663,7 +4732,8 @@ class ReviewServer:
                 name = check_person_name(req["name"]) if not to and req.get("name") else None
                 away = [f for s in set(req.get("from", [])) if isinstance(s, str)
                         for f in self.section_ids(m, s)]
-                people_move(data, faces, self.section_ids(m, to) if to else [], name, away)
+                people_move(data, faces, self.section_ids(m, to, person=True) if to else [],
+                            name, away)
                 msg = f"moved {len(faces)} faces to {to or name or 'a new person'}"
             elif op == "reject" and faces:
                 people_reject(data, faces)
@@ -4804,10 +4874,9 @@ def cmd_cluster(args):
     params = {**rule_params(rule), "min_cluster_size": args.min_cluster_size,
               "top": args.top, "max_faces_per_image": args.max_faces_per_image,
               "skip_partial": args.skip_partial, "link": args.link}
-    with numbering(cache) as number:
-        plan.numbers = number(plan.clusters, earlier=earlier_groups(out, "cluster"))
-        write_result(out, lambda root: write_cluster_output(cache, plan, root, args.link,
-                                                            params))
+    plan.numbers = number_people(cache, plan.clusters, earlier=earlier_groups(out, "cluster"),
+                                 identity_step=True)
+    write_result(out, lambda root: write_cluster_output(cache, plan, root, args.link, params))
     log_result(summary + f"; wrote {out.path}")
     return 0
 
@@ -4839,11 +4908,9 @@ def cmd_refine(args):
               **dataclasses.asdict(gates),
               "min_faces": args.min_faces, "max_faces_per_image": args.max_faces_per_image,
               "skip_partial": args.skip_partial, "link": args.link}
-    with numbering(cache) as number:
-        plan.numbers = number(plan.people, earlier=earlier_groups(out, "refine"),
-                              prefix="faceset_")
-        write_result(out, lambda root: write_refine_output(cache, plan, root, args.link,
-                                                           params))
+    plan.numbers = number_people(cache, plan.people, earlier=earlier_groups(out, "refine"),
+                                 prefix="faceset_")
+    write_result(out, lambda root: write_refine_output(cache, plan, root, args.link, params))
     log_result(summary + f"; wrote {out.path}")
     return 0
 
@@ -4883,14 +4950,12 @@ def cmd_extend(args):
     roots = cache.meta.get("roots", [])
     for out in [args.raw_out] + ([args.refine_out] if args.refine_out else []):
         OutDir(out, "extend", roots)           # refuses an OUT in a source tree, a file
-    with numbering(cache) as number:         # a new person: one number in both outputs
-        raw = extend_raw(cache, args.raw_out, args.link, args.join_threshold,
-                         args.join_margin, number=number)
-        lines = [_extend_line("raw", raw, "new_people")]
-        if args.refine_out:
-            lines.append(_extend_line("refine", extend_refined(
-                cache, args.refine_out, args.link, args.join_threshold, args.join_margin,
-                number=number), "new_facesets"))
+    raw = extend_raw(cache, args.raw_out, args.link, args.join_threshold, args.join_margin)
+    lines = [_extend_line("raw", raw, "new_people")]
+    if args.refine_out:              # a new person there takes the number it got in raw
+        lines.append(_extend_line("refine", extend_refined(
+            cache, args.refine_out, args.link, args.join_threshold, args.join_margin),
+            "new_facesets"))
     log_result("extend: " + "; ".join(lines))
     return 0
 

@@ -72,6 +72,10 @@ def main(argv=None):
                     help="where the embedded caches are kept between runs")
     ap.add_argument("--synthetic", type=int, default=20000,
                     help="synthetic faces (0: none)")
+    ap.add_argument("--crowd", type=int, default=300,
+                    help="faces of a crowded sub-population (children's distances, "
+                         "synthetic.CROWD) added to the synthetic set and scored apart "
+                         "(0: none)")
     ap.add_argument("--sweep", action="store_true", help="sweep each identity parameter")
     ap.add_argument("--smoke", action="store_true",
                     help="a few seconds end to end: 3 people of labeled/ and of calib/, "
@@ -81,7 +85,7 @@ def main(argv=None):
     if args.smoke:
         tmp = tempfile.mkdtemp(prefix="cluster_accuracy-")
         try:
-            args.cache_dir, args.synthetic, args.sweep = tmp, 1000, True
+            args.cache_dir, args.synthetic, args.sweep, args.crowd = tmp, 1000, True, 100
             return run(args, SMOKE_FOLDERS, {k: v[:1] for k, v in SWEEPS.items()})
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -107,6 +111,12 @@ def run(args, folders, sweeps):
         emb, truth, groups = synthetic.make(args.synthetic)
         sets[f"synthetic {args.synthetic}"] = (emb, groups, np.arange(len(emb)), truth.tolist())
         print("synthetic percentiles", synthetic.percentiles(emb, truth))
+        if args.crowd:
+            emb, truth, groups, crowd = synthetic.make_crowded(args.synthetic, args.crowd)
+            print("crowd percentiles    ", synthetic.percentiles(emb[crowd], truth[crowd]))
+            for part, mask in (("crowd", crowd), ("rest", ~crowd)):
+                sets[f"synthetic {args.synthetic} + {args.crowd} crowded: {part}"] = (
+                    emb, groups, np.flatnonzero(mask), truth[mask].tolist())
         print("calib percentiles    ", synthetic.percentiles(cal.face_emb[sets["calib"][2]],
                                                             np.array(sets["calib"][3])))
     out = {"pack": args.pack, "rule": dataclasses.asdict(rule), "sets": {}}

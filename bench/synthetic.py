@@ -105,6 +105,40 @@ def make(n, seed=0, isotropic=False):
     return emb, truth, photo_groups(n, truth, rng)
 
 
+#: A crowded sub-population: identities packed in one region of the space, each face
+#: noisier. Measured on childhood photos (default pack, issue 24): same person p5/p50/p95
+#: 0.34/0.64/0.84, other people p0.1/p1/p5/p50 0.60/0.69/0.77/0.93; these give
+#: 0.33/0.64/0.87 and 0.58/0.69/0.78/0.93.
+CROWD = dict(spread=2.0, spread_sig=0.5, s_med=1.32, s_sig=0.55)
+
+
+def make_crowded(n, crowd, seed=0):
+    """make(n) plus `crowd` faces of a crowded sub-population (CROWD: children's faces)
+    with identities of their own: (emb, truth, groups, is_crowd). The first n faces are
+    make(n, seed)'s; crowd faces share photos among themselves (siblings)."""
+    emb, truth, groups = make(n, seed)
+    rng = np.random.default_rng(seed + 7919)
+    p, q = REAL_LIKE, CROWD
+    rc, rw = _rotation(rng), _rotation(rng)
+    lc, lw = np.sqrt(_spectrum(p["a_c"])), np.sqrt(_spectrum(p["a_w"]))
+    sizes = identity_sizes(crowd, rng)
+    k = len(sizes)
+    t = rng.permutation(np.repeat(np.arange(k), sizes))
+    region = (rng.standard_normal(DIM) * lc) @ rc.T
+    g = (rng.standard_normal((k, DIM)) * lc) @ rc.T / np.sqrt((lc ** 2).sum())
+    c = region / np.linalg.norm(region) \
+        + q["spread"] * np.exp(q["spread_sig"] * rng.standard_normal((k, 1))) * g
+    c /= np.linalg.norm(c, axis=1, keepdims=True)
+    strength = q["s_med"] * np.exp(q["s_sig"] * rng.standard_normal(crowd))
+    w = (rng.standard_normal((crowd, DIM)) * lw) @ rw.T / np.sqrt((lw ** 2).sum())
+    x = c[t] + strength[:, None] * w
+    cg = photo_groups(crowd, t, rng)
+    emb = np.vstack([emb, (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)])
+    truth = np.concatenate([truth, t + truth.max() + 1])
+    groups = np.concatenate([groups, np.where(cg >= 0, cg + groups.max() + 1, -1)])
+    return emb, truth, groups, np.arange(len(emb)) >= n
+
+
 def percentiles(emb, truth, sample=5000, seed=1):
     """Same-person distance p50/p95/p99 and other-person p50/p1/p0.1/p0.01 (cosine)."""
     rng = np.random.default_rng(seed)

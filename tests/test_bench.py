@@ -34,7 +34,8 @@ def test_embed_bench_smoke():
 
 def test_cluster_accuracy_smoke():
     out = smoke("cluster_accuracy.py")
-    assert {"labeled+groups", "calib", "synthetic 1000"} <= set(out["sets"])
+    assert {"labeled+groups", "calib", "synthetic 1000", "synthetic 1000 + 100 crowded: crowd",
+            "synthetic 1000 + 100 crowded: rest"} <= set(out["sets"])
     for name, s in out["sets"].items():
         assert 0 <= s["runs"]["defaults"]["pairwise_p"] <= 1
         assert any(k.startswith("pair=") for k in s["runs"]), name        # a sweep ran

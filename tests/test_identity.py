@@ -190,3 +190,17 @@ def test_a_damaged_identities_file_is_one_error_line(tmp_path, capsys, damage, l
     assert rc == 1 and len(err) == 1 and err[0].startswith("error: "), err
     assert str(path) in err[0] and "Traceback" not in err[0]
     assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_a_truncated_identities_file_is_one_error_line(tmp_path, capsys, labeled_cache):
+    cache = tmp_path / "c.npz"
+    shutil.copy2(labeled_cache, cache)
+    sort_faces._write_npz(sort_faces.identities_path(cache), {"schema": 1, "next": 2},
+                          {"keys": keys("a"), "numbers": np.array([1])})
+    path = Path(sort_faces.identities_path(cache))
+    path.write_bytes(path.read_bytes()[:40])
+    capsys.readouterr()
+    assert sort_faces.main(["cluster", str(cache), str(tmp_path / "out"), "-q",
+                            "--log-dir", str(tmp_path / "logs")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {path}: ") and "Traceback" not in err[0]

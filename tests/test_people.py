@@ -317,9 +317,11 @@ def test_undo_reverts_one_change_by_its_inverse_and_keeps_later_ones(thirds, cap
     capsys.readouterr()
     assert run("people", str(cache), tmp=t) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert any(line.startswith("#1\t") and "[undone by #3]" in line for line in lines), lines
+    # the redo stands #1 again (no longer marked undone) and marks the undo it reverted
+    assert any(line.startswith("#1\t") and "undone" not in line for line in lines), lines
+    assert any(line.startswith("#3\t") and "[undone by #4]" in line for line in lines), lines
     assert any(line.startswith("#4\t") and "undo #3" in line for line in lines), lines
-    assert run("undo", str(cache), "1", tmp=t) == 1                # already undone
+    assert run("undo", str(cache), "3", tmp=t) == 1                # already undone
 
 
 def test_the_pages_undo_reverts_its_own_change_and_keeps_a_cli_reject(served):
@@ -335,3 +337,47 @@ def test_the_pages_undo_reverts_its_own_change_and_keeps_a_cli_reject(served):
     assert b"undo #1" in body
     data = sort_faces.read_people(cache)
     assert not [r for r in data["people"] if r.get("name")] and len(data["rejected"]) == 1
+
+
+def _ids(n):
+    return [f"{k:064x}:0.0,0.0,10.0,10.0" for k in range(n)]
+
+
+def test_undo_never_puts_faces_into_a_person_made_later():
+    """Ids are never reissued: undoing a reject of an unnamed person that has since gone
+    does not hand its faces to the person who took its place."""
+    data = sort_faces.read_people("/nonexistent/c.npz")
+    x, z = _ids(3), _ids(6)[3:]
+    for op, what, act in (("merge", "x", lambda: sort_faces.people_name(data, x, None)),
+                          ("reject", "x", lambda: sort_faces.people_reject(data, x)),
+                          ("name", "z", lambda: sort_faces.people_name(data, z, "Bob"))):
+        before = sort_faces._state(data)
+        act()
+        sort_faces._log_change(data, before, op, what)
+    sort_faces.people_undo(data, 2)
+    bob = next(r for r in data["people"] if r["name"] == "Bob")
+    assert sorted(f for g in bob["groups"] for f in g) == sorted(z)
+    assert data["rejected"] == [] and any(set(x) <= {f for g in r["groups"] for f in g}
+                                          for r in data["people"] if r is not bob)
+
+
+def test_undo_keeps_faces_that_only_changed_group_and_redo_restores_not_links():
+    data = sort_faces.read_people("/nonexistent/c.npz")
+    a, b, c = _ids(3)
+
+    def change(op, act):
+        before = sort_faces._state(data)
+        act()
+        return sort_faces._log_change(data, before, op, op)
+    change("name", lambda: sort_faces.people_name(data, [a, b, c], "Alice"))
+    change("reject", lambda: sort_faces.people_reject(data, [a]))   # the group's first face
+    sort_faces.people_undo(data, 1)            # b and c only changed group: undone fully
+    assert not [r for r in data["people"] if r.get("name")] and data["rejected"] == [a]
+    assert not [r for r in data["people"] if {b, c} & {f for g in r["groups"] for f in g}]
+    # a move records a not-together link; undo drops it, redo (undo the undo) brings it back
+    n = change("move", lambda: sort_faces.people_move(data, [b], [], None, [c]))
+    assert data["not"]
+    sort_faces.people_undo(data, n)
+    assert not data["not"]
+    sort_faces.people_undo(data, n + 1)
+    assert data["not"] == [{"face": b, "faces": [c]}]
