@@ -61,4 +61,5 @@ def test_synthetic_smoke(isotropic):
     out = smoke("synthetic.py", *(["--isotropic"] if isotropic else []))
     assert out["faces"] == 2000 and out["identities"] > 100
     pct = out["percentiles"]
-    assert pct["same_p50_p95_p99"][0] < pct["other_p50_p1_p01_p001"][1]            # a person's faces are nearer than 1 % of strangers
+    # a person's faces are nearer than 1 % of strangers
+    assert pct["same_p50_p95_p99"][0] < pct["other_p50_p1_p01_p001"][1]

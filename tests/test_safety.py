@@ -604,15 +604,16 @@ def _listed_on_disk(out):
             assert (out / c["name"] / f["file"]).is_file(), (c["name"], f["file"])
 
 
-@pytest.mark.parametrize("mode, k", [("staged", 0), ("commit", 0), ("commit", 1),
-                                     ("commit", 3), ("commit", 12)])
+@pytest.mark.parametrize("mode, k, then", [("staged", 0, "cluster"), ("commit", 0, "cluster"),
+                                           ("commit", 1, "cluster"), ("commit", 3, "cluster"),
+                                           ("commit", 12, "cluster"), ("commit", 3, "extend")])
 def test_cluster_killed_in_or_before_its_commit_is_finished_by_the_same_command(
-        lib, tmp_path, mode, k):
+        lib, tmp_path, mode, k, then):
     """cluster --clean over an earlier result, killed at an exact point of its commit (or
     before it): OUT never shows a manifest that disagrees with the disk, no temporary
     file survives, and the same command without --clean finishes, equal to a run never
     killed."""
-    home = lib["fresh"](f"commit-{mode}-{k}")
+    home = lib["fresh"](f"commit-{mode}-{k}-{then}")
     cache, out, whole = home / "c.npz", home / "out", home / "whole"
     for p in sorted((home / "photos").rglob("*.jpg"))[::3]:    # the earlier result lacks
         p.rename(p.with_suffix(".later"))                         # a third of the photos
@@ -622,19 +623,23 @@ def test_cluster_killed_in_or_before_its_commit_is_finished_by_the_same_command(
     for p in sorted((home / "photos").rglob("*.later")):
         p.rename(p.with_suffix(".jpg"))
     run(home, "embed", home / "photos", cache)
-    args = ["cluster", cache, out, "--clean", "--log-dir", home / "logs", "-q"]
+    new = ["--top", "2"]                  # a new result unlike the earlier one
+    args = ["cluster", cache, out, "--clean", *new, "--log-dir", home / "logs", "-q"]
     died = subprocess.run([sys.executable, "-c", DIE_AT, mode, str(k), str(SCRIPT),
                            *map(str, args)], capture_output=True, text=True,
                           timeout=HANG_GUARD_S)
     assert died.returncode == 137, died.stderr
     if (out / "manifest.json").exists():
         _listed_on_disk(out)
-    res = cli("cluster", cache, out, "--log-dir", home / "logs")       # no --clean
+    # the same command without --clean; or a step that reads OUT first (extend), which
+    # finds the commit finished, never a missing manifest
+    res = cli(then, cache, out, *(new if then == "cluster" else ()), "--log-dir", home / "logs")
     assert res.returncode == 0, res.stderr
     _listed_on_disk(out)
-    run(home, "cluster", cache, whole, "--clean")
+    run(home, "cluster", cache, whole, "--clean", *new)
     strip = lambda d: {k: v.split(" mtime=")[0] for k, v in _tree_digest(str(d)).items()
                        if not k.startswith(".sort_faces") and k != "index.html"}
-    assert strip(out) == strip(whole)
+    if then == "cluster":                      # extend adds its own record on top
+        assert strip(out) == strip(whole)
     assert not [p for p in out.rglob(".tmp-*")], list(out.rglob(".tmp-*"))
     assert not (out / ".sort_faces" / "staging").exists()
