@@ -344,3 +344,33 @@ def test_gpu_and_cpu_embeddings_agree(copy_photos, tmp_path):
     cpu, gpu = caches["cpu"], caches["cuda"]
     assert cpu.n_faces == gpu.n_faces
     assert (np.sum(cpu.face_emb * gpu.face_emb, axis=1) >= 0.999).all()
+
+
+# ---------------------------------------------------------------------------- the recognizer
+def test_the_rewritten_recognizer_equals_the_shipped_one(labeled_cache):
+    """embed runs the recognizer with PRelu written as a*x + (1-a)*Relu(x) (faster on the
+    CPU): the same embeddings as the shipped file run as it is, and the cache still names
+    the shipped files."""
+    import cv2
+    import onnxruntime as ort
+    from insightface.model_zoo.arcface_onnx import ArcFaceONNX
+    from insightface.utils import face_align
+    pack = sort_faces.locate_pack("default")
+    models = sort_faces.load_models(pack, threads=1, device="cpu")
+    shipped = ArcFaceONNX(model_file=pack.files["rec"], session=ort.InferenceSession(
+        pack.files["rec"], providers=["CPUExecutionProvider"]))
+    with open(pack.files["rec"], "rb") as f:
+        assert b"PRelu" in f.read()                       # the file on disk is as shipped
+    assert "PRelu" not in {n.op_type for n in __import__("onnx").load_from_string(
+        sort_faces.prelu_free(pack.files["rec"])).graph.node}
+    crops = []
+    for rel in spread(labeled_photos(), 40):
+        img = cv2.imread(str(DATA / "labeled" / rel))
+        _, kps, _ = sort_faces.detect_faces(models["det"], img)
+        crops += [face_align.norm_crop(img, k) for k in kps]
+    assert len(crops) >= 40
+    a, b = shipped.get_feat(crops), models["rec"].get_feat(crops)
+    cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    assert cos.min() >= 0.99999, cos.min()
+    cache = sort_faces.load_cache(labeled_cache)
+    assert cache.meta["pack"] == pack.identity()
