@@ -129,6 +129,35 @@ def make_large_set(groups, dst, min_side):
     return dst
 
 
+def make_phone_set(labeled, dst, n, size, quality, seed=0):
+    """n phone-like photos: 1-3 labeled photos of different people side by side, each
+    upscaled to 40-60 % of the frame height, on a blurred backdrop; JPEG at `quality`."""
+    import cv2
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    W, H = size
+    people = sorted(d for d in os.listdir(labeled) if d != "distractors")
+    os.makedirs(dst, exist_ok=True)
+    for k in range(n):
+        who = rng.choice(people, size=int(rng.integers(1, 4)), replace=False)
+        tiles = []
+        for person in who:
+            files = sorted(os.listdir(os.path.join(labeled, person)))
+            img = cv2.imread(os.path.join(labeled, person, files[int(rng.integers(len(files)))]))
+            side = int(H * rng.uniform(0.4, 0.6))
+            tiles.append(cv2.resize(img, (side, side), interpolation=cv2.INTER_CUBIC))
+        canvas = cv2.resize(cv2.GaussianBlur(tiles[0], (0, 0), 25), (W, H))
+        step = W // len(tiles)
+        for t, tile in enumerate(tiles):
+            x = t * step + (step - tile.shape[1]) // 2
+            y = int(rng.integers(0, H - tile.shape[0]))
+            canvas[y:y + tile.shape[0], max(0, x):max(0, x) + tile.shape[1]] = \
+                tile[:, :min(tile.shape[1], W - max(0, x))]
+        cv2.imwrite(os.path.join(dst, f"phone_{k:03d}.jpg"), canvas,
+                    [cv2.IMWRITE_JPEG_QUALITY, quality])
+    return dst
+
+
 def make_big_set(groups, names, dst, size, quality):
     """Centre-crop each group photo to the target aspect, upscale, save as JPEG."""
     from PIL import Image, ImageOps
@@ -179,6 +208,43 @@ def tool_run(src, tmp_root, threads, workers):
         return stats.faces, stats.failed
     finally:
         shutil.rmtree(d, ignore_errors=True)
+
+
+NAIVE_PROCESS = """
+import sys, time, glob, cv2
+from insightface.model_zoo import model_zoo
+from insightface.utils import face_align
+det = model_zoo.get_model(sys.argv[1], providers=["CPUExecutionProvider"])
+det.prepare(ctx_id=-1, input_size=(640, 640), det_thresh=0.5)
+rec = model_zoo.get_model(sys.argv[2], providers=["CPUExecutionProvider"])
+rec.prepare(ctx_id=-1)
+n = 0
+for p in sys.argv[3:]:
+    img = cv2.imread(p)
+    _, kpss = det.detect(img, input_size=(640, 640))
+    for k in (kpss if kpss is not None else []):
+        rec.get_feat([face_align.norm_crop(img, landmark=k)])
+        n += 1
+print(n)
+"""
+
+
+def whole_process(src, files, tmp_root, module):
+    """Seconds of one whole process each, start-up and model load included: the tool's
+    `embed` into a fresh cache, and the naive loop (the same insightface models)."""
+    import subprocess
+    pack = sort_faces.locate_pack("default")
+    d = tempfile.mkdtemp(prefix="whole-", dir=tmp_root)
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, module, "embed", src, os.path.join(d, "c.npz"), "-q",
+                    "--log-dir", os.path.join(d, "logs"), "--device", DEVICE], check=True)
+    tool = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-c", NAIVE_PROCESS, pack.files["det"], pack.files["rec"],
+                    *files], check=True, capture_output=True)
+    naive = time.perf_counter() - t0
+    shutil.rmtree(d, ignore_errors=True)
+    return tool, naive
 
 
 def time_call(fn):
@@ -300,8 +366,10 @@ def build_parser():
                    help="the sort_faces.py to benchmark (e.g. a snapshot of a commit)")
     p.add_argument("--data", default=os.path.normpath(os.path.join(ROOT, "..", "shared", "data")),
                    help="folder holding labeled/ and groups/")
-    p.add_argument("--sets", default="labeled,large,big",
-                   help="comma list of image sets to run: labeled, large, big")
+    p.add_argument("--sets", default="labeled,large,big,phone",
+                   help="comma list of image sets to run: labeled, large, big, phone")
+    p.add_argument("--phone-count", type=int, default=60,
+                   help="photos in the 'phone' set (1-3 labeled faces on a 4000x3000 JPEG)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu",
                    help="where the tool's runs put the models (the naive baseline stays on "
                         "the CPU, so x naive is the GPU's gain over the CPU loop)")
@@ -329,10 +397,14 @@ def build_parser():
     p.add_argument("--stages", action=argparse.BooleanOptionalAction, default=True,
                    help="also print a serial per-stage time breakdown (decode / detect / "
                         "embed / hash) of both sides per set")
+    p.add_argument("--whole", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time whole processes (start-up and model load included): "
+                        "`sort_faces.py embed` against the naive loop, --repeat times each")
     p.add_argument("--limit", type=int, default=0, metavar="N",
                    help="images per set: the first N of each (0 = all)")
     p.add_argument("--smoke", action="store_true",
-                   help="a few seconds end to end: 3 labeled + 1 big image (1600x1200), "
+                   help="a few seconds end to end: 3 labeled, 1 big and 3 phone images "
+                        "(1600x1200), "
                         "one layout, one run, no warm-up (checks the bench still works; "
                         "its figures mean nothing)")
     p.add_argument("--cprofile", type=int, default=0, metavar="N",
@@ -348,7 +420,8 @@ def main(argv=None):
     global DEVICE
     args = build_parser().parse_args(argv)
     if args.smoke:
-        args.sets, args.limit, args.big_size = "labeled,big", 3, "1600x1200"
+        args.sets, args.limit, args.big_size = "labeled,big,phone", 3, "1600x1200"
+        args.phone_count = 3
         args.big_sources = DEFAULT_BIG.split(",")[0]
         args.repeat, args.warmup, args.layouts, args.no_default = 1, 0, "1x2", True
     DEVICE = args.device
@@ -379,6 +452,10 @@ def main(argv=None):
             elif name == "large":
                 sets[name] = make_large_set(groups, os.path.join(tmp_root, "large"),
                                             args.large_min_side)
+            elif name == "phone":
+                W, H = (int(v) for v in args.big_size.lower().split("x"))
+                sets[name] = make_phone_set(labeled, os.path.join(tmp_root, "phone"),
+                                            args.phone_count, (W, H), 90)
             elif name == "big":
                 W, H = (int(v) for v in args.big_size.lower().split("x"))
                 sets[name] = make_big_set(groups, [n.strip() for n in
@@ -457,6 +534,18 @@ def main(argv=None):
                                                              round(os.getloadavg()[0], 2)]}
             if args.stages:
                 results[set_name]["stages"] = stage_breakdown(files[set_name], naive_models)
+            if args.whole and (not args.smoke or set_name == "phone"):
+                runs = [whole_process(sets[set_name], files[set_name], tmp_root,
+                                      os.path.abspath(args.module))
+                        for _ in range(args.repeat)]
+                tool_s = statistics.median(r[0] for r in runs)
+                naive_s = statistics.median(r[1] for r in runs)
+                results[set_name]["whole_process"] = {
+                    "tool_s": round(tool_s, 3), "naive_s": round(naive_s, 3),
+                    "tool_photos_per_s": round(n / tool_s, 2),
+                    "naive_photos_per_s": round(n / naive_s, 2),
+                    "ratio_vs_naive": round(naive_s / tool_s, 2),
+                    "runs_s": [[round(a, 3), round(b, 3)] for a, b in runs]}
             if args.cprofile:
                 print(f"\n## cProfile, one default embed_tree run on {set_name}",
                       file=sys.stderr)
@@ -483,6 +572,11 @@ def main(argv=None):
         for r in lines[1:]:
             print("| " + " | ".join(c.ljust(w) if i < 2 else c.rjust(w)
                                     for i, (c, w) in enumerate(zip(r, widths))) + " |")
+        for set_name, res in results.items():
+            if "whole_process" in res:
+                w = res["whole_process"]
+                print(f"whole process, {set_name}: tool {w['tool_photos_per_s']} photos/s, "
+                      f"naive {w['naive_photos_per_s']} photos/s, {w['ratio_vs_naive']}x")
         if args.stages:
             print("\nSerial stage breakdown, ms/image (threads="
                   f"{ncpu}, no prefetch; one pass):")

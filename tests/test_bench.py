@@ -22,7 +22,7 @@ def smoke(script, *extra):
 
 def test_embed_bench_smoke():
     out = smoke("embed_bench.py")
-    assert set(out["sets"]) == {"labeled", "big"}
+    assert set(out["sets"]) == {"labeled", "big", "phone"}
     for s in out["sets"].values():
         methods = {m["method"]: m for m in s["methods"]}
         assert "naive" in methods and len(methods) == 2
@@ -30,6 +30,7 @@ def test_embed_bench_smoke():
         # the tool finds at least the faces the naive loop finds, and fails on nothing
         assert tool["faces"] >= methods["naive"]["faces"] > 0 and tool["failed"] == 0
         assert s["stages"]["tool_ms_per_image"]["detect"] > 0
+    assert out["sets"]["phone"]["whole_process"]["tool_photos_per_s"] > 0
 
 
 def test_cluster_accuracy_smoke():
