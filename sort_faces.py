@@ -1187,7 +1187,12 @@ def embed_faces(models, decoded, det_size=DET_SIZE):
                      np.zeros(0, np.float32), np.zeros(0, np.float32))
     crops = [face_align.norm_crop(decoded.bgr, k) for k in kps]
     emb = models["rec"].get_feat(crops).astype(np.float32)
-    emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+    norm = np.linalg.norm(emb, axis=1)
+    ok = np.isfinite(norm) & (norm > 1e-6)      # the cache holds unit vectors only
+    if not ok.all():
+        bbox, kps, score, emb, norm = bbox[ok], kps[ok], score[ok], emb[ok], norm[ok]
+        crops = [c for c, keep in zip(crops, ok) if keep]
+    emb /= norm[:, None]
     blur = np.array([cv2.Laplacian(cv2.cvtColor(c, cv2.COLOR_BGR2GRAY), cv2.CV_64F).var()
                      for c in crops], np.float32)
     thumbs = [face_thumb(decoded.bgr, b) for b in bbox]
@@ -3378,11 +3383,12 @@ def cache_keys(cache, faces):
     return face_key_array(cache.file_sha256[cache.face_file[faces]], cache.face_bbox[faces])
 
 
-def earlier_groups(out, step):
-    """The groups of the result a run is about to replace in OutDir out (none when there is
-    none or it cannot be read: the new result replaces it either way)."""
+def earlier_groups(out, step, cache):
+    """The groups of the result a run is about to replace in OutDir out, where the cache's
+    identities file does not remember them already (none when there is none or it cannot
+    be read: the new result replaces it either way). A 1M-face manifest is read only then."""
     name = MANIFEST_FILES[step]
-    if name not in out.entries:
+    if name not in out.entries or os.path.lexists(identities_path(cache.path)):
         return []
     try:
         m = read_json(os.path.join(out.path, name), "manifest")
@@ -4682,6 +4688,7 @@ REVIEW_JS = r"""
   const status = (t) => { document.getElementById('sf-status').textContent = t; };
   const selected = () => [...document.querySelectorAll('img.sf-sel')];
   const send = async (body) => {
+    body.version = window.SF_VERSION;     // a page older than the result is refused
     const r = await fetch('/api?token=' + encodeURIComponent(T), {method: 'POST',
       headers: {'Content-Type': 'application/json'}, body: JSON.stringify(body)});
     const j = await r.json().catch(() => ({error: 'bad reply'}));
@@ -4731,19 +4738,34 @@ class ReviewServer:
         self.out = os.path.realpath(out)
         self.step, manifest = output_manifest(self.out)
         self.cache = load_cache(cache_path or manifest.get("cache", ""))
+        if self.step != "export-swap":      # refused now, not at the first click
+            _manifest_face_ids(self.cache, manifest, [])
         self.token = secrets.token_urlsafe(18)
         self.mine = []          # journal numbers of this server's changes: Undo takes these
+        self.acting = __import__("threading").Lock()     # one change at a time
         handler = type("Handler", (_ReviewHandler,), {"review": self})
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", port), handler)
+        server = type("Server", (http.server.ThreadingHTTPServer,),
+                      {"request_queue_size": 128, "daemon_threads": True})
+        self.httpd = server(("127.0.0.1", port), handler)
         self.port = self.httpd.server_address[1]
         self.url = f"http://127.0.0.1:{self.port}/index.html?token={self.token}"
 
     def manifest(self):
         return output_manifest(self.out)[1]
 
+    def version(self):
+        """The result a page shows: its manifest's content (changes when a step re-runs)."""
+        path = os.path.join(self.out, MANIFEST_FILES[self.step])
+        try:
+            return hashlib.sha256(read_bytes(path)).hexdigest()[:16]
+        except OSError:
+            return ""
+
     def section_ids(self, m, name, person=False):
         """Faces of a section; person: it is to be one person (never _singletons)."""
-        if person and isinstance(name, str) and name.startswith("_"):
+        if not isinstance(name, str) or not name:
+            raise SortFacesError(f"no section named: {name!r}")
+        if person and name.startswith("_"):
             raise SortFacesError(f"{name} holds many different people, not one; move the "
                                  f"faces of one person to a new person instead")
         group = _group_entry(m, self.step, name)
@@ -4753,8 +4775,17 @@ class ReviewServer:
 
     def act(self, req):
         """One correction from the page; returns the line it shows."""
+        with self.acting:
+            return self._act(req)
+
+    def _act(self, req):
+        if req.get("version") != self.version():
+            raise StalePage("this page shows an earlier result (a step re-ran since it was "
+                            "loaded): reload it, then redo the change")
         op, m = req.get("op"), self.manifest()
-        faces = [f for f in req.get("faces", []) if isinstance(f, str)]
+        faces = req.get("faces", [])
+        if not isinstance(faces, list) or not all(isinstance(f, str) for f in faces):
+            raise SortFacesError("faces must be a list of face ids")
         with edit_people(self.cache.path) as data:
             before = _state(data)
             if op == "name":
@@ -4798,20 +4829,66 @@ class ReviewServer:
         self.httpd.server_close()
 
 
+class StalePage(SortFacesError):
+    """A page action made on a result that has been replaced since (HTTP 409)."""
+
+
+def open_beneath(root, rel):
+    """A regular file at root/rel opened without following a link at any component (each
+    folder opened relative to the last with O_NOFOLLOW: no check-then-open race); OSError
+    or BadFile otherwise."""
+    parts = [p for p in rel.split("/") if p not in ("", ".")]
+    if not parts or ".." in parts:
+        raise BadFile("not a file inside the output folder")
+    flags = os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+    fd = os.open(root, flags | os.O_DIRECTORY)
+    try:
+        for part in parts[:-1]:
+            nxt = os.open(part, flags | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = nxt
+        f = os.open(parts[-1], flags | os.O_NONBLOCK, dir_fd=fd)
+    finally:
+        os.close(fd)
+    if not stat.S_ISREG(os.fstat(f).st_mode):
+        os.close(f)
+        raise BadFile("not a regular file")
+    return os.fdopen(f, "rb")
+
+
 class _ReviewHandler(http.server.BaseHTTPRequestHandler):
     review = None
 
-    def log_message(self, fmt, *args):
-        CONSOLE._to_log("review: " + fmt % args)
+    def log_message(self, fmt, *args):      # never the token: the log is a file on disk
+        CONSOLE._to_log("review: " + re.sub(r"token=[^&\s\"]*", "token=…", fmt % args))
 
-    def _reply(self, code, body, ctype="application/json"):
+    def _reply(self, code, body, ctype="application/json", cookie=None):
         data = body if isinstance(body, bytes) else json.dumps(body).encode()
         self.send_response(code)
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(data)))
         self.send_header("Cache-Control", "no-store")
+        self.send_header("Content-Security-Policy", "frame-ancestors 'none'")
+        self.send_header("X-Frame-Options", "DENY")
+        self.send_header("X-Content-Type-Options", "nosniff")
+        self.send_header("Referrer-Policy", "no-referrer")
+        if cookie:
+            self.send_header("Set-Cookie", f"sf_token={cookie}; Path=/; HttpOnly; "
+                                           f"SameSite=Strict")
         self.end_headers()
         self.wfile.write(data)
+
+    def _token(self, query):
+        """The token a request carries (query or the page's cookie), if it is the one."""
+        import hmac
+        from http.cookies import SimpleCookie
+        from urllib.parse import parse_qs
+        given = (parse_qs(query).get("token") or [""])[0]
+        if not given:
+            with contextlib.suppress(Exception):
+                jar = SimpleCookie(self.headers.get("Cookie", ""))
+                given = jar["sf_token"].value if "sf_token" in jar else ""
+        return hmac.compare_digest(given.encode(), self.review.token.encode())
 
     def _host_ok(self):          # a page elsewhere cannot reach us by a rebound name
         host = self.headers.get("Host", "")
@@ -4819,44 +4896,49 @@ class _ReviewHandler(http.server.BaseHTTPRequestHandler):
 
     def do_GET(self):
         from urllib.parse import unquote, urlsplit
+        try:
+            url = urlsplit(self.path)
+            rel = unquote(url.path, errors="strict").lstrip("/") or "index.html"
+        except ValueError:
+            return self._reply(400, {"error": "bad request"})
         if not self._host_ok():
             return self._reply(403, {"error": "wrong host"})
-        rel = unquote(urlsplit(self.path).path).lstrip("/") or "index.html"
+        if not self._token(url.query):       # nothing, the page least of all, without it
+            return self._reply(403, {"error": "refused: no valid token"})
         if rel == "_sf_review.js":
             return self._reply(200, REVIEW_JS.encode(), "text/javascript")
-        path = os.path.realpath(os.path.join(self.review.out, rel))
-        if "\0" in rel or not _inside(path, self.review.out) or path == self.review.out:
+        if "\0" in rel:
             return self._reply(404, {"error": "not in the output folder"})
         try:
-            with open_regular(path) as f:
+            with open_beneath(self.review.out, rel) as f:
                 data = f.read()
         except (OSError, BadFile):
             return self._reply(404, {"error": "not found"})
         ctype = {".html": "text/html; charset=utf-8", ".jpg": "image/jpeg",
                  ".png": "image/png", ".json": "application/json"}.get(
-            os.path.splitext(path)[1].lower(), "application/octet-stream")
+            os.path.splitext(rel)[1].lower(), "application/octet-stream")
         if ctype.startswith("text/html"):
-            tag = (f'<script>window.SF_TOKEN={json.dumps(self.review.token)}</script>'
+            tag = (f'<script>window.SF_TOKEN={json.dumps(self.review.token)};'
+                   f'window.SF_VERSION={json.dumps(self.review.version())}</script>'
                    f'<script src="/_sf_review.js"></script></body>').encode()
             data = data.replace(b"</body>", tag)
-        self._reply(200, data, ctype)
+        self._reply(200, data, ctype, cookie=self.review.token)
 
     def do_POST(self):
-        import hmac
-        from urllib.parse import parse_qs, urlsplit
+        from urllib.parse import urlsplit
         url = urlsplit(self.path)
-        token = (parse_qs(url.query).get("token") or [""])[0]
-        if not self._host_ok() or url.path != "/api" \
-                or not hmac.compare_digest(token, self.review.token):
+        if not self._host_ok() or url.path != "/api" or not self._token(url.query):
             return self._reply(403, {"error": "refused: no valid token"})
         try:
             n = int(self.headers.get("Content-Length", "0"))
-            req = json.loads(self.rfile.read(min(n, 1 << 20)) or b"{}")
+            req = json.loads(self.rfile.read(max(0, min(n, 1 << 20))) or b"{}")
             if not isinstance(req, dict):
                 raise ValueError("not an object")
             self._reply(200, {"message": self.review.act(req)})
-        except (SortFacesError, ValueError, KeyError, TypeError) as exc:
-            self._reply(400, {"error": str(exc)})
+        except StalePage as exc:
+            self._reply(409, {"error": str(exc)})
+        except (SortFacesError, ValueError, KeyError, TypeError, RecursionError) as exc:
+            self._reply(400, {"error": str(exc)[:300]})
 
 
 def cmd_review(args):
@@ -4917,8 +4999,8 @@ def cmd_cluster(args):
     params = {**rule_params(rule), "min_cluster_size": args.min_cluster_size,
               "top": args.top, "max_faces_per_image": args.max_faces_per_image,
               "skip_partial": args.skip_partial, "link": args.link}
-    plan.numbers = number_people(cache, plan.clusters, earlier=earlier_groups(out, "cluster"),
-                                 identity_step=True)
+    plan.numbers = number_people(cache, plan.clusters, identity_step=True,
+                                 earlier=earlier_groups(out, "cluster", cache))
     write_result(out, lambda root: write_cluster_output(cache, plan, root, args.link, params))
     log_result(summary + f"; wrote {out.path}")
     return 0
@@ -4951,8 +5033,8 @@ def cmd_refine(args):
               **dataclasses.asdict(gates),
               "min_faces": args.min_faces, "max_faces_per_image": args.max_faces_per_image,
               "skip_partial": args.skip_partial, "link": args.link}
-    plan.numbers = number_people(cache, plan.people, earlier=earlier_groups(out, "refine"),
-                                 prefix="faceset_")
+    plan.numbers = number_people(cache, plan.people, prefix="faceset_",
+                                 earlier=earlier_groups(out, "refine", cache))
     write_result(out, lambda root: write_refine_output(cache, plan, root, args.link, params))
     log_result(summary + f"; wrote {out.path}")
     return 0

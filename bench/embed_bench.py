@@ -87,6 +87,20 @@ def memo_load_models(pack, threads=None, det_thresh=None, device="auto"):
     return _MODEL_CACHE[key]
 
 
+def plain_models(pack, threads):
+    """The naive side's models: insightface as it comes (model_zoo.get_model on the shipped
+    files), never the tool's own loading (which rewrites the recognizer)."""
+    from insightface.model_zoo import model_zoo
+    with contextlib.redirect_stdout(sys.stderr):
+        det = model_zoo.get_model(pack.files["det"], providers=["CPUExecutionProvider"],
+                                  sess_options=sort_faces._session_options(threads))
+        det.prepare(ctx_id=-1, input_size=(640, 640), det_thresh=sort_faces.DET_THRESH)
+        rec = model_zoo.get_model(pack.files["rec"], providers=["CPUExecutionProvider"],
+                                  sess_options=sort_faces._session_options(threads))
+        rec.prepare(ctx_id=-1)
+    return {"det": det, "rec": rec}
+
+
 def warm_models(models, img):
     """Untimed: both detector paths (640 letterbox, tool canvas) and recognizer batches."""
     from insightface.utils import face_align
@@ -237,7 +251,8 @@ def whole_process(src, files, tmp_root, module):
     d = tempfile.mkdtemp(prefix="whole-", dir=tmp_root)
     t0 = time.perf_counter()
     subprocess.run([sys.executable, module, "embed", src, os.path.join(d, "c.npz"), "-q",
-                    "--log-dir", os.path.join(d, "logs"), "--device", DEVICE], check=True)
+                    "--log-dir", os.path.join(d, "logs"), "--device", DEVICE], check=True,
+                   capture_output=True)
     tool = time.perf_counter() - t0
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-c", NAIVE_PROCESS, pack.files["det"], pack.files["rec"],
@@ -256,10 +271,12 @@ def time_call(fn):
 # ----------------------------------------------------------------------------
 # Stage breakdown (serial, one pass, perf_counter around each stage)
 # ----------------------------------------------------------------------------
-def stage_breakdown(paths, models):
+def stage_breakdown(paths, models, tool_models):
+    """Serial per-stage ms of the naive loop (models) and of the tool's way (tool_models)."""
     import cv2
     from insightface.utils import face_align
     det, rec = models["det"], models["rec"]
+    tdet, trec = tool_models["det"], tool_models["rec"]
     min_side = sort_faces.DET_SIZE * sort_faces.DECODE_FACTOR
     naive = dict(decode=0.0, detect=0.0, embed=0.0)
     tool = dict(read=0.0, hash=0.0, decode=0.0, detect=0.0, align_embed=0.0)
@@ -291,11 +308,11 @@ def stage_breakdown(paths, models):
         t2 = time.perf_counter()
         dec = sort_faces.decode_image(data, min_side)
         t3 = time.perf_counter()
-        bbox, kps, _ = sort_faces.detect_faces(det, dec.bgr)
+        bbox, kps, _ = sort_faces.detect_faces(tdet, dec.bgr)
         t4 = time.perf_counter()
         if len(bbox):
             crops = [face_align.norm_crop(dec.bgr, k) for k in kps]
-            rec.get_feat(crops)
+            trec.get_feat(crops)
             [cv2.Laplacian(cv2.cvtColor(c, cv2.COLOR_BGR2GRAY), cv2.CV_64F).var() for c in crops]
         t5 = time.perf_counter()
         if phash:
@@ -478,7 +495,8 @@ def main(argv=None):
         thread_counts = {ncpu} | {t for t, _ in layouts}
         for t in sorted(thread_counts):
             warm_models(memo_load_models(pack, threads=t, device=DEVICE), warm_img)
-        naive_models = memo_load_models(pack, threads=ncpu, device="cpu")
+        naive_models = plain_models(pack, ncpu)
+        warm_models(naive_models, warm_img)
 
         def runner(set_name, spec):
             if spec is None:
@@ -533,7 +551,9 @@ def main(argv=None):
                                  "loadavg_1m_before_after": [round(load_before[0], 2),
                                                              round(os.getloadavg()[0], 2)]}
             if args.stages:
-                results[set_name]["stages"] = stage_breakdown(files[set_name], naive_models)
+                results[set_name]["stages"] = stage_breakdown(
+                    files[set_name], naive_models,
+                    memo_load_models(pack, threads=ncpu, device=DEVICE))
             if args.whole and (not args.smoke or set_name == "phone"):
                 runs = [whole_process(sets[set_name], files[set_name], tmp_root,
                                       os.path.abspath(args.module))

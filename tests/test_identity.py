@@ -204,3 +204,91 @@ def test_a_truncated_identities_file_is_one_error_line(tmp_path, capsys, labeled
                             "--log-dir", str(tmp_path / "logs")]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: {path}: ") and "Traceback" not in err[0]
+
+
+# ---------------------------------------------------------------------------- property
+SEQ_PEOPLE = ("Tony_Blair", "Hugo_Chavez", "Naomi_Watts", "Madonna", "Elton_John")
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_random_sequences_never_give_a_folder_to_someone_else(tmp_path, seed):
+    """Random sequences of embed (more photos), cluster --clean, refine --clean, extend,
+    export-swap, name, reject and undo: a folder name, once it holds a person, never holds
+    another one, in any output; and number NNN is one person in all of them."""
+    rng = np.random.default_rng(seed)
+    home, cache = tmp_path, tmp_path / "c.npz"
+    batches = [home / f"batch{b}" for b in range(3)]
+    for person in SEQ_PEOPLE:
+        for k, p in enumerate(sorted((DATA / "labeled" / person).glob("*.jpg"))):
+            dst = batches[k % 3] / person / p.name
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(p, dst)
+    ran = []
+    whose = {}                   # (output, folder name) -> person it first held
+    number_of = {}               # NNN -> person, across all outputs
+
+    def check():
+        for out, mname, key in (("raw", "manifest.json", "clusters"),
+                                ("ref", "refine_manifest.json", "facesets"),
+                                ("swap", "manifest.json", "facesets")):
+            path = home / out / mname
+            if not path.exists():
+                continue
+            for g in json.loads(path.read_text())[key]:
+                if not g.get("faces"):
+                    continue
+                person, _ = who(g["faces"])
+                assert whose.setdefault((out, g["name"]), person) == person, (ran, out, g)
+                num = g["name"].rsplit("_", 1)[-1]
+                if not g.get("person") and num.isdigit():
+                    assert number_of.setdefault(num, person) == person, (ran, out, g)
+
+    def embed():
+        if batches:
+            run(home, "embed", batches.pop(0), cache)
+
+    def cluster():
+        run(home, "cluster", cache, home / "raw", "--clean")
+
+    def refine():
+        run(home, "refine", cache, home / "ref", "--min-faces", "3", *SMALL, "--clean")
+
+    def extend():
+        if (home / "raw").exists() and (home / "ref").exists():
+            run(home, "extend", cache, home / "raw", "--refine-out", home / "ref")
+
+    def swap():
+        if (home / "ref").exists():
+            run(home, "enrich", cache)
+            run(home, "export-swap", cache, home / "ref" / "refine_manifest.json",
+                home / "swap", *SMALL)
+
+    def name():
+        if (home / "raw").exists():
+            m = json.loads((home / "raw" / "manifest.json").read_text())
+            unnamed = [c for c in m["clusters"] if not c.get("person")]
+            if unnamed:
+                c = unnamed[int(rng.integers(len(unnamed)))]
+                sort_faces.main(["name", str(cache), str(home / "raw" / c["name"]),
+                                 f"Who{len(ran)}", "-q", "--log-dir", str(home / "logs")])
+
+    def reject():
+        if (home / "raw").exists():
+            m = json.loads((home / "raw" / "manifest.json").read_text())
+            faces = [(c["name"], f["file"]) for c in m["clusters"] for f in c["faces"]]
+            if faces:
+                folder, file = faces[int(rng.integers(len(faces)))]
+                run(home, "reject", cache, home / "raw" / folder / file)
+
+    def undo():
+        sort_faces.main(["undo", str(cache), "-q", "--log-dir", str(home / "logs")])
+
+    ops = {"embed": embed, "cluster": cluster, "refine": refine, "extend": extend,
+           "swap": swap, "name": name, "reject": reject, "undo": undo}
+    plan = ["embed", "cluster", "refine"] + list(rng.choice(sorted(ops), 9)) \
+        + ["embed", "embed", "cluster", "refine", "swap"]
+    for op in plan:
+        ran.append(op)
+        ops[op]()
+        check()
+    assert sorted(set(whose.values())) == sorted(SEQ_PEOPLE)

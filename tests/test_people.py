@@ -6,6 +6,7 @@ import shutil
 import threading
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -209,15 +210,78 @@ def _post(url, body):
 def test_the_server_needs_the_token_and_serves_only_out(served):
     t, cache, out, server = served
     base = f"http://127.0.0.1:{server.port}"
-    assert _get(base + "/index.html")[0] == 200
+    tok = f"token={server.token}"
+    # nothing without the token, the page (which carries it) least of all
+    for path in ("/index.html", "/", "/manifest.json", "/_sf_review.js"):
+        status, body = _get(base + path)
+        assert status == 403 and server.token.encode() not in body, path
+    status, page = _get(f"{base}/index.html?{tok}")
+    assert status == 200 and server.token.encode() in page
     assert _post(base + "/api", {"op": "reject", "faces": ["x"]})[0] == 403
     assert _post(base + "/api?token=wrong", {"op": "reject", "faces": ["x"]})[0] == 403
     for path in ("/../secret.txt", "/%2e%2e/secret.txt", "/link.txt", "/..%2fsecret.txt",
-                 "/" + str(t / "secret.txt")):
-        status, body = _get(base + path)
-        assert status == 404 and b"not yours" not in body, path
+                 "/" + str(t / "secret.txt"), "/x%00", "/%ff%fe"):
+        status, body = _get(f"{base}{path}?{tok}")
+        assert status in (400, 404) and b"not yours" not in body, path
     assert not os.path.exists(str(cache) + ".people.json")
-    assert _post(f"{base}/api?token={server.token}", {"op": "undo"})[0] == 400
+    api = f"{base}/api?{tok}"
+    v = server.version()
+    assert _post(api, {"op": "undo", "version": v})[0] == 400          # nothing to undo
+    deep = json.loads("[" * 50 + "]" * 50)
+    for body in ({"op": "name", "name": 5, "section": "person_001", "version": v},
+                 {"op": "reject", "faces": "abc", "version": v},
+                 {"op": "name", "name": "Ok", "version": v},           # no section
+                 {"op": "name", "name": "Ok", "section": "_singletons", "version": v},
+                 {"op": "merge", "sections": ["_singletons", "person_001"], "version": v},
+                 {"op": "name", "name": "Ok", "section": "person_001", "deep": deep}):
+        status, reply = _post(api, body)
+        assert status in (400, 409), (body, status, reply)
+    req = urllib.request.Request(api, b"[" * 100000 + b"]" * 100000, method="POST",
+                                 headers={"Content-Type": "application/json"})
+    assert _get(req)[0] == 400
+    assert not os.path.exists(str(cache) + ".people.json")
+    # framing is refused, and the token never reaches the log
+    with urllib.request.urlopen(f"{base}/index.html?{tok}", timeout=HANG_GUARD_S) as r:
+        assert r.headers["Content-Security-Policy"] == "frame-ancestors 'none'"
+        assert r.headers["X-Frame-Options"] == "DENY"
+    logs = "".join(p.read_text() for p in (t / "logs").glob("*.log")) \
+        + "".join(p.read_text() for p in Path(sort_faces.LOG_DIR).glob("*review*.log"))
+    assert server.token not in logs
+
+
+def test_a_page_older_than_the_result_is_refused(served):
+    """Actions name the result they were made on: after `cluster --clean` re-ran, the
+    page's Name is refused (409: reload), never applied to whoever is now person_002."""
+    t, cache, out, server = served
+    api = f"http://127.0.0.1:{server.port}/api?token={server.token}"
+    old = server.version()
+    assert run("cluster", str(cache), str(out), "--clean", "--top", "1", tmp=t) == 0
+    status, reply = _post(api, {"op": "name", "section": "person_001", "name": "Late",
+                                "version": old})
+    assert status == 409 and b"reload" in reply
+    assert not os.path.exists(str(cache) + ".people.json")
+    status, _ = _post(api, {"op": "name", "section": "person_001", "name": "Now",
+                            "version": server.version()})
+    assert status == 200
+
+
+def test_many_requests_at_once_are_all_answered(served):
+    """100 GETs and 40 POSTs at once: every one is answered, no change is refused because
+    another request of the same server holds the people file."""
+    import concurrent.futures
+    t, cache, out, server = served
+    base = f"http://127.0.0.1:{server.port}"
+    m = json.loads((out / "manifest.json").read_text())
+    faces = [sort_faces.face_id(f["sha256"], f["bbox"]) for f in m["singletons"]][:40]
+    v = server.version()
+    jobs = [lambda: _get(f"{base}/index.html?token={server.token}")[0]] * 100 + [
+        (lambda f: lambda: _post(f"{base}/api?token={server.token}",
+                                 {"op": "reject", "faces": [f], "version": v})[0])(f)
+        for f in faces]
+    with concurrent.futures.ThreadPoolExecutor(32) as pool:
+        codes = list(pool.map(lambda job: job(), jobs))
+    assert codes == [200] * len(jobs)
+    assert len(sort_faces.read_people(cache)["rejected"]) == len(faces)
 
 
 @pytest.mark.skipif(not (shutil.which("chromium") and shutil.which("chromedriver")),
@@ -328,11 +392,12 @@ def test_the_pages_undo_reverts_its_own_change_and_keeps_a_cli_reject(served):
     t, cache, out, server = served
     base = f"http://127.0.0.1:{server.port}/api?token={server.token}"
     tony = folder_of(out, "Tony_Blair")
-    assert _post(base, {"op": "name", "section": tony, "name": "Tony"})[0] == 200
+    assert _post(base, {"op": "name", "section": tony, "name": "Tony",
+                        "version": server.version()})[0] == 200
     madonna = out / folder_of(out, "Madonna")
     photo = sorted(p for p in os.listdir(madonna) if p.endswith(".jpg") and p[0] != "_")[0]
     assert run("reject", str(cache), str(madonna / photo), tmp=t) == 0      # meanwhile
-    status, body = _post(base, {"op": "undo"})
+    status, body = _post(base, {"op": "undo", "version": server.version()})
     assert status == 200, body
     assert b"undo #1" in body
     data = sort_faces.read_people(cache)
