@@ -328,6 +328,8 @@ def read_json(path, what):
     """A JSON file (a manifest, a ledger, a people file); SortFacesError if unreadable."""
     try:
         return json.loads(read_bytes(path).decode("utf-8"))
+    except RecursionError:
+        raise SortFacesError(f"{path}: unreadable {what} (nested too deeply)")
     except (OSError, ValueError) as exc:       # UnicodeDecodeError is a ValueError
         raise SortFacesError(f"{path}: unreadable {what} ({_errno_text(exc)})")
 
@@ -2771,7 +2773,8 @@ def _is_face_record(f):
         and re.fullmatch(r"[0-9a-f]{64}", f["sha256"]) is not None \
         and isinstance(f.get("bbox"), list) and len(f["bbox"]) == 4 \
         and all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                and math.isfinite(v) for v in f["bbox"])
+                and math.isfinite(v) and abs(v) <= 1e6 for v in f["bbox"]) \
+        and f["bbox"][2] > f["bbox"][0] and f["bbox"][3] > f["bbox"][1]
 
 
 #: manifest params a later step reads back: name -> the types it may have
@@ -2905,6 +2908,9 @@ def read_people(cache_path):
     for key in ("people", "not", "rejected"):
         if not isinstance(data.get(key), list):
             bad(key, "is not a list")
+    nid = data.get("next_id", 1)
+    if not isinstance(nid, int) or isinstance(nid, bool) or nid < 1:
+        bad("next_id", f"is {nid!r}, not a number >= 1")
     ids, names = set(), {}
     for k, r in enumerate(data["people"]):
         if not isinstance(r, dict):
@@ -2952,9 +2958,11 @@ def check_person_name(name, where="person name"):
         raise SortFacesError(f"{where}: {name!r} is not text")
     name = unicodedata.normalize("NFC", name.strip())
     safe_component(name, where, SWAP_SUFFIX_BYTES)
+    if not name.isprintable():
+        raise SortFacesError(f"{where} {name!r}: holds a character that is not printable "
+                             f"(a tab, a line break, a control or format character)")
     if name.startswith("_") or re.fullmatch(r"(person|faceset)_\d+", name, re.IGNORECASE) \
-            or not name.isprintable() or name.lower() in {"index.html", "manifest.json",
-                                                         "refine_manifest.json"}:
+            or name.lower() in {"index.html", "manifest.json", "refine_manifest.json"}:
         raise SortFacesError(f"{where} {name!r}: a name may not start with '_', be "
                              f"person_NNN / faceset_NNN or a file the tool writes")
     return name
@@ -2965,7 +2973,7 @@ def _take_faces(data, faces):
     gone = set(faces)
     for r in data["people"]:
         r["groups"] = [g for g in ([f for f in g if f not in gone] for g in r["groups"]) if g]
-    data["people"] = [r for r in data["people"] if r["groups"] or r.get("name")]
+    data["people"] = [r for r in data["people"] if r["groups"]]   # a name with no face frees
     data["rejected"] = [f for f in data["rejected"] if f not in gone]
 
 
@@ -2995,7 +3003,9 @@ def people_name(data, faces, name, merge=False):
     if other and not merge and not any(set(g) & set(faces) for g in other["groups"]):
         _name_in_use(other)
     _take_faces(data, faces)
-    _record(data, name)["groups"].append(faces)
+    if other is not None and other not in data["people"]:   # emptied just now: still them
+        data["people"].append(other)
+    (other or _record(data, name))["groups"].append(faces)
 
 
 def _name_in_use(other):
@@ -3058,14 +3068,17 @@ def _who(fate):
 
 
 def _log_change(data, before, op, what, **extra):
-    """Append the journal entry of the change from state `before` to data; its number."""
+    """Append the journal entry of the change from state `before` to data; its number
+    (None when nothing changed: naming a person what it is called already)."""
     (fa, na, la), (fb, nb, lb) = before, _state(data)
+    moved = {f: [fa.get(f), fb.get(f)] for f in sorted(set(fa) | set(fb))
+             if _who(fa.get(f)) != _who(fb.get(f))}
+    if not moved and na == nb and la == lb and not extra:
+        return None
     journal = data.setdefault("journal", [])
     n = journal[-1]["n"] + 1 if journal else 1
     journal.append({"n": n, "at": datetime.datetime.now().isoformat(timespec="seconds"),
-                    "op": op, "what": what,
-                    "faces": {f: [fa.get(f), fb.get(f)] for f in sorted(set(fa) | set(fb))
-                              if _who(fa.get(f)) != _who(fb.get(f))},
+                    "op": op, "what": what, "faces": moved,
                     "names": {r: [na.get(r), nb.get(r)] for r in sorted(set(na) | set(nb))
                               if na.get(r) != nb.get(r)},
                     "not_added": [json.loads(x) for x in sorted(lb - la)],
@@ -3132,7 +3145,7 @@ def people_undo(data, n=None):
     added = {json.dumps(x, sort_keys=True) for x in entry["not_added"]}
     data["not"] = [x for x in data["not"] if json.dumps(x, sort_keys=True) not in added]
     data["not"] += entry.get("not_removed", [])
-    data["people"] = [r for r in data["people"] if r["groups"] or r.get("name")]
+    data["people"] = [r for r in data["people"] if r["groups"]]
     if "undoes" in entry:                    # a redo: the change it undid stands again
         for e in journal:
             if e["n"] == entry["undoes"]:
@@ -4565,6 +4578,9 @@ def folder_faces(folder):
     folder = os.path.abspath(os.fspath(folder)).rstrip(os.sep)
     if not os.path.isdir(folder):
         raise SortFacesError(f"{folder}: not a folder")
+    if os.path.isdir(os.path.join(folder, STATE_DIR)):
+        raise SortFacesError(f"{folder} is a whole output; give one of its person or faceset "
+                             f"folders")
     step, m = output_manifest(os.path.dirname(folder))
     group = _group_entry(m, step, os.path.basename(folder))
     if group is None:
@@ -4612,6 +4628,8 @@ def cmd_reject(args):
             _, m, group = folder_faces(path)
             faces = group.get("faces", [])
         else:
+            if not os.path.lexists(path):
+                raise SortFacesError(f"{path}: no such file")
             _, m, group = folder_faces(os.path.dirname(path))
             base = os.path.basename(path)
             faces = [f for f in group.get("faces", [])
@@ -4639,7 +4657,10 @@ def cmd_undo(args):
 
 def cmd_people(args):
     """The people file of a cache: each person you named or corrected, then the journal."""
-    data = read_people(os.path.abspath(os.path.expanduser(args.cache)))
+    cache_path = os.path.abspath(os.path.expanduser(args.cache))
+    if not os.path.lexists(cache_path) and not os.path.lexists(people_path(cache_path)):
+        raise SortFacesError(f"cache not found: {cache_path}")
+    data = read_people(cache_path)
     for r in data["people"]:
         n = sum(map(len, r["groups"]))
         log_result(f"{r['id']}\t{r.get('name') or '(unnamed)'}\t{n} faces in "
@@ -4818,8 +4839,9 @@ class ReviewServer:
                 msg = people_undo(data, mine[-1] if mine else None)
             else:
                 raise SortFacesError(f"unknown or empty action {op!r}")
-            if op != "undo":
-                self.mine.append(_log_change(data, before, op, msg))
+            n = _log_change(data, before, op, msg) if op != "undo" else None
+            if n:
+                self.mine.append(n)
         CONSOLE._to_log(f"review: {msg}")
         return msg + "; saved (re-run the step with --clean, or extend, to see it)"
 

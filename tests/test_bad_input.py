@@ -1,5 +1,6 @@
 """`embed` on a tree full of broken, odd and hostile files: every bad file is one warning
 line and an 'error' record, every usable photo is embedded, and the source is untouched."""
+import json
 import os
 import shutil
 import stat
@@ -332,6 +333,8 @@ def outputs(tmp_path_factory):
     ("raw", lambda m: m.update(params="x")),
     ("raw", lambda m: m["clusters"].append(7)),
     ("raw", lambda m: m["singletons"].append({"sha256": "ab", "bbox": [1, 2, 3, 4]})),
+    ("raw", lambda m: m["clusters"][0]["faces"][0].update(bbox=[1e300, 1e300, 1e301, 1e301])),
+    ("raw", lambda m: m["clusters"][0].update(faces=["DEEP"])),      # nested 5000 deep
 ])
 def test_a_damaged_manifest_is_refused_in_one_line(outputs, tmp_path, capsys, where, damage):
     """extend (and name) read a manifest back: a damaged one is one error naming the file
@@ -349,7 +352,7 @@ def test_a_damaged_manifest_is_refused_in_one_line(outputs, tmp_path, capsys, wh
     mpath = home / where / ("manifest.json" if where == "raw" else "refine_manifest.json")
     m = json.loads(mpath.read_text())
     damage(m)
-    mpath.write_text(json.dumps(m))
+    mpath.write_text(json.dumps(m).replace('"DEEP"', "[" * 5000 + "]" * 5000))
     before = mpath.read_bytes()
     line = one_error_line(capsys, "extend", home / "c.npz", home / "raw", "--refine-out",
                           home / "ref", tmp=home)

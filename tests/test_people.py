@@ -446,3 +446,47 @@ def test_undo_keeps_faces_that_only_changed_group_and_redo_restores_not_links():
     assert not data["not"]
     sort_faces.people_undo(data, n + 1)
     assert data["not"] == [{"face": b, "faces": [c]}]
+
+
+def test_renaming_a_person_frees_the_old_name(thirds, capsys):
+    """Rename Madonna's folder twice: the first name is free again (no empty person keeps
+    it), and naming a folder what it is called already records no change."""
+    t, cache, out = thirds, thirds / "c.npz", thirds / "out"
+    assert run("embed", str(t / "a"), str(cache), tmp=t) == 0
+    assert run("cluster", str(cache), str(out), tmp=t) == 0
+    madonna, tony = (str(out / folder_of(out, p)) for p in ("Madonna", "Tony_Blair"))
+    for name in ("Madonna", "Madonna Ciccone", "Madonna Ciccone"):
+        assert run("name", str(cache), madonna, name, tmp=t) == 0
+    data = sort_faces.read_people(cache)
+    assert [r["name"] for r in data["people"]] == ["Madonna Ciccone"]
+    assert len(data["journal"]) == 2
+    assert run("name", str(cache), tony, "Madonna", tmp=t) == 0      # the old name is free
+    capsys.readouterr()
+    assert run("name", str(cache), tony, "tab\there", tmp=t) == 1
+    assert "not printable" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("damage", [{"next_id": "x"}, {"next_id": None}, {"people": "DEEP"}])
+def test_a_damaged_people_file_field_is_one_error_line(thirds, damage, capsys):
+    t, cache = thirds, thirds / "c.npz"
+    assert run("embed", str(t / "a" / "Madonna"), str(cache), tmp=t) == 0
+    people = {"schema": 1, "people": [], "not": [], "rejected": []}
+    text = json.dumps({**people, **damage}).replace('"DEEP"', "[" * 5000 + "]" * 5000)
+    (t / "c.npz.people.json").write_text(text)
+    for argv in (["cluster", str(cache), str(t / "out")], ["people", str(cache)]):
+        capsys.readouterr()
+        assert run(*argv, tmp=t) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and "Traceback" not in err[0]
+
+
+def test_missing_things_get_their_own_reason(thirds, capsys):
+    t, cache, out = thirds, thirds / "c.npz", thirds / "out"
+    assert run("embed", str(t / "a" / "Madonna"), str(cache), tmp=t) == 0
+    assert run("cluster", str(cache), str(out), tmp=t) == 0
+    for argv, why in ((["reject", str(cache), str(out / "nonexistent.jpg")], "no such file"),
+                      (["name", str(cache), str(out), "All"], "whole output"),
+                      (["people", str(t / "nope.npz")], "cache not found")):
+        capsys.readouterr()
+        assert run(*argv, tmp=t) == 1
+        assert why in capsys.readouterr().err, argv
