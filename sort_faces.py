@@ -3300,24 +3300,27 @@ class Identities:
         """Numbers for groups of face keys: each earlier number (but those taken) goes to
         the group holding most of its faces (most overlap first); the others get new
         numbers, largest group first. Returns (numbers, updated Identities: the groups'
-        faces under their numbers, or with overwrite=False only those never numbered)."""
-        numbers = [0] * len(groups_keys)
-        pairs = []
-        for g, keys in enumerate(groups_keys):
-            old, n = np.unique(self.lookup(keys), return_counts=True)
-            pairs += [(-int(c), -len(keys), g, int(o)) for o, c in zip(old, n) if o > 0]
+        faces under their numbers, or with overwrite=False only those never numbered).
+        One lookup and one sort over all faces (1M faces: seconds)."""
+        sizes = np.array([len(k) for k in groups_keys], np.int64)
+        numbers = np.zeros(len(groups_keys), np.int64)
+        old = self.lookup(np.concatenate(groups_keys)) if sizes.sum() else np.zeros(0, np.int64)
+        group = np.repeat(np.arange(len(groups_keys)), sizes)
+        seen = old > 0
+        combo, count = np.unique(group[seen] * self.next + old[seen], return_counts=True)
+        g_of, o_of = combo // self.next, combo % self.next
         used = set(taken)
-        for _, _, g, o in sorted(pairs):
+        for k in np.lexsort((o_of, g_of, -sizes[g_of], -count)).tolist():  # most overlap first
+            g, o = int(g_of[k]), int(o_of[k])
             if not numbers[g] and o not in used:
                 numbers[g] = o
                 used.add(o)
-        nxt = self.next
-        for g in sorted(range(len(groups_keys)), key=lambda g: -len(groups_keys[g])):
-            if not numbers[g]:
-                numbers[g], nxt = nxt, nxt + 1
+        fresh = np.flatnonzero(numbers == 0)
+        fresh = fresh[np.argsort(-sizes[fresh], kind="stable")]       # largest first
+        numbers[fresh] = self.next + np.arange(len(fresh))
         if not overwrite:
             groups_keys = [k[self.lookup(k) == 0] for k in groups_keys]
-        return numbers, self._with(groups_keys, numbers, nxt)
+        return numbers.tolist(), self._with(groups_keys, numbers, self.next + len(fresh))
 
     def seeded(self, entries, prefix):
         """Also the faces of an earlier output's prefixNNN entries under NNN, where this
@@ -3347,7 +3350,10 @@ class Identities:
         keys = np.concatenate(new)
         nums = np.concatenate([np.full(len(k), n, np.int64) for k, n in
                                zip(groups_keys, numbers) if len(k)])
-        keep = ~np.isin(self.keys, keys)
+        keep = np.ones(len(self.keys), bool)        # the old keys these do not replace
+        if len(self.keys):
+            pos = np.minimum(np.searchsorted(self.keys, keys), len(self.keys) - 1)
+            keep[pos[self.keys[pos] == keys]] = False
         keys, first = np.unique(np.concatenate([keys, self.keys[keep]]), return_index=True)
         return Identities(keys, np.concatenate([nums, self.numbers[keep]])[first], nxt)
 
