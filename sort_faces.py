@@ -2984,8 +2984,9 @@ def _named(data, name):
 
 
 def _record(data, name):
-    if _named(data, name):
-        return _named(data, name)
+    found = _named(data, name)
+    if found:
+        return found
     # ids are never reissued: the journal's entries name people by id
     n = max([data.get("next_id", 1)] + [int(r["id"][1:]) + 1 for r in data["people"]
                                         if re.fullmatch(r"p\d{1,9}", r["id"])])
@@ -3027,8 +3028,9 @@ def people_move(data, faces, to_faces, name, away_from):
             holder["groups"].append(list(to_faces))
         holder["groups"].append(faces)
     else:
-        if _named(data, name):
-            _name_in_use(_named(data, name))
+        other = _named(data, name)
+        if other:
+            _name_in_use(other)
         _record(data, name)["groups"].append(faces)
     away = [f for f in away_from if f not in set(faces)][:200]
     if away:
@@ -3318,8 +3320,9 @@ class Identities:
         fresh = np.flatnonzero(numbers == 0)
         fresh = fresh[np.argsort(-sizes[fresh], kind="stable")]       # largest first
         numbers[fresh] = self.next + np.arange(len(fresh))
-        if not overwrite:
-            groups_keys = [k[self.lookup(k) == 0] for k in groups_keys]
+        if not overwrite:                    # the same lookup: only faces never numbered
+            unknown = np.split(old == 0, np.cumsum(sizes)[:-1]) if len(sizes) else []
+            groups_keys = [k[u] for k, u in zip(groups_keys, unknown)]
         return numbers.tolist(), self._with(groups_keys, numbers, self.next + len(fresh))
 
     def seeded(self, entries, prefix):
@@ -3328,12 +3331,11 @@ class Identities:
         and next past every NNN: an earlier folder name is never given to someone else."""
         keys, nums = [], []
         for e in entries if isinstance(entries, list) else []:
-            m = re.fullmatch(re.escape(prefix) + r"(\d{1,9})", str(e.get("name"))) \
-                if isinstance(e, dict) else None
-            faces = [f for f in (e.get("faces") if m and isinstance(e.get("faces"), list)
-                                 else []) if _is_face_record(f)]
-            if m and int(m.group(1)) > 0:
-                nums.append(int(m.group(1)))
+            num = _name_number(e, prefix)
+            if num:
+                faces = [f for f in (e["faces"] if isinstance(e.get("faces"), list) else [])
+                         if _is_face_record(f)]
+                nums.append(num)
                 keys.append(face_key_array([f["sha256"] for f in faces],
                                            [f["bbox"] for f in faces]))
         if not nums:
@@ -3356,6 +3358,13 @@ class Identities:
             keep[pos[self.keys[pos] == keys]] = False
         keys, first = np.unique(np.concatenate([keys, self.keys[keep]]), return_index=True)
         return Identities(keys, np.concatenate([nums, self.numbers[keep]])[first], nxt)
+
+
+def _name_number(entry, prefix):
+    """NNN of a manifest entry named prefixNNN (NNN >= 1), else None."""
+    m = re.fullmatch(re.escape(prefix) + r"(\d{1,9})", str(entry.get("name"))) \
+        if isinstance(entry, dict) else None
+    return int(m.group(1)) or None if m else None
 
 
 def read_identities(cache_path):
@@ -3429,8 +3438,8 @@ def number_people(cache, groups, *, earlier=(), prefix="person_", extending=Fals
     lock = FileLock(path + ".lock", path)
     try:
         known = read_identities(cache.path).seeded(list(earlier), prefix)
-        taken = [int(e["name"][len(prefix):]) for e in earlier if extending and
-                 re.fullmatch(re.escape(prefix) + r"\d{1,9}", str(e.get("name")))]
+        taken = [n for n in (_name_number(e, prefix) for e in earlier) if n] \
+            if extending else []
         keys = [cache_keys(cache, g) for g in groups]
         numbers, ids = known.assign(keys, taken, overwrite=identity_step)
         if save:
