@@ -109,6 +109,8 @@ EMBEDDING_DIM = 512           #: length of a face embedding (both packs)
 SWAP_VIEW = 640               #: the letterbox swap tools detect in (insightface's default)
 SAME_FACE_IOU = 0.3           #: boxes overlapping this much are one face seen twice
 RETRY_PADS = (0.3, 0.15)      #: tighter paddings tried when a crop shows a second face
+MAX_UPSCALE = 2.0             #: an exported face is enlarged at most this much (a smaller PNG)
+BLANK = (0, 0, 0)             #: where a crop reaches past its photo: flat black, no picture
 #: composite quality normalisers (README "composite quality"): frontality reaches 0 at
 #: FRONTAL_DEG off-axis, det_score counts from DET_FLOOR, size from SIZE_BASE px over
 #: SIZE_OCTAVES doublings
@@ -1116,23 +1118,27 @@ def encode_image(bgr, ext=".jpg", quality=85):
     return buf.tobytes()
 
 
-def square_crop(bgr, cx, cy, side, size):
-    """A size x size crop of side pixels centred on (cx, cy); outside the image is padded
-    with a replicated border, never stretched."""
+def square_crop(bgr, cx, cy, side, size, roll=0.0, fill=None):
+    """A size x size crop of side pixels centred on (cx, cy), turned so that a face rolled
+    by `roll` degrees (face_roll) stands upright. Outside the image is a replicated border,
+    or the flat colour `fill`; never stretched."""
     import cv2
-    s = size / max(side, 1.0)
-    m = np.array([[s, 0, size / 2 - s * cx], [0, s, size / 2 - s * cy]], np.float32)
-    return cv2.warpAffine(bgr, m, (size, size), flags=cv2.INTER_AREA,
-                          borderMode=cv2.BORDER_REPLICATE)
+    m = cv2.getRotationMatrix2D((float(cx), float(cy)), float(roll), size / max(side, 1.0))
+    m[:, 2] += (size / 2 - cx, size / 2 - cy)
+    flags = cv2.INTER_AREA if size < side else cv2.INTER_LINEAR
+    if fill is None:
+        return cv2.warpAffine(bgr, m, (size, size), flags=flags, borderMode=cv2.BORDER_REPLICATE)
+    return cv2.warpAffine(bgr, m, (size, size), flags=flags, borderMode=cv2.BORDER_CONSTANT,
+                          borderValue=fill)
 
 
-def face_thumb(bgr, box):
-    """JPEG bytes of a face's review thumbnail: a square THUMB_PX crop around box (in
-    bgr's pixels) with room around the face, made once at embed (the thumbnail store)."""
+def face_thumb(bgr, box, kps):
+    """JPEG bytes of a face's review thumbnail: an upright square THUMB_PX crop around box
+    (in bgr's pixels) with room around the face, made once at embed (the thumbnail store)."""
     x1, y1, x2, y2 = (float(v) for v in box)
     side = max(x2 - x1, y2 - y1) * THUMB_MARGIN
-    return encode_image(square_crop(bgr, (x1 + x2) / 2, (y1 + y2) / 2, side, THUMB_PX),
-                        quality=THUMB_QUALITY)
+    return encode_image(square_crop(bgr, (x1 + x2) / 2, (y1 + y2) / 2, side, THUMB_PX,
+                                    face_roll(kps)), quality=THUMB_QUALITY)
 
 
 # ============================================================================
@@ -1147,6 +1153,8 @@ class Faces:
     det_score: np.ndarray
     short: np.ndarray     # face short edge, pixels
     blur: np.ndarray      # variance of Laplacian of the aligned 112 px face
+    phash: np.ndarray     # perceptual hashes of the aligned face and of its mirror image:
+    phash_flip: np.ndarray  # upright whichever way the photo is turned (near_duplicate_faces)
     thumbs: list = field(default_factory=list)    # JPEG bytes per face (ThumbStore)
 
     def __len__(self):
@@ -1174,19 +1182,74 @@ def detect_faces(det, bgr, det_size=DET_SIZE, det_thresh=None, upscale=False):
     return bbox.astype(np.float32), kps.astype(np.float32), boxes[:, 4].astype(np.float32)
 
 
+def face_roll(kps):
+    """Degrees a face is turned in the picture plane, from the eye line of its 5 keypoints:
+    0 upright, +90 with the top of the head to the right (image y points down)."""
+    v = kps[..., 1, :] - kps[..., 0, :]
+    return np.degrees(np.arctan2(v[..., 1], v[..., 0]))
+
+
+def quarter_turns(kps):
+    """Counter-clockwise quarter turns (0-3) of the picture that bring each face upright."""
+    return np.round(face_roll(kps) / 90).astype(np.int64) % 4
+
+
+def turn_points(pts, q, w, h, back=False):
+    """Points of a w x h picture in that picture turned by q counter-clockwise quarter
+    turns (np.rot90), or with back, points of the turned picture in the original."""
+    u, v = pts[..., 0], pts[..., 1]
+    if back:
+        x, y = {0: (u, v), 1: (w - v, u), 2: (w - u, h - v), 3: (v, h - u)}[int(q)]
+    else:
+        x, y = {0: (u, v), 1: (v, w - u), 2: (w - u, h - v), 3: (h - v, u)}[int(q)]
+    return np.stack([x, y], -1).astype(np.float32)
+
+
+def turn_boxes(bbox, q, w, h, back=False):
+    corners = turn_points(bbox.reshape(-1, 2, 2), q, w, h, back)
+    return np.concatenate([corners.min(axis=1), corners.max(axis=1)], -1)
+
+
+def detect_upright(det, bgr, det_size=DET_SIZE, upscale=False):
+    """detect_faces, with every face lying on its side or upside down (a photo turned by
+    its pixels, not by EXIF) detected again in the picture turned each other way: the
+    detector's keypoints on a sideways face are rough and sometimes point the wrong way,
+    and the embedding follows them (cosine distance to the upright photo's face: median
+    0.17, up to 1.0 on calib/; detected upright: 0.00). The upright detection with the
+    best score replaces it."""
+    bbox, kps, score = detect_faces(det, bgr, det_size, upscale=upscale)
+    lying = np.flatnonzero(quarter_turns(kps) != 0)
+    if not len(lying):
+        return bbox, kps, score
+    h, w = bgr.shape[:2]
+    best = {}
+    for q in (1, 2, 3):
+        b2, k2, s2 = detect_faces(det, np.ascontiguousarray(np.rot90(bgr, q)), det_size,
+                                  upscale=upscale)
+        for j in np.flatnonzero(np.abs(face_roll(k2)) < 45):
+            box = turn_boxes(b2[j], q, w, h, back=True)[0]
+            for i in lying:
+                if box_iou(bbox[i], box) >= SAME_FACE_IOU and s2[j] > best.get(i, (0,))[0]:
+                    best[i] = (s2[j], box, turn_points(k2[j], q, w, h, back=True))
+    for i, (s, box, pts) in best.items():
+        bbox[i], kps[i], score[i] = box, pts, s
+    return bbox, kps, score
+
+
 def embed_faces(models, decoded, det_size=DET_SIZE):
     """Detect and embed every face of one decoded image (one batch for the recognizer)."""
     import cv2
     from insightface.utils import face_align
-    bbox, kps, score = detect_faces(models["det"], decoded.bgr, det_size)
+    bbox, kps, score = detect_upright(models["det"], decoded.bgr, det_size)
     if len(bbox) == 0 and max(decoded.bgr.shape[:2]) < det_size:
         # A small photo that is mostly face (a passport crop, a thumbnail) hides from the
         # detector at native size; its upscaled det_size view is what swap tools see.
-        bbox, kps, score = detect_faces(models["det"], decoded.bgr, det_size, upscale=True)
+        bbox, kps, score = detect_upright(models["det"], decoded.bgr, det_size, upscale=True)
     n = len(bbox)
     if n == 0:
-        return Faces(np.zeros((0, EMBEDDING_DIM), np.float32), bbox, kps, score,
-                     np.zeros(0, np.float32), np.zeros(0, np.float32))
+        none = np.zeros(0, np.float32)
+        return Faces(np.zeros((0, EMBEDDING_DIM), np.float32), bbox, kps, score, none, none,
+                     np.zeros(0, np.int64), np.zeros(0, np.int64))
     crops = [face_align.norm_crop(decoded.bgr, k) for k in kps]
     emb = models["rec"].get_feat(crops).astype(np.float32)
     norm = np.linalg.norm(emb, axis=1)
@@ -1197,11 +1260,12 @@ def embed_faces(models, decoded, det_size=DET_SIZE):
     emb /= norm[:, None]
     blur = np.array([cv2.Laplacian(cv2.cvtColor(c, cv2.COLOR_BGR2GRAY), cv2.CV_64F).var()
                      for c in crops], np.float32)
-    thumbs = [face_thumb(decoded.bgr, b) for b in bbox]
+    hashes = np.array([perceptual_hashes(c) for c in crops], np.int64).reshape(-1, 2)
+    thumbs = [face_thumb(decoded.bgr, b, k) for b, k in zip(bbox, kps)]
     s = decoded.scale
     bbox, kps = bbox * s, kps * s
     short = np.minimum(bbox[:, 2] - bbox[:, 0], bbox[:, 3] - bbox[:, 1]).astype(np.float32)
-    return Faces(emb, bbox, kps, score, short, blur, thumbs)
+    return Faces(emb, bbox, kps, score, short, blur, hashes[:, 0], hashes[:, 1], thumbs)
 
 
 #: A mean 3D face (x right, y down, z away from the camera; nose tip at the origin) at six
@@ -1226,16 +1290,27 @@ def pose_from_landmarks(lmk106, width, height):
 
 def landmarks_and_pose(models, decoded, bbox, kps):
     """106-point landmarks, 68-point 3D landmarks (buffalo_l) and head pose of one face,
-    driven by its cached box; all in original pixels."""
+    driven by its cached box; all in original pixels. The landmark models expect an upright
+    face, so a face on its side is measured in the picture turned upright (quarter_turns)
+    and its points turned back; the pose's roll is the original picture's."""
     from insightface.app.common import Face
-    s = decoded.scale
-    face = Face(bbox=np.asarray(bbox) / s, kps=np.asarray(kps) / s)
-    lmk106 = models["lmk2d"].get(decoded.bgr, face) * s
-    lmk68 = np.zeros((68, 3), np.float32)
-    if "lmk3d" in models:
-        lmk68 = models["lmk3d"].get(decoded.bgr, face) * s
-        return lmk106, lmk68, np.asarray(face["pose"], np.float32), 1
-    return lmk106, lmk68, pose_from_landmarks(lmk106, decoded.width, decoded.height), 2
+    s, img = decoded.scale, decoded.bgr
+    h, w = img.shape[:2]
+    q = int(quarter_turns(np.asarray(kps)))
+    box, pts = np.asarray(bbox, np.float32) / s, np.asarray(kps, np.float32) / s
+    if q:
+        img = np.ascontiguousarray(np.rot90(img, q))
+        box, pts = turn_boxes(box, q, w, h)[0], turn_points(pts, q, w, h)
+    face = Face(bbox=box, kps=pts)
+    lmk106 = turn_points(models["lmk2d"].get(img, face), q, w, h, back=True) * s
+    if "lmk3d" not in models:
+        return lmk106, np.zeros((68, 3), np.float32), pose_from_landmarks(
+            lmk106, decoded.width, decoded.height), 2
+    lmk = models["lmk3d"].get(img, face)
+    lmk68 = np.concatenate([turn_points(lmk[:, :2], q, w, h, back=True), lmk[:, 2:]], 1) * s
+    pose = np.asarray(face["pose"], np.float32).copy()
+    pose[2] = (pose[2] - 90 * q + 180) % 360 - 180      # the turn undone (pnp106's sign)
+    return lmk106, lmk68.astype(np.float32), pose, 1
 
 
 # ============================================================================
@@ -1255,6 +1330,7 @@ CONTENT_COLS = ("width", "height", "phash", "phash_flip")
 FACE_COLS = {"emb": (np.float32, (EMBEDDING_DIM,)), "file": (np.int64, ()), "bbox": (np.float32, (4,)),
              "kps": (np.float32, (5, 2)), "det_score": (np.float32, ()),
              "short": (np.float32, ()), "blur": (np.float32, ()),
+             "phash": (np.int64, ()), "phash_flip": (np.int64, ()),
              # added by `enrich` (zeros until then): original-pixel landmarks, head pose in
              # degrees (pitch, yaw, roll) and how it was estimated (POSE_METHODS)
              "lmk106": (np.float32, (106, 2)), "lmk68": (np.float32, (68, 3)),
@@ -1279,7 +1355,8 @@ class Cache:
     file_<column> (FILE_COLS: file_path, file_sha256, file_size, file_mtime_ns,
     file_status, file_error, file_width, file_height, file_n_faces, file_phash,
     file_phash_flip, file_enrich_error) and face_<column> (FACE_COLS: face_emb, face_file,
-    face_bbox, face_kps, face_det_score, face_short, face_blur, and enrich's face_lmk106,
+    face_bbox, face_kps, face_det_score, face_short, face_blur, face_phash,
+    face_phash_flip, and enrich's face_lmk106,
     face_lmk68, face_pose, face_pose_method)."""
 
     def __init__(self, path, meta, cols):
@@ -1970,7 +2047,8 @@ def fill_thumbnails(writer, flush_every=FLUSH_EVERY):
     for f, faces in progress(sorted(by_file.items()), unit="img", desc="thumbnails"):
         try:
             _, dec = read_source(cache, f, aliases, DET_SIZE * DECODE_FACTOR)
-            jpegs = [face_thumb(dec.bgr, cache.face_bbox[i] / dec.scale) for i in faces]
+            jpegs = [face_thumb(dec.bgr, cache.face_bbox[i] / dec.scale,
+                                cache.face_kps[i] / dec.scale) for i in faces]
         except BadFile as exc:
             CONSOLE.warn(cache.file_path[f], f"no thumbnail: {exc}")
             jpegs = [b""] * len(faces)
@@ -3815,6 +3893,57 @@ def _fill_missing_hashes(cache, files):
             CONSOLE.warn(cache.file_path[f], f"no perceptual hash: {exc}")
 
 
+def _fill_missing_face_hashes(cache, faces):
+    """Caches made before aligned-face hashes existed: compute them now (in memory), from
+    the cached keypoints."""
+    from insightface.utils import face_align
+    missing = [int(i) for i in faces if cache.face_phash[i] == 0 and cache.face_phash_flip[i] == 0]
+    if not missing:
+        return
+    CONSOLE.info(f"{len(missing)} faces have no aligned-face hash yet; computing them")
+    by_file, aliases = {}, cache.aliases()
+    for i in missing:
+        by_file.setdefault(int(cache.face_file[i]), []).append(i)
+    for f, idx in progress(sorted(by_file.items()), unit="img", desc="face hash"):
+        try:
+            _, dec = read_source(cache, f, aliases, DET_SIZE * DECODE_FACTOR)
+        except BadFile as exc:
+            CONSOLE.warn(cache.file_path[f], f"no face hash: {exc}")
+            continue
+        for i in idx:
+            crop = face_align.norm_crop(dec.bgr, cache.face_kps[i] / dec.scale)
+            cache.face_phash[i], cache.face_phash_flip[i] = perceptual_hashes(crop)
+
+
+def near_duplicate_faces(cache, faces, hamming=DUP_HAMMING, face_distance=DUP_FACE_DISTANCE):
+    """(i, j, bits, mirrored, distance) for pairs of faces that are one face seen twice: a
+    copy re-saved, re-scaled, cropped, mirrored or turned. Faces are compared upright
+    (aligned by their keypoints), so a turn changes nothing; the budget is find_duplicates'
+    (bits / hamming + embedding distance / face_distance <= 1). On calib/ (40 people, 4
+    photos each, 136 copies of each kind) it joins 134-136 of mirrored, re-saved and
+    cropped copies, 128 of half-size ones and none of 175 pairs of different photos of one
+    person (docs/calibration.md)."""
+    faces = np.asarray(faces, np.int64)
+    if len(faces) < 2:
+        return []
+    _fill_missing_face_hashes(cache, faces)
+    out = []
+    for a, b, bits, mirrored in hash_pairs(cache.face_phash[faces], cache.face_phash_flip[faces],
+                                           hamming):
+        i, j = int(faces[a]), int(faces[b])
+        d = max(0.0, 1.0 - float(cache.face_emb[i] @ cache.face_emb[j]))
+        if bits / hamming + d / face_distance <= 1.0:
+            out.append((i, j, bits, mirrored, d))
+    return out
+
+
+def same_picture_shape(cache, fa, fb, tol=0.02):
+    """The two photos have one aspect ratio, either way up (a turned copy swaps it)."""
+    ra = cache.file_width[fa] / max(cache.file_height[fa], 1)
+    rb = cache.file_width[fb] / max(cache.file_height[fb], 1)
+    return abs(np.log(ra / rb)) <= tol or abs(np.log(ra * rb)) <= tol
+
+
 def face_match_distance(cache, fa, fb):
     """How far the faces of two files are from matching: the largest distance from a face
     of the file with fewer faces to its nearest face in the other (a resize may lose a tiny
@@ -3829,13 +3958,35 @@ def face_match_distance(cache, fa, fb):
     return float((1.0 - cache.face_emb[a] @ cache.face_emb[b].T).min(axis=1).max())
 
 
+def face_copy_links(cache, owners, linked, hamming, face_distance):
+    """Links (a, b, None, mirrored, distance) between photos that whole-image hashes miss
+    but whose faces say they are one picture: turned by their pixels or mirrored, the same
+    aspect ratio either way up, and every face of the photo with fewer faces a copy
+    (near_duplicate_faces) of a face of the other."""
+    faces = np.flatnonzero(np.isin(cache.face_file, owners))
+    partners = {}                                   # (file a, file b) -> {face of a: d}
+    for i, j, _, mirrored, d in near_duplicate_faces(cache, faces, hamming, face_distance):
+        fa, fb = sorted((int(cache.face_file[i]), int(cache.face_file[j])))
+        if fa != fb and (fa, fb) not in linked:
+            link = partners.setdefault((fa, fb), {fa: {}, fb: {}, "mirrored": mirrored})
+            link[int(cache.face_file[i])][i] = link[int(cache.face_file[j])][j] = d
+    out = []
+    for (fa, fb), link in sorted(partners.items()):
+        fewer = fa if cache.file_n_faces[fa] <= cache.file_n_faces[fb] else fb
+        if len(link[fewer]) == cache.file_n_faces[fewer] and same_picture_shape(cache, fa, fb):
+            out.append((fa, fb, None, link["mirrored"], max(link[fewer].values())))
+    return out
+
+
 def find_duplicates(cache, hamming=DUP_HAMMING, face_distance=DUP_FACE_DISTANCE,
                     hamming_noface=DUP_HAMMING_NOFACE):
     """Byte-identical groups (sha256 aliases) and visual near-duplicate groups. Two photos
     are near-duplicates when hash bits / hamming + face distance / face_distance <= 1 (the
     hash of either may be mirrored): a re-save moves one a little, never both much, while
     consecutive shots of one person move both (docs/calibration.md). Where faces cannot
-    confirm (none on one side), the hashes must be within hamming_noface bits."""
+    confirm (none on one side), the hashes must be within hamming_noface bits. A copy turned
+    by its pixels, which whole-image hashes cannot see, is found by its faces
+    (face_copy_links)."""
     aliases = cache.aliases()
     size_of = dict(zip(cache.file_path.tolist(), cache.file_size.tolist()))
     identical = [{"sha256": sha, "size": int(size_of[paths[0]]), "paths": paths}
@@ -3850,6 +4001,8 @@ def find_duplicates(cache, hamming=DUP_HAMMING, face_distance=DUP_FACE_DISTANCE,
         confirmed = fd is not None and bits / hamming + fd / face_distance <= 1.0
         if confirmed or ((fd is None or fd == float("inf")) and bits <= hamming_noface):
             links.append((fa, fb, bits, mirrored, fd if confirmed else None))
+    links += face_copy_links(cache, owners, {(a, b) for a, b, *_ in links}, hamming,
+                             face_distance)
     near = []
     index_of = {int(f): k for k, f in enumerate(owners)}
     for group in connected_groups(len(owners), [(index_of[a], index_of[b])
@@ -3866,6 +4019,7 @@ def find_duplicates(cache, hamming=DUP_HAMMING, face_distance=DUP_FACE_DISTANCE,
                        "aliases": aliases.get(str(cache.file_sha256[f]), [])[1:]}
                       for f in files],
             "links": [{"a": str(cache.file_path[a]), "b": str(cache.file_path[b]),
+                       "match": "faces" if bits is None else "image",
                        "hamming": bits, "mirrored": mirrored,
                        "face_distance": None if fd is None else round(max(fd, 0.0), 4)}
                       for a, b, bits, mirrored, fd in links if a in member]})
@@ -4148,16 +4302,38 @@ def landmark_symmetry(lmk106):
     return float(np.clip(1 - d / 0.30, 0, 1))
 
 
-def _crop_at(bgr, bbox, out_size, pad_ratio):
-    """A square crop around bbox (bgr pixels) with pad_ratio of the face size on each side,
-    resized to out_size; returns it and the box as it lies in the crop."""
-    x1, y1, x2, y2 = bbox
-    side = max(x2 - x1, y2 - y1) * (1 + 2 * pad_ratio)
-    cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
-    crop = square_crop(bgr, cx, cy, side, out_size)
-    s = out_size / side
-    box = np.array([(x1 - cx) * s, (y1 - cy) * s, (x2 - cx) * s, (y2 - cy) * s]) + out_size / 2
-    return crop, box
+def crop_frame(bbox, kps, width, height, pad_ratio, fit=True, min_pad=RETRY_PADS[-1]):
+    """(cx, cy, side, roll) of the upright square crop of a face: pad_ratio of the face
+    size on each side, with fit shrunk (down to min_pad) so that the crop stays inside the
+    photo rather than invent context it does not have; all in one pixel frame."""
+    x1, y1, x2, y2 = (float(v) for v in bbox)
+    face = max(x2 - x1, y2 - y1)
+    cx, cy, roll = (x1 + x2) / 2, (y1 + y2) / 2, float(face_roll(np.asarray(kps)))
+    t = np.radians(roll)
+    reach = (abs(np.cos(t)) + abs(np.sin(t))) / 2       # half the turned square's extent
+    side = face * (1 + 2 * pad_ratio)
+    if fit:
+        side = max(min(side, min(cx, width - cx, cy, height - cy) / reach),
+                   face * (1 + 2 * min(min_pad, pad_ratio)))
+    return cx, cy, side, roll
+
+
+def _crop_at(bgr, bbox, kps, out_size, pad_ratio, max_upscale, fit=True):
+    """An upright crop (crop_frame) of the face at bbox/kps (bgr's pixels), out_size px or
+    smaller where the photo holds fewer pixels than max_upscale allows; what lies past the
+    photo is flat BLANK. Returns (crop, the face's box in it, the padding used, the upscale
+    factor)."""
+    h, w = bgr.shape[:2]
+    cx, cy, side, roll = crop_frame(bbox, kps, w, h, pad_ratio, fit)
+    size = int(min(out_size, np.floor(side * max_upscale)))
+    crop = square_crop(bgr, cx, cy, side, size, roll, fill=BLANK)
+    s = size / side
+    fw, fh = bbox[2] - bbox[0], bbox[3] - bbox[1]
+    if quarter_turns(np.asarray(kps)) % 2:
+        fw, fh = fh, fw
+    box = np.array([-fw, -fh, fw, fh]) * s / 2 + size / 2
+    face = max(bbox[2] - bbox[0], bbox[3] - bbox[1])
+    return crop, box, round((side / face - 1) / 2, 3), size / side
 
 
 def _face_views(det, img):
@@ -4177,6 +4353,24 @@ def _one_face(det, img, box):
     return found, others
 
 
+def hide_faces(img, boxes, strength=1.0):
+    """img with each box's face blurred away: a feathered ellipse a little larger than
+    the face, blurred by a Gaussian a quarter of the face wide (times strength), so that it
+    reads as out of focus, not as a patch."""
+    import cv2
+    out = img.astype(np.float32)
+    for x1, y1, x2, y2 in boxes:
+        face = max(x2 - x1, y2 - y1, 2.0)
+        mask = np.zeros(img.shape[:2], np.float32)
+        cv2.ellipse(mask, (int(round((x1 + x2) / 2)), int(round((y1 + y2) / 2))),
+                    (int(round(0.6 * strength * (x2 - x1) + 2)),
+                     int(round(0.6 * strength * (y2 - y1) + 2))), 0, 0, 360, 1.0, -1)
+        mask = cv2.GaussianBlur(mask, (0, 0), face * 0.08)[..., None]
+        blurred = cv2.GaussianBlur(out, (0, 0), face * 0.25 * strength)
+        out = out * (1 - mask) + blurred * mask
+    return np.clip(np.round(out), 0, 255).astype(np.uint8)
+
+
 def box_iou(a, b):
     x1, y1, x2, y2 = max(a[0], b[0]), max(a[1], b[1]), min(a[2], b[2]), min(a[3], b[3])
     inter = max(0.0, x2 - x1) * max(0.0, y2 - y1)
@@ -4184,32 +4378,41 @@ def box_iou(a, b):
     return inter / union if union > 0 else 0.0
 
 
-def single_face_crop(det, bgr, bbox, out_size=OUT_SIZE, pad_ratio=PAD_RATIO):
-    """A crop that holds exactly one detectable face, the one at bbox, in every view a swap
-    tool may use: shrink the padding while the face stays detectable (a face that fills
-    the crop is missed in a 640 letterbox), else mask the other faces at full padding.
-    Returns (crop, what was done) or (None, why not)."""
-    import cv2
-    crop, box = _crop_at(bgr, bbox, out_size, pad_ratio)
-    found, others = _one_face(det, crop, box)
-    if not found:
-        return None, "the face is not found again in its crop"
-    if not others:
-        return crop, "none"
-    for pad in (p for p in RETRY_PADS if p < pad_ratio):
-        smaller, sbox = _crop_at(bgr, bbox, out_size, pad)
-        ok, rest = _one_face(det, smaller, sbox)
-        if ok and not rest:
-            return smaller, f"padding {pad}"
-    masked = crop.copy()
-    for f in others:
-        x1, y1, x2, y2 = np.clip(np.round(f), 0, out_size).astype(int)
-        if x2 > x1 and y2 > y1 and box_iou(f, box) < SAME_FACE_IOU:
-            masked[y1:y2, x1:x2] = cv2.blur(masked[y1:y2, x1:x2], (31, 31)).mean(axis=(0, 1))
-    ok, rest = _one_face(det, masked, box)
-    if ok and not rest:
-        return masked, f"masked {len(others)} other face detection(s)"
-    return None, f"{len(rest)} other faces remain after masking"
+def single_face_crop(det, bgr, bbox, kps, out_size=OUT_SIZE, pad_ratio=PAD_RATIO,
+                     max_upscale=MAX_UPSCALE):
+    """A crop (_crop_at) that holds exactly one detectable face, the one at bbox, in every
+    view a swap tool may use. The crop kept inside the photo is tried first, then (a face
+    that fills its crop is missed in a 640 letterbox) wider ones up to pad_ratio, BLANK
+    past the photo. For each: shrink the padding while the face stays detectable, else blur
+    the other faces away (stronger until the detector finds none). Returns (crop, what was
+    done, upscale factor) or (None, why not, None)."""
+    why = "the face is not found again in its crop"
+    fitted = _crop_at(bgr, bbox, kps, out_size, pad_ratio, max_upscale)
+    wider = [p for p in sorted({*RETRY_PADS, pad_ratio}) if fitted[2] < p <= pad_ratio]
+    for fit, wanted in [(True, pad_ratio)] + [(False, p) for p in wider]:
+        crop, box, pad, up = fitted if fit else _crop_at(bgr, bbox, kps, out_size, wanted,
+                                                          max_upscale, fit)
+        found, others = _one_face(det, crop, box)
+        if not found:
+            continue
+        blank = "" if fit else ", blank past the photo"
+        if not others:
+            return crop, "none" + blank, up
+        for p in (p for p in RETRY_PADS if p < pad):
+            smaller, sbox, _, sup = _crop_at(bgr, bbox, kps, out_size, p, max_upscale, fit)
+            ok, rest = _one_face(det, smaller, sbox)
+            if ok and not rest:
+                return smaller, f"padding {p}{blank}", sup
+        hidden = others
+        for strength in (1.0, 1.5, 2.0):
+            blurred = hide_faces(crop, hidden, strength)
+            ok, rest = _one_face(det, blurred, box)
+            if ok and not rest:
+                return blurred, f"blurred {len(others)} other face detection(s){blank}", up
+            hidden = hidden + rest
+        why = (f"{len(rest)} other faces remain after blurring" if ok else
+               "blurring the other faces hides this one too")
+    return None, why, None
 
 
 def write_fsz(path, members):
@@ -4253,33 +4456,39 @@ def near_duplicate_files(cache):
 
 
 def select_for_export(cache, members, outlier, min_short, dup_group):
-    """Tight outlier gate (centroid recomputed once), near-duplicate collapse (best
-    composite kept), size gate. Returns (kept ranked best first, quality, dropped)."""
+    """Tight outlier gate (centroid recomputed once), size gate, near-duplicate collapse.
+    One face seen twice keeps its best composite view: faces of one photo, of near-duplicate
+    photos (dup_group: file -> group) and copies of one face (near_duplicate_faces: turned,
+    mirrored, re-saved, re-scaled). Returns (kept ranked best first, quality, dropped)."""
     members = list(members)
     dropped = [(i, "unreadable", 0.0) for i in members if cache.face_pose_method[i] == 0]
     members = centroid_gate(cache.face_emb, [i for i in members
                                              if cache.face_pose_method[i] != 0],
                             (outlier, outlier), dropped)
+    dropped += [(i, "min_face_short", float(cache.face_short[i]))
+                for i in members if cache.face_short[i] < min_short]
+    members = [i for i in members if cache.face_short[i] >= min_short]
     if not members:
         return [], {}, dropped
     q = quality_components(cache, members)
     total = dict(zip(members, q["total"].tolist()))
-    best = {}
+    pos = {i: k for k, i in enumerate(members)}
+    seen = {}
+    pairs = [(pos[i], pos[j]) for i, j, *_ in near_duplicate_faces(cache, members)]
     for i in members:
         f = int(cache.face_file[i])
         key = ("near", dup_group[f]) if f in dup_group else ("file", f)
-        if key in best and total[best[key]] >= total[i]:
-            dropped.append((i, "near_duplicate", total[i]))
-            continue
-        if key in best:
-            dropped.append((best[key], "near_duplicate", total[best[key]]))
-        best[key] = i
-    kept = sorted(best.values(), key=lambda i: (-total[i], i))
-    dropped += [(i, "min_face_short", float(cache.face_short[i]))
-                for i in kept if cache.face_short[i] < min_short]
-    kept = [i for i in kept if cache.face_short[i] >= min_short]
-    quality = {i: {k: round(float(v[members.index(i)]), 4) for k, v in q.items()}
-               for i in kept}
+        if key in seen:
+            pairs.append((seen[key], pos[i]))
+        seen.setdefault(key, pos[i])
+    kept = set(members)
+    for group in connected_groups(len(members), pairs):
+        faces = [members[k] for k in group]
+        best = max(faces, key=lambda i: (total[i], -i))
+        dropped += [(i, "near_duplicate", total[i]) for i in faces if i != best]
+        kept -= set(faces) - {best}
+    kept = sorted(kept, key=lambda i: (-total[i], i))
+    quality = {i: {k: round(float(v[pos[i]]), 4) for k, v in q.items()} for i in kept}
     return kept, quality, dropped
 
 
@@ -4291,7 +4500,9 @@ class ExportOptions:
     min_face_short: float = MIN_FACE_SHORT
     out_size: int = OUT_SIZE
     pad_ratio: float = PAD_RATIO
+    max_upscale: float = MAX_UPSCALE
     top_n: int = TOP_N
+    loose_pngs: bool = False
     model_dir: str = None
     device: str = "auto"
 
@@ -4302,7 +4513,7 @@ class ExportOptions:
 
 
 def _crop_for(cache, i, aliases, det, opts):
-    """(single-face crop of cache face i, what was done) or (None, why not)."""
+    """(single-face crop of cache face i, what was done, upscale) or (None, why not, None)."""
     f = int(cache.face_file[i])
     x1, y1, x2, y2 = cache.face_bbox[i]
     side = max(x2 - x1, y2 - y1) * (1 + 2 * opts.pad_ratio)
@@ -4311,9 +4522,10 @@ def _crop_for(cache, i, aliases, det, opts):
     try:        # decoded no smaller than the crop needs
         _, dec = read_source(cache, f, aliases, min_side=need)
     except BadFile as exc:
-        return None, str(exc)
-    return single_face_crop(det, dec.bgr, cache.face_bbox[i] / dec.scale, opts.out_size,
-                            opts.pad_ratio)
+        return None, str(exc), None
+    return single_face_crop(det, dec.bgr, cache.face_bbox[i] / dec.scale,
+                            cache.face_kps[i] / dec.scale, opts.out_size, opts.pad_ratio,
+                            opts.max_upscale)
 
 
 def export_faceset(cache, name, members, folder, *, det, opts, dup_group, aliases):
@@ -4324,7 +4536,7 @@ def export_faceset(cache, name, members, folder, *, det, opts, dup_group, aliase
                                                opts.min_face_short, dup_group)
     pngs, records, exported = [], [], []     # exported: cache faces in rank order
     for i in progress(kept, unit="face", desc=name, leave=False):
-        crop, fix = _crop_for(cache, i, aliases, det, opts)
+        crop, fix, upscale = _crop_for(cache, i, aliases, det, opts)
         if crop is None:
             dropped.append((i, "crop", 0.0))
             CONSOLE.warn(cache.file_path[cache.face_file[i]], f"{name}: no crop: {fix}")
@@ -4333,13 +4545,19 @@ def export_faceset(cache, name, members, folder, *, det, opts, dup_group, aliase
         pngs.append((fname, encode_image(crop, ".png")))
         exported.append(i)
         records.append({**face_record(cache, i, aliases, fname), "rank": len(pngs),
-                        "quality": quality[i], "crop_fix": fix})
+                        "quality": quality[i], "crop_fix": fix, "size": int(crop.shape[0]),
+                        "upscale": round(float(upscale), 3)})
+    small = sum(r["size"] < opts.out_size for r in records)
+    if small:
+        CONSOLE.info(f"{name}: {small} of {len(records)} PNGs are smaller than "
+                     f"{opts.out_size} px: their photos hold too few pixels around the face "
+                     f"to enlarge it at most {opts.max_upscale:g}x (--max-upscale)")
     fields = {"pngs": len(pngs), "bundles": {}, "embedding": None, "reactor_model": None,
               "dropped": count_gates(dropped),
               "faces": [{"png": r["file"], **{k: r[k] for k in ("path", "sha256", "bbox")}}
                         for r in records]}
     if pngs:
-        for fname, data in pngs:
+        for fname, data in pngs if opts.loose_pngs else ():
             write_file(os.path.join(folder, fname), data)
         write_fsz(os.path.join(folder, f"{name}_all.fsz"), pngs)
         fields["bundles"] = {"top": f"{name}_all.fsz", "all": f"{name}_all.fsz"}
@@ -4375,7 +4593,7 @@ def export_candidates(cache, raw_manifest, facesets, root, *, det, opts, aliases
         g = int(d[k].argmin())
         if d[k, g] > match or q[k] < min_score:
             continue
-        crop, _ = _crop_for(cache, i, aliases, det, opts)
+        crop, _, _ = _crop_for(cache, i, aliases, det, opts)
         if crop is None:
             continue
         fname = f"{names[g]}_candidate_{len(found.get(names[g], [])) + 1:04d}.png"
@@ -5303,8 +5521,14 @@ def add_swap_args(p):
                    help="side of the square PNG crops")
     g.add_argument("--pad-ratio", type=float, default=PAD_RATIO, metavar="R",
                    help="padding around the face on each side, as a fraction of its size")
+    g.add_argument("--max-upscale", type=float, default=MAX_UPSCALE, metavar="X",
+                   help="enlarge a face at most this much: a photo with fewer pixels around "
+                        "the face than --out-size / X gives a smaller PNG")
     g.add_argument("--top-n", type=int, default=TOP_N, metavar="N",
                    help="PNGs in the <name>_top<N>.fsz bundle")
+    g.add_argument("--loose-pngs", action="store_true",
+                   help="also write each PNG beside the bundles (they are always inside "
+                        "<name>_all.fsz; loose copies double the folder's size)")
     add_device_arg(g)
 
 
