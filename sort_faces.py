@@ -97,6 +97,7 @@ DUP_HAMMING = 16              #: bits of 64: near-duplicates need hash/16 + face
 DUP_FACE_DISTANCE = 0.25      #: cosine distance, the face term of that budget
 DUP_HAMMING_NOFACE = 6        #: bits; without faces on both sides to confirm, the hash must
                               #: be this close
+DUP_NEIGHBOURS = 8            #: nearest faces searched for copies of each face
 CONTACT_FACES = 25            #: faces on a cluster's _contact.jpg (5 x 5)
 THUMB_PX = 112                #: pixels, review-page thumbnails
 PAGE_FACES = 1500             #: thumbnails per review page, so any result opens quickly
@@ -3926,14 +3927,26 @@ def near_duplicate_faces(cache, faces, hamming=DUP_HAMMING, face_distance=DUP_FA
     faces = np.asarray(faces, np.int64)
     if len(faces) < 2:
         return []
-    _fill_missing_face_hashes(cache, faces)
+    # Candidates come from the embeddings (a copy is among a face's nearest few): aligned
+    # faces look alike, so ~1 % of all pairs lie within 16 hash bits, too many to list.
+    ids, sims = knn_graph(cache.face_emb[faces], min(DUP_NEIGHBOURS, len(faces) - 1),
+                          exact=len(faces) <= EXACT_MAX_FACES)
+    a, k = np.nonzero((ids >= 0) & (1.0 - sims <= face_distance))
+    b = ids[a, k]
+    pairs = np.unique(np.sort(np.stack([a, b], 1), axis=1), axis=0)
+    pairs = pairs[pairs[:, 0] != pairs[:, 1]]
+    if not len(pairs):
+        return []
+    _fill_missing_face_hashes(cache, np.unique(faces[pairs]))
     out = []
-    for a, b, bits, mirrored in hash_pairs(cache.face_phash[faces], cache.face_phash_flip[faces],
-                                           hamming):
-        i, j = int(faces[a]), int(faces[b])
-        d = max(0.0, 1.0 - float(cache.face_emb[i] @ cache.face_emb[j]))
+    for x, y in pairs.tolist():
+        i, j = int(faces[x]), int(faces[y])
+        h = cache.face_phash
+        plain = bin((int(h[i]) ^ int(h[j])) & 0xFFFFFFFFFFFFFFFF).count("1")
+        flip = bin((int(h[i]) ^ int(cache.face_phash_flip[j])) & 0xFFFFFFFFFFFFFFFF).count("1")
+        bits, d = min(plain, flip), max(0.0, 1.0 - float(cache.face_emb[i] @ cache.face_emb[j]))
         if bits / hamming + d / face_distance <= 1.0:
-            out.append((i, j, bits, mirrored, d))
+            out.append((i, j, bits, flip < plain, d))
     return out
 
 
@@ -4682,13 +4695,19 @@ class SwapOut:
         cents = []
         for e in self.facesets:
             if e.get("embedding"):
-                path = os.path.join(self.path, e["embedding"])
+                path = os.path.join(self.path, safe_relpath(e["embedding"], "embedding", 3))
                 try:
                     with open_regular(path) as f:
-                        cents.append(np.load(f, allow_pickle=False))
+                        cent = np.load(f, allow_pickle=False)
                 except (OSError, ValueError) as exc:
                     raise SortFacesError(f"{path}: unreadable faceset embedding "
                                          f"({_errno_text(exc)})")
+                if cent.shape != (EMBEDDING_DIM,) or cent.dtype.kind != "f" or \
+                        not np.isfinite(cent).all() or abs(np.linalg.norm(cent) - 1) > 1e-3:
+                    raise SortFacesError(f"{path}: not a faceset embedding ({cent.dtype} "
+                                         f"{cent.shape}, want {EMBEDDING_DIM} numbers of unit "
+                                         f"length); export the faceset again")
+                cents.append(cent)
         return np.stack(cents).astype(np.float32) if cents else np.zeros((0, EMBEDDING_DIM), np.float32)
 
     def add(self, name, members, opts, *, source, key=None, folder=None, extra=None,

@@ -64,3 +64,10 @@ def test_synthetic_smoke(isotropic):
     pct = out["percentiles"]
     # a person's faces are nearer than 1 % of strangers
     assert pct["same_p50_p95_p99"][0] < pct["other_p50_p1_p01_p001"][1]
+
+
+def test_face_copies_smoke():
+    out = smoke("face_copies.py")
+    assert out["kinds"]["resaved"]["detected"] >= 1
+    assert out["kinds"]["resaved"]["joined"] == out["kinds"]["resaved"]["detected"]
+    assert out["different_photos"]["pairs"] >= 1

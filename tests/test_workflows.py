@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+import zipfile
 from collections import Counter
 from pathlib import Path
 
@@ -252,7 +253,9 @@ def test_build_folders_markers_and_bundles(tree):
         assert marker.startswith(f"{label}\n") and "build_folders" in marker
         for f in (f"{label}_all.fsz", f"{label}.npy"):
             assert (folder / f).stat().st_size > 0, f
-        assert (folder / f"{label}_0001.png").is_file()
+        with zipfile.ZipFile(folder / f"{label}_all.fsz") as z:
+            assert z.namelist()[0] == f"{label}_0001.png"
+        assert not list(folder.glob("*.png"))          # PNGs live in the bundle only
 
 
 def test_build_folders_adds_only_new_trusted_folders(tree, tmp_path):
@@ -510,6 +513,69 @@ def test_age_split_second_run_reads_no_exif(aged, tree):
     for path in known:                          # the same files: remembered, not re-read
         assert reader.year(path) == tree["years"][os.path.basename(path)], path
     assert reader.reads == 0
+
+
+def test_age_split_refuses_photos_without_years(tree, tmp_path):
+    """Photos with no EXIF date (the plain labeled copies) cannot be split by era: one line,
+    nothing written, instead of a dozen 'unknown' eras."""
+    out, logs = tmp_path / "out", tree["logs"]
+    assert call(build_folders, "--cache", tree["cache"], "--out", out, "--trusted",
+                tree["src"] / "people" / "Madonna", *SMALL, logs=logs) == 0
+    before = digest(out)
+    rc, _, err = captured(age_split, "--cache", tree["cache"], "--out", out, "--faceset",
+                          "Madonna", "--anchor-min", "5", "--exif-cache",
+                          tmp_path / "years.json", *GATES, *SMALL, logs=logs)
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert rc == 1 and len(lines) == 1, err
+    assert re.search(r"only [0-2] of 1\d faces", lines[0]), lines[0]
+    assert "--use-mtime" in lines[0] and "Madonna" in lines[0]
+    assert digest(out) == before
+
+
+def test_age_split_and_discover_refuse_damaged_facesets(tree, tmp_path):
+    """A faceset manifest without its pngs list, or an embedding that is not one, is one
+    error line naming the file."""
+    out = copy_out(tree, tmp_path / "out")
+    fm_path = out / "Madonna" / "manifest.json"
+    fm = json.loads(fm_path.read_text())
+    fm_path.write_text(json.dumps({k: v for k, v in fm.items() if k != "pngs"}))
+    rc, _, err = captured(age_split, "--cache", tree["cache"], "--out", out, "--faceset",
+                          "Madonna", *GATES, *SMALL, logs=tree["logs"])
+    lines = err.strip().splitlines()
+    assert rc == 1 and len(lines) == 1 and lines[0].startswith("error:"), err
+    assert str(fm_path) in lines[0] and "pngs" in lines[0]
+    fm_path.write_text(json.dumps(fm))
+    np.save(out / "Elton_John" / "Elton_John.npy", np.ones(7, np.float32))
+    for script, args in ((discover, ["--source", tree["src"] / "party"]),
+                         (age_split, ["--faceset", "Madonna"])):
+        rc, _, err = captured(script, "--cache", tree["cache"], "--out", out, *args, *SMALL,
+                              logs=tree["logs"])
+        lines = err.strip().splitlines()
+        assert rc == 1 and len(lines) == 1 and lines[0].startswith("error:"), (script, err)
+        assert "Elton_John.npy" in lines[0] and "not a faceset embedding" in lines[0]
+
+
+def test_build_folders_names_like_name_and_says_where_faces_went(tree, tmp_path):
+    """A folder "Ostern 2020" becomes the faceset "Ostern 2020" (the rule `name` uses);
+    when its person is already in OUT, the run says so, and says that the mixed faces
+    stayed with the faceset that has them."""
+    folder = tmp_path / "Ostern 2020"
+    shutil.copytree(tree["src"] / "people" / "Madonna", folder)
+    assert sf.main(["embed", str(folder), str(tree["cache"]), "-q",
+                    "--log-dir", str(tree["logs"])]) == 0
+    out = copy_out(tree, tmp_path / "out")
+    rc, so, err = captured(build_folders, "--cache", tree["cache"], "--out", out, "--trusted",
+                           folder, "--mixed", tree["src"] / "mixed", *SMALL, "--dry-run",
+                           logs=tree["logs"])
+    assert rc == 0, err
+    said = so + err
+    assert re.search(r"Ostern 2020: \d+ faces from its folder, 0 routed from mixed folders "
+                     r"\(\d+ of its faces there stayed with Madonna, already in OUT\)", said), said
+    assert "looks like Madonna" in said
+    assert call(build_folders, "--cache", tree["cache"], "--out", out, "--trusted", folder,
+                *SMALL, logs=tree["logs"]) == 0
+    assert "Ostern 2020" in {e["name"] for e in manifest(out)["facesets"]}
+    assert (out / "Ostern 2020" / "Ostern 2020_all.fsz").is_file()
 
 
 def test_assign_eras_rules():

@@ -9,6 +9,8 @@ a smaller fragment joins the single nearest anchor only if their centroids are w
 transitive merging: it makes eras drift); the rest stay on their own. Eras are exported
 like `export-swap` as <faceset>_<years>/ with an <era>.txt marker; eras with fewer than
 --anchor-min faces go to SWAP_OUT/_thin/ (listed as `thin_eras` in the manifest).
+Eras follow photo years, so the split is refused (one line, nothing written) unless at least
+half of the person's faces, and at least --anchor-min, come from photos with a year.
 
 Photo year: EXIF DateTimeOriginal, then DateTime, else unknown (the file's mtime only with
 --use-mtime), cached in work/cache/exif_years.json by path + size + mtime.
@@ -132,8 +134,14 @@ def person_faces(cache, swap, entry, th, args):
     """Seed, recover under the faceset's source folders, gate, re-centre once."""
     seed = swap.centroids()[[e["name"] for e in swap.facesets
                              if e.get("embedding")].index(entry["name"])]
-    fm = sf.read_json(os.path.join(swap.path, entry["path"], "manifest.json"), "manifest")
-    roots = sorted({os.path.dirname(r["path"]) for r in fm["pngs"]})
+    path = os.path.join(swap.path, entry["path"], "manifest.json")
+    fm = sf.read_json(path, "faceset manifest")
+    pngs = fm.get("pngs") if isinstance(fm, dict) else None
+    if not isinstance(pngs, list) or not all(isinstance(r, dict) and isinstance(
+            r.get("path"), str) and os.path.isabs(r["path"]) for r in pngs):
+        raise sf.SortFacesError(f"{path}: no list of exported faces with their photo paths "
+                                f"(pngs); the faceset is damaged: export it again")
+    roots = sorted({os.path.dirname(r["path"]) for r in pngs})
     faces = sf.faces_under(cache, roots)
     faces = faces[1.0 - cache.face_emb[faces] @ seed <= th["recover"]]
     faces = sf.quality_gate(cache, faces, sf.Gates.from_args(args), [])
@@ -188,6 +196,13 @@ def split(cache, swap, args):
     if args.probe:
         sf.log_result(probe(cache, faces, years, th))
         return 0
+    dated = sum(y is not None for y in years)
+    if dated < max(len(faces) / 2, args.anchor_min):
+        raise sf.SortFacesError(
+            f"{args.faceset}: only {dated} of {len(faces)} faces come from photos with a "
+            f"year (EXIF date{'' if args.use_mtime else '; --use-mtime adds file times'}): "
+            f"eras need at least half of them, and at least --anchor-min "
+            f"({args.anchor_min}); nothing written")
     labels = sf.agglomerate(cache.face_emb[faces], th["subcluster"],
                             groups=cache.face_file[faces])
     eras = assign_eras(cache.face_emb[faces], years, labels, args.anchor_min, th["join"],

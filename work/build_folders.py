@@ -16,7 +16,6 @@ are never touched: re-running adds only new trusted folders.
 import argparse
 import datetime
 import os
-import re
 import sys
 
 import numpy as np
@@ -25,11 +24,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import sort_faces as sf  # noqa: E402
 
 def label_of(folder):
-    """A faceset name from a folder name: letters, digits, - and _ only."""
-    name = re.sub(r"[^\w-]+", "_", os.path.basename(os.path.normpath(folder))).strip("_")
-    if not name:
-        raise sf.SortFacesError(f"{folder}: cannot make a faceset name from this folder")
-    return name
+    """A faceset name from a folder name, by the rule `name` applies to a person's name
+    (sort_faces.check_person_name: spaces kept, NFC)."""
+    return sf.check_person_name(os.path.basename(os.path.normpath(folder)),
+                                f"--trusted folder {folder}: its name")
 
 
 def identity(cache, faces):
@@ -44,15 +42,23 @@ def route(cache, mixed, people, rule, existing=None, belongs=None):
     """Mixed faces -> the person each joins by the identity rule (README: How faces become
     people: the nearest person, within rule.join and rule.margin nearer than the next);
     one photo's faces never go to the same person twice (the nearest wins), and a face
-    within `belongs` of a faceset already exported (existing centroids) stays out."""
+    within `belongs` of a faceset already exported (existing: {name: centroid}) stays out.
+    Returns (routed {person: faces}, held {person: {existing faceset: faces it kept}})."""
+    held = {}
     if not people or not len(mixed):
-        return {}
+        return {}, held
     names = list(people)
     mixed = np.asarray(mixed, np.int64)
     means = np.stack([cache.face_emb[people[n]].mean(axis=0) for n in names])
     pick, sims = sf.nearest_person(means, cache.face_emb[mixed], rule)
-    if existing is not None and len(existing):
-        pick[(1.0 - cache.face_emb[mixed] @ existing.T).min(axis=1) <= belongs] = -1
+    if existing:
+        d = 1.0 - cache.face_emb[mixed] @ np.stack(list(existing.values())).T
+        kept = d.min(axis=1) <= belongs
+        for k in np.flatnonzero(kept & (pick >= 0)):
+            by = held.setdefault(names[pick[k]], {})
+            owner = list(existing)[int(d[k].argmin())]
+            by[owner] = by.get(owner, 0) + 1
+        pick[kept] = -1
     routed, taken = {}, set()
     for k in np.argsort(-sims, kind="stable"):
         g = int(pick[k])
@@ -61,7 +67,7 @@ def route(cache, mixed, people, rule, existing=None, belongs=None):
             continue
         taken.add(key)
         routed.setdefault(names[g], []).append(int(mixed[k]))
-    return routed
+    return routed, held
 
 
 def run(args):
@@ -92,11 +98,22 @@ def build(cache, swap, args):
         people[label], folders[label] = faces, os.path.abspath(folder)
     mixed = sf.faces_under(cache, args.mixed) if args.mixed else np.zeros(0, np.int64)
     rule = sf.identity_rule(cache, join=args.join_threshold, margin=args.join_margin)
-    routed = route(cache, mixed, people, rule, swap.centroids(),
-                   sf.pack_threshold(cache, "outlier"))
+    existing = dict(zip([e["name"] for e in swap.facesets if e.get("embedding")],
+                        swap.centroids()))
+    belongs = sf.pack_threshold(cache, "outlier")
+    routed, held = route(cache, mixed, people, rule, existing, belongs)
     for label, faces in people.items():
+        kept = held.get(label, {})
+        why = (" (" + ", ".join(f"{n} of its faces there stayed with {name}, already in OUT"
+                                for name, n in sorted(kept.items())) + ")") if kept else ""
         sf.CONSOLE.info(f"{label}: {len(faces)} faces from its folder, "
-                        f"{len(routed.get(label, []))} routed from mixed folders")
+                        f"{len(routed.get(label, []))} routed from mixed folders{why}")
+        twin = min(existing.items(), default=None, key=lambda kv: float(
+            1.0 - sf.centroid(cache.face_emb[faces]) @ kv[1]))
+        if twin and 1.0 - float(sf.centroid(cache.face_emb[faces]) @ twin[1]) <= belongs:
+            sf.CONSOLE.warn(folders[label], f"this folder's person looks like {twin[0]}, "
+                                            f"already in {swap.path}: {label} will be a "
+                                            f"second faceset of them")
     if skipped:
         sf.CONSOLE.info(f"already in {swap.path}, left as they are: {', '.join(skipped)}")
     if args.dry_run or not people:
