@@ -377,11 +377,47 @@ def _inside(path, root):
     return p == r or p.startswith(r.rstrip(os.sep) + os.sep)
 
 
+def _mounts():
+    """(mount point, device, root of the mount within its filesystem) of every mount,
+    from /proc/self/mountinfo (octal escapes decoded); [] where there is none."""
+    out = []
+    with contextlib.suppress(OSError):
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                parts = line.split(" ")
+                if len(parts) > 4:
+                    unescape = lambda t: re.sub(r"\\([0-7]{3})",
+                                                lambda m: chr(int(m.group(1), 8)), t)
+                    out.append((unescape(parts[4]), parts[2], unescape(parts[3])))
+    return out
+
+
+def _fs_place(path, mounts):
+    """(device, path within that filesystem) of a path, through the mount holding it: a
+    folder bind-mounted elsewhere has one place whichever path reaches it."""
+    p = os.path.realpath(path)
+    best = max((m for m in mounts if _inside_path(p, m[0])), key=lambda m: len(m[0]),
+               default=None)
+    if best is None:
+        return None
+    rest = os.path.relpath(p, best[0])
+    return best[1], os.path.normpath(os.path.join(best[2], "" if rest == "." else rest))
+
+
+def _inside_path(p, root):
+    return p == root or p.startswith(root.rstrip("/") + "/")
+
+
 def _within(path, root):
-    """_inside, or one of the folders above path is root itself (same device and inode):
-    a bind mount of root, or another path to it, shares no prefix with it. For the checks
-    that keep outputs out of source trees."""
+    """_inside, or path lies under root's place in its filesystem (a bind mount of root
+    or of a folder inside it, another path to it: they share no prefix with root), or one
+    of the folders above path is root itself (same device and inode). For the checks that
+    keep outputs out of source trees."""
     if _inside(path, root):
+        return True
+    mounts = _mounts()
+    here, there = _fs_place(path, mounts), _fs_place(root, mounts)
+    if here and there and here[0] == there[0] and _inside_path(here[1], there[1]):
         return True
     try:
         rst = os.stat(root)
@@ -2990,7 +3026,7 @@ def read_people(cache_path):
     nid = data.get("next_id", 1)
     if not isinstance(nid, int) or isinstance(nid, bool) or nid < 1:
         bad("next_id", f"is {nid!r}, not a number >= 1")
-    ids, names = set(), {}
+    ids, names, twins = set(), {}, []
     for k, r in enumerate(data["people"]):
         if not isinstance(r, dict):
             bad(f"people[{k}]", "is not a record")
@@ -3003,8 +3039,7 @@ def read_people(cache_path):
             r["name"] = check_person_name(r["name"], f"{path}: people[{k}].name")
             twin = names.setdefault(r["name"].casefold(), k)
             if twin != k:
-                bad(f"people[{k}].name", f"{r['name']!r} is also people[{twin}]'s name "
-                                         f"(names that differ only by case are one person)")
+                twins.append((twin, k))
     for k, item in enumerate(data["not"]):
         if not isinstance(item, dict) or not isinstance(item.get("face"), str) \
                 or not faces(item.get("faces")):
@@ -3012,6 +3047,14 @@ def read_people(cache_path):
     if not faces(data["rejected"]):
         bad("rejected", "is not a list of faces")
     _check_journal(data.setdefault("journal", []), bad)
+    # names that differ only by case are one person (a file from before that rule)
+    for keep, gone in twins:
+        a, b = data["people"][keep], data["people"][gone]
+        a["groups"] += b["groups"]
+        CONSOLE.warn(path, f"people[{gone}] {b['name']!r} is people[{keep}] {a['name']!r} "
+                           f"(names that differ only by case are one person); if they are "
+                           f"two, give one another name with `name`")
+    data["people"] = [r for k, r in enumerate(data["people"]) if k not in {g for _, g in twins}]
     return data
 
 

@@ -339,7 +339,6 @@ def outputs(tmp_path_factory):
 def test_a_damaged_manifest_is_refused_in_one_line(outputs, tmp_path, capsys, where, damage):
     """extend (and name) read a manifest back: a damaged one is one error naming the file
     and the field, and the output is left as it was."""
-    import json
     home = tmp_path
     shutil.copy2(outputs / "c.npz", home / "c.npz")
     for out in ("raw", "ref"):

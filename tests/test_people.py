@@ -167,6 +167,30 @@ def test_names_are_one_person_whatever_their_form(thirds):
     assert named == ["caf\u00e9"]                                     # NFC, one folder
 
 
+def test_an_older_people_file_with_case_twins_still_opens(thirds, capsys):
+    """A people file from before the case rule naming one person Anna and another anna:
+    one warning line per twin, every step still runs, and they are one person (as `name`
+    would have made them) until the user names one of them otherwise."""
+    t, cache, out = thirds, thirds / "c.npz", thirds / "out"
+    assert run("embed", str(t / "a"), str(cache), tmp=t) == 0
+    assert run("cluster", str(cache), str(out), tmp=t) == 0
+    assert run("name", str(cache), str(out / folder_of(out, "Tony_Blair")), "Anna", tmp=t) == 0
+    path = Path(str(cache) + ".people.json")
+    data = json.loads(path.read_text())
+    m = json.loads((out / "manifest.json").read_text())
+    hugo = next(g for g in m["clusters"] if g["name"] == folder_of(out, "Hugo_Chavez"))
+    data["people"].append({"id": "p99", "name": "anna", "groups": [[
+        sort_faces.face_id(f["sha256"], f["bbox"]) for f in hugo["faces"]]]})
+    path.write_text(json.dumps(data))
+    capsys.readouterr()
+    assert run("cluster", str(cache), str(out), "--clean", tmp=t) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"warning: {path}: ") and "'anna'" in err[0] \
+        and "'Anna'" in err[0], err
+    assert people_in(out)["Anna"] == {"Tony_Blair", "Hugo_Chavez"}
+    assert "anna" not in people_in(out)
+
+
 @pytest.mark.parametrize("bad", ["../x", "_hidden", "person_004", ".x", "a/b", ""])
 def test_names_that_cannot_be_folders_are_refused(thirds, bad, capsys):
     t, cache, out = thirds, thirds / "c.npz", thirds / "out"

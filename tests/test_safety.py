@@ -544,13 +544,15 @@ def test_swap_output_stores_each_png_at_most_twice(lib, tmp_path):
         assert [p.name for p in (out / e["path"]).glob("*.fsz")] == [f"{e['name']}_all.fsz"]
 
 
-@pytest.fixture
-def bind_mounted(lib, tmp_path):
-    """lib's photos, and the same folder again through a bind mount (other path, same
-    device and inode); skipped where this user cannot mount."""
+@pytest.fixture(params=["the source", "a folder inside it"])
+def bind_mounted(lib, tmp_path, request):
+    """lib's photos, and the same folder (or one of its person folders) again through a
+    bind mount (another path: no prefix, and no folder above it, is the source's);
+    skipped where this user cannot mount."""
     src, mnt = lib["src"], tmp_path / "mnt"
     mnt.mkdir()
-    res = subprocess.run(["mount", "--bind", str(src), str(mnt)], capture_output=True)
+    inside = src if request.param == "the source" else sorted(src.glob("*/"))[0]
+    res = subprocess.run(["mount", "--bind", str(inside), str(mnt)], capture_output=True)
     if res.returncode:
         pytest.skip(f"cannot bind-mount here: {res.stderr.decode(errors='replace').strip()}")
     try:
