@@ -4099,14 +4099,12 @@ def faces_under(cache, folders):
     return np.flatnonzero(owned[cache.face_file]) if cache.n_faces else np.zeros(0, np.int64)
 
 
-def fold_in(cache, groups, new, rule, outlier=None, corr=None, vouched=()):
+def fold_in(cache, groups, new, rule, corr=None):
     """Place new faces without moving old ones: the people of an earlier result (groups:
     lists of cache faces) and the new faces are clustered together by the rule, the people
-    as frozen seeds (they gain faces, never merge or split). With outlier, a face joins a
-    person only within that centroid distance (a refine output's gate); the others stay
-    new. corr: the people file (rejected faces stay out; a person's groups from the file
-    seed apart, so a name given to two looks draws new faces of each; cannot-links
-    hold); vouched: group positions the user named (no outlier gate).
+    as frozen seeds (they gain faces, never merge or split). corr: the people file
+    (rejected faces stay out; a person's groups from the file seed apart, so a name given
+    to two looks draws new faces of each; cannot-links hold).
     Returns ({group position: [faces]}, [new clusters, largest first])."""
     new = np.asarray(new, np.int64)
     if corr is not None:
@@ -4135,13 +4133,6 @@ def fold_in(cache, groups, new, rule, outlier=None, corr=None, vouched=()):
             joined.setdefault(g, []).append(i)
         else:
             fresh.setdefault(lab, []).append(i)
-    if outlier is not None:
-        for g, faces_in in [(g, f) for g, f in joined.items() if g not in vouched]:
-            d = 1.0 - cache.face_emb[faces_in] @ centroid(cache.face_emb[groups[g] + faces_in])
-            joined[g] = [i for i, x in zip(faces_in, d) if x <= outlier]
-            fresh.update({("out", i): [i] for i, x in zip(faces_in, d) if x > outlier})
-            if not joined[g]:
-                del joined[g]
     return joined, sorted(fresh.values(), key=lambda c: (-len(c), c[0]))
 
 
@@ -4263,11 +4254,23 @@ def extend_raw(cache, out, link=None, join=None, margin=None):
     return summary
 
 
-def extend_refined(cache, out, link=None, join=None, margin=None):
-    """Fold new cache faces into a `refine` output under its own rule and gates; summary
-    or None."""
+def _person_key(entry, prefix):
+    """Who a manifest group is, the same in a cluster and a refine output: the person's
+    name, else the number of its prefixNNN folder."""
+    return ("name", entry["person"]) if entry.get("person") else \
+        ("number", _name_number(entry, prefix))
+
+
+def extend_refined(cache, out, raw_out, link=None):
+    """Fold new cache faces into a `refine` output on top of the people of its `cluster`
+    output raw_out (already extended: each new face was placed once, there): a face passes
+    the refine output's gates, then joins the faceset of its person within its outlier
+    distance (a person the user named: any distance); the new faces of a person with no
+    faceset yet become one when they make a set of min_faces photos. Summary or None."""
     out = OutDir(out, "refine", cache.meta.get("roots", [])).check(needs="refine")
     m = read_manifest(os.path.join(out.path, "refine_manifest.json"), "refine", cache)
+    raw = read_manifest(os.path.join(os.path.abspath(raw_out), "manifest.json"), "cluster",
+                        cache)
     p = m["params"]
     keys = cache_face_keys(cache)
     members = [manifest_members(keys, fs["faces"]) for fs in m["facesets"]]
@@ -4276,16 +4279,32 @@ def extend_refined(cache, out, link=None, join=None, margin=None):
                     + m["dropped"], corr)
     if not new:
         return None
-    dropped = []
+    person_of = {i: _person_key(c, "person_") for c in raw["clusters"]
+                 for i in manifest_members(keys, c["faces"])}
+    faceset_of = {_person_key(fs, "faceset_"): g for g, fs in enumerate(m["facesets"])}
+    dropped, joined, apart = [], {}, {}
     gates = Gates(p.get("min_face_short", p.get("min_short", MIN_FACE_SHORT)),
                   p["min_blur"], p["min_det_score"])
-    passing = quality_gate(cache, new, gates, dropped)
-    rule = rule_from_params(cache, p, "initial_threshold", join, margin)
-    joined, clusters = fold_in(cache, members, passing, rule, p["outlier_threshold"],
-                               corr,
-                               [g for g, fs in enumerate(m["facesets"]) if fs.get("person")])
+    for i in quality_gate(cache, new, gates, dropped):
+        who = person_of.get(i)
+        if who is None:                         # a singleton of the cluster output
+            dropped.append((i, "min_faces", 1.0))
+        elif who in faceset_of:
+            joined.setdefault(faceset_of[who], []).append(i)
+        else:
+            apart.setdefault(who, []).append(i)
+    for g, faces in list(joined.items()):
+        if m["facesets"][g].get("person"):
+            continue                            # the user vouched for this person
+        d = 1.0 - cache.face_emb[faces] @ centroid(cache.face_emb[members[g] + faces])
+        far = d > p["outlier_threshold"]
+        dropped += [(i, "outlier", float(x)) for i, x, f in zip(faces, d, far) if f]
+        joined[g] = [i for i, f in zip(faces, far) if not f]
+        if not joined[g]:
+            del joined[g]
     fresh = [f for f in (finish_faceset(cache, c, p["outlier_threshold"], p["min_faces"],
-                                        dropped) for c in clusters) if f]
+                                        dropped) for c in apart.values()) if f]
+    fresh.sort(key=lambda c: (-len(c), c[0]))
     link = link or p.get("link", "copy")
     aliases = cache.aliases()
     run = len(m.get("extends", [])) + 1
@@ -5394,10 +5413,9 @@ def cmd_extend(args):
         OutDir(out, "extend", roots)           # refuses an OUT in a source tree, a file
     raw = extend_raw(cache, args.raw_out, args.link, args.join_threshold, args.join_margin)
     lines = [_extend_line("raw", raw, "new_people")]
-    if args.refine_out:              # a new person there takes the number it got in raw
+    if args.refine_out:              # on top of raw's people: each face placed once
         lines.append(_extend_line("refine", extend_refined(
-            cache, args.refine_out, args.link, args.join_threshold, args.join_margin),
-            "new_facesets"))
+            cache, args.refine_out, args.raw_out, args.link), "new_facesets"))
     log_result("extend: " + "; ".join(lines))
     return 0
 

@@ -96,7 +96,8 @@ def test_merge_of_nothing_is_an_empty_cache():
 def faces(n, tag):
     f = chunk([("x", "X", "ok")], [(0, tag)] * n)
     return sort_faces.Faces(f["face_emb"], f["face_bbox"], f["face_kps"],
-                            f["face_det_score"], f["face_short"], f["face_blur"])
+                            f["face_det_score"], f["face_short"], f["face_blur"],
+                            f["face_phash"], f["face_phash_flip"])
 
 
 @pytest.fixture(scope="module")

@@ -115,6 +115,17 @@ def test_extend_gives_a_new_person_one_new_number_in_both_outputs(home, tmp_path
     assert {n for n, p in ref.items() if p == LATER} == {"faceset_006"}
     for name, person in raw.items():                   # no one else moved
         assert person == LATER or name != "person_006"
+    # each new face was placed once: in refine, only into the faceset of the person raw
+    # put it in (same number), and never out of one of raw's singletons
+    raw_m = json.loads((h / "raw" / "manifest.json").read_text())
+    ref_m = json.loads((h / "ref" / "refine_manifest.json").read_text())
+    where = {(f["sha256"], tuple(f["bbox"])): c["name"][len("person_"):]
+             for c in raw_m["clusters"] for f in c["faces"]}
+    added = [(fs["name"][len("faceset_"):], f) for fs in ref_m["facesets"] for f in fs["faces"]
+             if f.get("added_by_extend")]
+    assert added
+    for number, f in added:
+        assert where.get((f["sha256"], tuple(f["bbox"]))) == number, (number, f["path"])
 
 
 def test_a_lost_identities_file_is_rebuilt_from_the_output_it_replaces(home, tmp_path):
