@@ -1155,18 +1155,67 @@ def encode_image(bgr, ext=".jpg", quality=85):
     return buf.tobytes()
 
 
+def face_roll(kps):
+    """Degrees a face is turned in the picture plane, from its 5 keypoints: 0 upright, +90
+    with the top of the head to the right (image y points down). The axis from between the
+    eyes to between the mouth corners: in a profile the eyes nearly meet, the axis stays."""
+    v = (kps[..., 3, :] + kps[..., 4, :] - kps[..., 0, :] - kps[..., 1, :]) / 2
+    return (np.degrees(np.arctan2(v[..., 1], v[..., 0])) - 90 + 180) % 360 - 180
+
+
+def quarter_turns(kps):
+    """Counter-clockwise quarter turns (0-3) of the picture that bring each face upright."""
+    return np.round(face_roll(kps) / 90).astype(np.int64) % 4
+
+
+def turn_points(pts, q, w, h, back=False):
+    """Points of a w x h picture in that picture turned by q counter-clockwise quarter
+    turns (np.rot90), or with back, points of the turned picture in the original."""
+    u, v = pts[..., 0], pts[..., 1]
+    if back:
+        x, y = {0: (u, v), 1: (w - v, u), 2: (w - u, h - v), 3: (v, h - u)}[int(q)]
+    else:
+        x, y = {0: (u, v), 1: (v, w - u), 2: (w - u, h - v), 3: (h - v, u)}[int(q)]
+    return np.stack([x, y], -1).astype(np.float32)
+
+
+def turn_boxes(bbox, q, w, h, back=False):
+    corners = turn_points(bbox.reshape(-1, 2, 2), q, w, h, back)
+    return np.concatenate([corners.min(axis=1), corners.max(axis=1)], -1)
+
+
+def box_iou(a, b):
+    x1, y1, x2, y2 = max(a[0], b[0]), max(a[1], b[1]), min(a[2], b[2]), min(a[3], b[3])
+    inter = max(0.0, x2 - x1) * max(0.0, y2 - y1)
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
 def square_crop(bgr, cx, cy, side, size, roll=0.0, fill=None):
     """A size x size crop of side pixels centred on (cx, cy), turned so that a face rolled
     by `roll` degrees (face_roll) stands upright. Outside the image is a replicated border,
     or the flat colour `fill`; never stretched."""
     import cv2
-    m = cv2.getRotationMatrix2D((float(cx), float(cy)), float(roll), size / max(side, 1.0))
+    s = size / max(side, 1.0)
+    if s < 0.5:                 # warpAffine cannot area-average: shrink the region first
+        h, w = bgr.shape[:2]
+        r = side * 0.75 + 2                         # > half the turned square's extent
+        x0, y0 = int(max(0, cx - r)), int(max(0, cy - r))
+        x1, y1 = int(min(w, cx + r + 1)), int(min(h, cy + r + 1))
+        if x1 > x0 and y1 > y0:
+            small = cv2.resize(bgr[y0:y1, x0:x1], (max(1, round((x1 - x0) * s)),
+                                                  max(1, round((y1 - y0) * s))),
+                               interpolation=cv2.INTER_AREA)
+            fx, fy = small.shape[1] / (x1 - x0), small.shape[0] / (y1 - y0)
+            return square_crop(small, (cx - x0) * fx, (cy - y0) * fy, side * fx, size, roll,
+                               fill)
+    m = cv2.getRotationMatrix2D((float(cx), float(cy)), float(roll), s)
     m[:, 2] += (size / 2 - cx, size / 2 - cy)
-    flags = cv2.INTER_AREA if size < side else cv2.INTER_LINEAR
     if fill is None:
-        return cv2.warpAffine(bgr, m, (size, size), flags=flags, borderMode=cv2.BORDER_REPLICATE)
-    return cv2.warpAffine(bgr, m, (size, size), flags=flags, borderMode=cv2.BORDER_CONSTANT,
-                          borderValue=fill)
+        return cv2.warpAffine(bgr, m, (size, size), flags=cv2.INTER_LINEAR,
+                              borderMode=cv2.BORDER_REPLICATE)
+    return cv2.warpAffine(bgr, m, (size, size), flags=cv2.INTER_LINEAR,
+                          borderMode=cv2.BORDER_CONSTANT, borderValue=fill)
 
 
 def face_thumb(bgr, box, kps):
@@ -1217,34 +1266,6 @@ def detect_faces(det, bgr, det_size=DET_SIZE, det_thresh=None, upscale=False):
     bbox = boxes[:, :4] * np.array([sx, sy, sx, sy], np.float32)
     kps = (kps if kps is not None else np.zeros((len(boxes), 5, 2))) * np.array([sx, sy])
     return bbox.astype(np.float32), kps.astype(np.float32), boxes[:, 4].astype(np.float32)
-
-
-def face_roll(kps):
-    """Degrees a face is turned in the picture plane, from the eye line of its 5 keypoints:
-    0 upright, +90 with the top of the head to the right (image y points down)."""
-    v = kps[..., 1, :] - kps[..., 0, :]
-    return np.degrees(np.arctan2(v[..., 1], v[..., 0]))
-
-
-def quarter_turns(kps):
-    """Counter-clockwise quarter turns (0-3) of the picture that bring each face upright."""
-    return np.round(face_roll(kps) / 90).astype(np.int64) % 4
-
-
-def turn_points(pts, q, w, h, back=False):
-    """Points of a w x h picture in that picture turned by q counter-clockwise quarter
-    turns (np.rot90), or with back, points of the turned picture in the original."""
-    u, v = pts[..., 0], pts[..., 1]
-    if back:
-        x, y = {0: (u, v), 1: (w - v, u), 2: (w - u, h - v), 3: (v, h - u)}[int(q)]
-    else:
-        x, y = {0: (u, v), 1: (v, w - u), 2: (w - u, h - v), 3: (h - v, u)}[int(q)]
-    return np.stack([x, y], -1).astype(np.float32)
-
-
-def turn_boxes(bbox, q, w, h, back=False):
-    corners = turn_points(bbox.reshape(-1, 2, 2), q, w, h, back)
-    return np.concatenate([corners.min(axis=1), corners.max(axis=1)], -1)
 
 
 def detect_upright(det, bgr, det_size=DET_SIZE, upscale=False):
@@ -1346,7 +1367,7 @@ def landmarks_and_pose(models, decoded, bbox, kps):
     lmk = models["lmk3d"].get(img, face)
     lmk68 = np.concatenate([turn_points(lmk[:, :2], q, w, h, back=True), lmk[:, 2:]], 1) * s
     pose = np.asarray(face["pose"], np.float32).copy()
-    pose[2] = (pose[2] - 90 * q + 180) % 360 - 180      # the turn undone (pnp106's sign)
+    pose[2] = (pose[2] + 90 * q + 180) % 360 - 180      # the turn undone
     return lmk106, lmk68.astype(np.float32), pose, 1
 
 
@@ -3981,23 +4002,58 @@ def near_duplicate_faces(cache, faces, hamming=DUP_HAMMING, face_distance=DUP_FA
     if not len(pairs):
         return []
     _fill_missing_face_hashes(cache, np.unique(faces[pairs]))
+    h, hf = cache.face_phash, cache.face_phash_flip
+    known = (h != 0) | (hf != 0)            # a photo unreadable since embed: no evidence
     out = []
     for x, y in pairs.tolist():
         i, j = int(faces[x]), int(faces[y])
-        h = cache.face_phash
-        plain = bin((int(h[i]) ^ int(h[j])) & 0xFFFFFFFFFFFFFFFF).count("1")
-        flip = bin((int(h[i]) ^ int(cache.face_phash_flip[j])) & 0xFFFFFFFFFFFFFFFF).count("1")
-        bits, d = min(plain, flip), max(0.0, 1.0 - float(cache.face_emb[i] @ cache.face_emb[j]))
-        if bits / hamming + d / face_distance <= 1.0:
-            out.append((i, j, bits, flip < plain, d))
+        if not (known[i] and known[j]):
+            continue
+        plain, flip = hash_bits(h[i], h[j]), hash_bits(h[i], hf[j])
+        d = max(0.0, 1.0 - float(cache.face_emb[i] @ cache.face_emb[j]))
+        if is_copy(min(plain, flip), d, hamming, face_distance):
+            out.append((i, j, min(plain, flip), flip < plain, d))
     return out
 
 
-def same_picture_shape(cache, fa, fb, tol=0.02):
-    """The two photos have one aspect ratio, either way up (a turned copy swaps it)."""
-    ra = cache.file_width[fa] / max(cache.file_height[fa], 1)
-    rb = cache.file_width[fb] / max(cache.file_height[fb], 1)
-    return abs(np.log(ra / rb)) <= tol or abs(np.log(ra * rb)) <= tol
+def hash_bits(a, b):
+    """Bits in which two 64-bit perceptual hashes differ."""
+    return bin((int(a) ^ int(b)) & 0xFFFFFFFFFFFFFFFF).count("1")
+
+
+def is_copy(bits, distance, hamming=DUP_HAMMING, face_distance=DUP_FACE_DISTANCE):
+    """The near-duplicate budget (docs/calibration.md): a copy moves the hash or the face
+    a little, never both much."""
+    return bits / hamming + distance / face_distance <= 1.0
+
+
+def turned_copy(cache, pairs, fa, fb, tol=0.02):
+    """(quarter turns, mirrored) that map photo fa onto fb, or None: the turn the faces'
+    rolls say (a picture turned by q counter-clockwise quarter turns rolls its faces by
+    -90q; a mirror negates the roll), under which each face of fa in pairs [(face of fa,
+    face of fb)] lands on its partner (IoU >= 0.5) and the aspect ratios agree. No turn
+    (q = 0) is not a turned copy: consecutive shots have their faces where they were."""
+    w, h = float(cache.file_width[fa]), float(cache.file_height[fa])
+    i, j = pairs[0]
+    ra, rb = float(face_roll(cache.face_kps[i])), float(face_roll(cache.face_kps[j]))
+    for mirror in (False, True):
+        q = int(round(((-ra if mirror else ra) - rb) / 90)) % 4
+        if q == 0:
+            continue
+        tw, th = (h, w) if q % 2 else (w, h)
+        sx, sy = cache.file_width[fb] / tw, cache.file_height[fb] / th
+        if abs(np.log(sx / sy)) > tol:
+            continue
+
+        def lands(i, j):
+            box = turn_boxes(cache.face_bbox[i], q, w, h)[0] * np.array([sx, sy, sx, sy])
+            if mirror:
+                box = np.array([cache.file_width[fb] - box[2], box[1],
+                                cache.file_width[fb] - box[0], box[3]])
+            return box_iou(box, cache.face_bbox[j]) >= 0.5
+        if all(lands(i, j) for i, j in pairs):
+            return q, mirror
+    return None
 
 
 def face_match_distance(cache, fa, fb):
@@ -4015,34 +4071,37 @@ def face_match_distance(cache, fa, fb):
 
 
 def face_copy_links(cache, owners, linked, hamming, face_distance):
-    """Links (a, b, None, mirrored, distance) between photos that whole-image hashes miss
-    but whose faces say they are one picture: turned by their pixels or mirrored, the same
-    aspect ratio either way up, and every face of the photo with fewer faces a copy
-    (near_duplicate_faces) of a face of the other."""
+    """Links (a, b, None, mirrored, distance, degrees turned) between photos that
+    whole-image hashes cannot see as one: a copy turned by its pixels. Every face of the
+    photo with fewer faces is a copy (near_duplicate_faces) of a face of the other, and one
+    turn of the picture (turned_copy) puts each on its partner."""
     faces = np.flatnonzero(np.isin(cache.face_file, owners))
-    partners = {}                                   # (file a, file b) -> {face of a: d}
-    for i, j, _, mirrored, d in near_duplicate_faces(cache, faces, hamming, face_distance):
-        fa, fb = sorted((int(cache.face_file[i]), int(cache.face_file[j])))
+    partners = {}                             # (file a, file b) -> {face of a: (face of b, d)}
+    for i, j, _, _, d in near_duplicate_faces(cache, faces, hamming, face_distance):
+        if int(cache.face_file[i]) > int(cache.face_file[j]):
+            i, j = j, i
+        fa, fb = int(cache.face_file[i]), int(cache.face_file[j])
         if fa != fb and (fa, fb) not in linked:
-            link = partners.setdefault((fa, fb), {fa: {}, fb: {}, "mirrored": mirrored})
-            link[int(cache.face_file[i])][i] = link[int(cache.face_file[j])][j] = d
+            partners.setdefault((fa, fb), {}).setdefault(i, (j, d))
     out = []
-    for (fa, fb), link in sorted(partners.items()):
-        fewer = fa if cache.file_n_faces[fa] <= cache.file_n_faces[fb] else fb
-        if len(link[fewer]) == cache.file_n_faces[fewer] and same_picture_shape(cache, fa, fb):
-            out.append((fa, fb, None, link["mirrored"], max(link[fewer].values())))
+    for (fa, fb), found in sorted(partners.items()):
+        if len(found) < min(cache.file_n_faces[fa], cache.file_n_faces[fb]):
+            continue
+        turn = turned_copy(cache, [(i, j) for i, (j, _) in found.items()], fa, fb)
+        if turn:
+            out.append((fa, fb, None, turn[1], max(d for _, d in found.values()), 90 * turn[0]))
     return out
 
 
 def find_duplicates(cache, hamming=DUP_HAMMING, face_distance=DUP_FACE_DISTANCE,
-                    hamming_noface=DUP_HAMMING_NOFACE):
+                    hamming_noface=DUP_HAMMING_NOFACE, face_links=True):
     """Byte-identical groups (sha256 aliases) and visual near-duplicate groups. Two photos
     are near-duplicates when hash bits / hamming + face distance / face_distance <= 1 (the
     hash of either may be mirrored): a re-save moves one a little, never both much, while
     consecutive shots of one person move both (docs/calibration.md). Where faces cannot
-    confirm (none on one side), the hashes must be within hamming_noface bits. A copy turned
-    by its pixels, which whole-image hashes cannot see, is found by its faces
-    (face_copy_links)."""
+    confirm (none on one side), the hashes must be within hamming_noface bits. With
+    face_links, a copy turned by its pixels, which whole-image hashes cannot see, is found
+    by its faces (face_copy_links)."""
     aliases = cache.aliases()
     size_of = dict(zip(cache.file_path.tolist(), cache.file_size.tolist()))
     identical = [{"sha256": sha, "size": int(size_of[paths[0]]), "paths": paths}
@@ -4054,11 +4113,12 @@ def find_duplicates(cache, hamming=DUP_HAMMING, face_distance=DUP_FACE_DISTANCE,
     for i, j, bits, mirrored in pairs:
         fa, fb = int(owners[i]), int(owners[j])
         fd = face_match_distance(cache, fa, fb)
-        confirmed = fd is not None and bits / hamming + fd / face_distance <= 1.0
+        confirmed = fd is not None and is_copy(bits, fd, hamming, face_distance)
         if confirmed or ((fd is None or fd == float("inf")) and bits <= hamming_noface):
-            links.append((fa, fb, bits, mirrored, fd if confirmed else None))
-    links += face_copy_links(cache, owners, {(a, b) for a, b, *_ in links}, hamming,
-                             face_distance)
+            links.append((fa, fb, bits, mirrored, fd if confirmed else None, 0))
+    if face_links:
+        links += face_copy_links(cache, owners, {(a, b) for a, b, *_ in links}, hamming,
+                                 face_distance)
     near = []
     index_of = {int(f): k for k, f in enumerate(owners)}
     for group in connected_groups(len(owners), [(index_of[a], index_of[b])
@@ -4076,9 +4136,9 @@ def find_duplicates(cache, hamming=DUP_HAMMING, face_distance=DUP_FACE_DISTANCE,
                       for f in files],
             "links": [{"a": str(cache.file_path[a]), "b": str(cache.file_path[b]),
                        "match": "faces" if bits is None else "image",
-                       "hamming": bits, "mirrored": mirrored,
+                       "hamming": bits, "mirrored": mirrored, "turned": turned,
                        "face_distance": None if fd is None else round(max(fd, 0.0), 4)}
-                      for a, b, bits, mirrored, fd in links if a in member]})
+                      for a, b, bits, mirrored, fd, turned in links if a in member]})
     near.sort(key=lambda g: -len(g["files"]))
     return identical, near
 
@@ -4378,29 +4438,29 @@ def landmark_symmetry(lmk106):
 
 
 def crop_frame(bbox, kps, width, height, pad_ratio, fit=True, min_pad=RETRY_PADS[-1]):
-    """(cx, cy, side, roll) of the upright square crop of a face: pad_ratio of the face
-    size on each side, with fit shrunk (down to min_pad) so that the crop stays inside the
-    photo rather than invent context it does not have; all in one pixel frame."""
+    """(cx, cy, side, roll, whether it reaches past the photo) of the upright square crop
+    of a face: pad_ratio of the face size on each side, with fit shrunk (down to min_pad)
+    so that the crop stays inside the photo rather than invent context it does not have;
+    all in one pixel frame."""
     x1, y1, x2, y2 = (float(v) for v in bbox)
     face = max(x2 - x1, y2 - y1)
     cx, cy, roll = (x1 + x2) / 2, (y1 + y2) / 2, float(face_roll(np.asarray(kps)))
     t = np.radians(roll)
     reach = (abs(np.cos(t)) + abs(np.sin(t))) / 2       # half the turned square's extent
-    side = face * (1 + 2 * pad_ratio)
+    side, room = face * (1 + 2 * pad_ratio), min(cx, width - cx, cy, height - cy) / reach
     if fit:
-        side = max(min(side, min(cx, width - cx, cy, height - cy) / reach),
-                   face * (1 + 2 * min(min_pad, pad_ratio)))
-    return cx, cy, side, roll
+        side = max(min(side, room), face * (1 + 2 * min(min_pad, pad_ratio)))
+    return cx, cy, side, roll, side > room + 0.5
 
 
-def _crop_at(bgr, bbox, kps, out_size, pad_ratio, max_upscale, fit=True):
-    """An upright crop (crop_frame) of the face at bbox/kps (bgr's pixels), out_size px or
-    smaller where the photo holds fewer pixels than max_upscale allows; what lies past the
-    photo is flat BLANK. Returns (crop, the face's box in it, the padding used, the upscale
-    factor)."""
+def _crop_at(bgr, bbox, kps, opts, pad_ratio, fit=True):
+    """An upright crop (crop_frame) of the face at bbox/kps (bgr's pixels), opts.out_size
+    px or smaller where the photo holds fewer pixels than opts.max_upscale allows; what
+    lies past the photo is flat BLANK. Returns (crop, the face's box in it, the padding used, the upscale
+    factor, whether it reaches past the photo)."""
     h, w = bgr.shape[:2]
-    cx, cy, side, roll = crop_frame(bbox, kps, w, h, pad_ratio, fit)
-    size = int(min(out_size, np.floor(side * max_upscale)))
+    cx, cy, side, roll, past = crop_frame(bbox, kps, w, h, pad_ratio, fit)
+    size = int(min(opts.out_size, np.floor(side * opts.max_upscale)))
     crop = square_crop(bgr, cx, cy, side, size, roll, fill=BLANK)
     s = size / side
     fw, fh = bbox[2] - bbox[0], bbox[3] - bbox[1]
@@ -4408,7 +4468,7 @@ def _crop_at(bgr, bbox, kps, out_size, pad_ratio, max_upscale, fit=True):
         fw, fh = fh, fw
     box = np.array([-fw, -fh, fw, fh]) * s / 2 + size / 2
     face = max(bbox[2] - bbox[0], bbox[3] - bbox[1])
-    return crop, box, round((side / face - 1) / 2, 3), size / side
+    return crop, box, round((side / face - 1) / 2, 3), size / side, past
 
 
 def _face_views(det, img):
@@ -4446,38 +4506,30 @@ def hide_faces(img, boxes, strength=1.0):
     return np.clip(np.round(out), 0, 255).astype(np.uint8)
 
 
-def box_iou(a, b):
-    x1, y1, x2, y2 = max(a[0], b[0]), max(a[1], b[1]), min(a[2], b[2]), min(a[3], b[3])
-    inter = max(0.0, x2 - x1) * max(0.0, y2 - y1)
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
-
-
-def single_face_crop(det, bgr, bbox, kps, out_size=OUT_SIZE, pad_ratio=PAD_RATIO,
-                     max_upscale=MAX_UPSCALE):
-    """A crop (_crop_at) that holds exactly one detectable face, the one at bbox, in every
-    view a swap tool may use. The crop kept inside the photo is tried first, then (a face
-    that fills its crop is missed in a 640 letterbox) wider ones up to pad_ratio, BLANK
-    past the photo. For each: shrink the padding while the face stays detectable, else blur
-    the other faces away (stronger until the detector finds none). Returns (crop, what was
-    done, upscale factor) or (None, why not, None)."""
+def single_face_crop(det, bgr, bbox, kps, opts):
+    """A crop (_crop_at, sized by ExportOptions opts) that holds exactly one detectable
+    face, the one at bbox, in every view a swap tool may use. The crop kept inside the photo
+    is tried first, then (a face that fills its crop is missed in a 640 letterbox) wider
+    ones up to opts.pad_ratio, BLANK past the photo. For each: shrink the padding while the
+    face stays detectable, else blur the other faces away (stronger until the detector
+    finds none). Returns (crop, what was done, upscale factor) or (None, why not, None)."""
     why = "the face is not found again in its crop"
-    fitted = _crop_at(bgr, bbox, kps, out_size, pad_ratio, max_upscale)
-    wider = [p for p in sorted({*RETRY_PADS, pad_ratio}) if fitted[2] < p <= pad_ratio]
-    for fit, wanted in [(True, pad_ratio)] + [(False, p) for p in wider]:
-        crop, box, pad, up = fitted if fit else _crop_at(bgr, bbox, kps, out_size, wanted,
-                                                          max_upscale, fit)
+    fitted = _crop_at(bgr, bbox, kps, opts, opts.pad_ratio)
+    wider = [p for p in sorted({*RETRY_PADS, opts.pad_ratio}) if fitted[2] < p <= opts.pad_ratio]
+    for fit, wanted in [(True, opts.pad_ratio)] + [(False, p) for p in wider]:
+        crop, box, pad, up, past = fitted if fit else _crop_at(bgr, bbox, kps, opts, wanted,
+                                                               fit=False)
         found, others = _one_face(det, crop, box)
         if not found:
             continue
-        blank = "" if fit else ", blank past the photo"
+        blank = ", blank past the photo" if past else ""
         if not others:
             return crop, "none" + blank, up
         for p in (p for p in RETRY_PADS if p < pad):
-            smaller, sbox, _, sup = _crop_at(bgr, bbox, kps, out_size, p, max_upscale, fit)
+            smaller, sbox, _, sup, spast = _crop_at(bgr, bbox, kps, opts, p, fit)
             ok, rest = _one_face(det, smaller, sbox)
             if ok and not rest:
-                return smaller, f"padding {p}{blank}", sup
+                return smaller, f"padding {p}" + (", blank past the photo" if spast else ""), sup
         hidden = others
         for strength in (1.0, 1.5, 2.0):
             blurred = hide_faces(crop, hidden, strength)
@@ -4524,8 +4576,9 @@ def write_reactor_model(path, cache, faces):
 
 
 def near_duplicate_files(cache):
-    """file index -> near-duplicate group id (from `find_duplicates`)."""
-    _, near = find_duplicates(cache)
+    """file index -> near-duplicate group id (from `find_duplicates`; copies of one face
+    in other photos are export's own per-face collapse)."""
+    _, near = find_duplicates(cache, face_links=False)
     row = {p: i for i, p in enumerate(cache.file_path.tolist())}
     return {row[f["path"]]: g for g, grp in enumerate(near) for f in grp["files"]}
 
@@ -4591,16 +4644,16 @@ def _crop_for(cache, i, aliases, det, opts):
     """(single-face crop of cache face i, what was done, upscale) or (None, why not, None)."""
     f = int(cache.face_file[i])
     x1, y1, x2, y2 = cache.face_bbox[i]
-    side = max(x2 - x1, y2 - y1) * (1 + 2 * opts.pad_ratio)
+    # decoded no smaller than the tightest crop may need (crop_frame shrinks to fit)
+    side = max(x2 - x1, y2 - y1) * (1 + 2 * min(RETRY_PADS[-1], opts.pad_ratio))
     need = int(max(cache.file_width[f], cache.file_height[f])
                * min(1.0, opts.out_size / max(side, 1.0))) + 1
-    try:        # decoded no smaller than the crop needs
+    try:
         _, dec = read_source(cache, f, aliases, min_side=need)
     except BadFile as exc:
         return None, str(exc), None
     return single_face_crop(det, dec.bgr, cache.face_bbox[i] / dec.scale,
-                            cache.face_kps[i] / dec.scale, opts.out_size, opts.pad_ratio,
-                            opts.max_upscale)
+                            cache.face_kps[i] / dec.scale, opts)
 
 
 def export_faceset(cache, name, members, folder, *, det, opts, dup_group, aliases):
@@ -4764,11 +4817,14 @@ class SwapOut:
                 except (OSError, ValueError) as exc:
                     raise SortFacesError(f"{path}: unreadable faceset embedding "
                                          f"({_errno_text(exc)})")
-                if cent.shape != (EMBEDDING_DIM,) or cent.dtype.kind != "f" or \
+                if not isinstance(cent, np.ndarray) or cent.shape != (EMBEDDING_DIM,) or \
+                        cent.dtype.kind != "f" or \
                         not np.isfinite(cent).all() or abs(np.linalg.norm(cent) - 1) > 1e-3:
-                    raise SortFacesError(f"{path}: not a faceset embedding ({cent.dtype} "
-                                         f"{cent.shape}, want {EMBEDDING_DIM} numbers of unit "
-                                         f"length); export the faceset again")
+                    what = f"{cent.dtype} {cent.shape}" if isinstance(cent, np.ndarray) \
+                        else "an archive"
+                    raise SortFacesError(f"{path}: not a faceset embedding ({what}, want "
+                                         f"{EMBEDDING_DIM} numbers of unit length); export "
+                                         f"the faceset again")
                 cents.append(cent)
         return np.stack(cents).astype(np.float32) if cents else np.zeros((0, EMBEDDING_DIM), np.float32)
 
@@ -4941,15 +4997,20 @@ def cmd_reject(args):
         if os.path.isdir(path):
             _, m, group = folder_faces(path)
             faces = group.get("faces", [])
-        else:
-            if not os.path.lexists(path):
-                raise SortFacesError(f"{path}: no such file")
-            _, m, group = folder_faces(os.path.dirname(path))
+        else:           # a photo or PNG of an output folder, by name (swap PNGs live in
+            try:        # the bundle unless --loose-pngs wrote them out too)
+                _, m, group = folder_faces(os.path.dirname(path))
+            except SortFacesError:
+                if not os.path.lexists(path):
+                    raise SortFacesError(f"{path}: no such file") from None
+                raise
             base = os.path.basename(path)
             faces = [f for f in group.get("faces", [])
                      if base in (f.get("file"), os.path.basename(f.get("png") or ""))]
             if not faces:
-                raise SortFacesError(f"{path}: not a face of {group['name']} in its manifest")
+                raise SortFacesError(f"{path}: " + ("no such file" if not os.path.lexists(path)
+                                                    else f"not a face of {group['name']} in "
+                                                         f"its manifest"))
         ids += _manifest_face_ids(cache, m, faces)
     with change_people(cache.path, "reject", f"rejected {len(ids)} faces") as data:
         people_reject(data, ids)
@@ -5589,6 +5650,19 @@ def add_model_dir_arg(p):
                         "(default pack) or ~/.insightface/models/buffalo_l")
 
 
+def number_at_least(kind, low, strict=False):
+    """An argparse type: a kind (int or float) >= low (> low with strict)."""
+    def parse(text):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not math.isfinite(v) or v < low or (strict and v == low):
+            raise argparse.ArgumentTypeError(f"{text} must be {'>' if strict else '>='} {low}")
+        return v
+    return parse
+
+
 def add_swap_args(p):
     """Export knobs shared by export-swap and the work/ workflows."""
     g = p.add_argument_group("export")
@@ -5597,14 +5671,16 @@ def add_swap_args(p):
                         "unset: " + pack_defaults_help("export_outlier"))
     if "--min-face-short" not in p._option_string_actions:
         add_face_size_arg(g)
-    g.add_argument("--out-size", type=int, default=OUT_SIZE, metavar="PX",
+    g.add_argument("--out-size", type=number_at_least(int, 64), default=OUT_SIZE, metavar="PX",
                    help="side of the square PNG crops")
-    g.add_argument("--pad-ratio", type=float, default=PAD_RATIO, metavar="R",
+    g.add_argument("--pad-ratio", type=number_at_least(float, 0.0), default=PAD_RATIO,
+                   metavar="R",
                    help="padding around the face on each side, as a fraction of its size")
-    g.add_argument("--max-upscale", type=float, default=MAX_UPSCALE, metavar="X",
+    g.add_argument("--max-upscale", type=number_at_least(float, 0.0, strict=True),
+                   default=MAX_UPSCALE, metavar="X",
                    help="enlarge a face at most this much: a photo with fewer pixels around "
                         "the face than --out-size / X gives a smaller PNG")
-    g.add_argument("--top-n", type=int, default=TOP_N, metavar="N",
+    g.add_argument("--top-n", type=number_at_least(int, 1), default=TOP_N, metavar="N",
                    help="PNGs in the <name>_top<N>.fsz bundle")
     g.add_argument("--loose-pngs", action="store_true",
                    help="also write each PNG beside the bundles (they are always inside "

@@ -4,8 +4,8 @@
 copy a library holds (turned 90 degrees either way or 180 by its pixels, mirrored, re-saved
 at JPEG q55, half size, a 10 % crop) is embedded the way `embed` does (sideways faces
 detected again upright), and each copy is compared with its original by the rule
-near_duplicate_faces uses (aligned-face hash bits / --hamming + embedding distance /
---face-distance <= 1). Different photos of one person are the pairs that must stay apart.
+near_duplicate_faces uses (sort_faces.is_copy: aligned-face hash bits / --hamming +
+embedding distance / --face-distance <= 1). Different photos of one person are the pairs that must stay apart.
 Prints per kind: copies detected, joined by the rule, distance and bit percentiles; the last
 line is one JSON object with every figure.
 """
@@ -40,14 +40,10 @@ def faces_of(models, bgr):
     return sf.embed_faces(models, sf.Decoded(bgr, bgr.shape[1], bgr.shape[0]))
 
 
-def bits(a, b):
-    return bin((int(a) ^ int(b)) & (2 ** 64 - 1)).count("1")
-
-
 def compare(f, k, g, j):
     """(embedding distance, hash bits either way round) of face k of f and j of g."""
     d = 1.0 - float(f.emb[k] @ g.emb[j])
-    return d, min(bits(f.phash[k], g.phash[j]), bits(f.phash[k], g.phash_flip[j]))
+    return d, min(sf.hash_bits(f.phash[k], g.phash[j]), sf.hash_bits(f.phash[k], g.phash_flip[j]))
 
 
 def main(argv=None):
@@ -68,7 +64,7 @@ def main(argv=None):
     people = sorted(d for d in os.listdir(args.data)
                     if os.path.isdir(os.path.join(args.data, d)) and not d.startswith("_"))
     random.seed(0)
-    joined = lambda d, b: b / args.hamming + d / args.face_distance <= 1.0
+    joined = lambda d, b: sf.is_copy(b, d, args.hamming, args.face_distance)
     kinds, apart = {}, []
     for person in random.sample(people, min(args.people, len(people))):
         folder = os.path.join(args.data, person)

@@ -65,7 +65,7 @@ def copies(tmp_path_factory):
         faces = np.flatnonzero(c.face_file == f)
         if len(faces) == 1:
             face_of[path.rsplit("/", 1)[1]] = int(faces[0])
-    return SimpleNamespace(tmp=tmp, cache=c, groups=groups, face_of=face_of,
+    return SimpleNamespace(tmp=tmp, src=src / PERSON, cache=c, groups=groups, face_of=face_of,
                            swap=json.loads((tmp / "swap" / "manifest.json").read_text()),
                            dups=json.loads((tmp / "dups.json").read_text()))
 
@@ -123,5 +123,12 @@ def test_dedup_groups_every_copy_with_its_original(copies):
     turned = [link for g in copies.dups["near"] for link in g["links"]
               if link["match"] == "faces"]
     assert turned and all(link["face_distance"] <= sort_faces.DUP_FACE_DISTANCE
-                          for link in turned)
+                          and link["turned"] in (90, 180, 270) for link in turned)
+    # every turned copy the detector found is linked to its original by its faces
+    # (turned: counter-clockwise degrees that take photo a to photo b)
+    for o, n in found_copies(copies, ("cw", "ccw")):
+        ccw = 90 if n.endswith("_ccw.jpg") else 270
+        want = {(str(copies.src / o), str(copies.src / n)): ccw,
+                (str(copies.src / n), str(copies.src / o)): 360 - ccw}
+        assert any(want.get((link["a"], link["b"])) == link["turned"] for link in turned), (o, n)
 

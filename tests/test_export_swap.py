@@ -379,3 +379,34 @@ def test_refine_manifest_of_another_cache_is_refused(swap, capsys):
     assert len(err) == 1 and err[0].startswith("error:"), err
     assert str(swap.cache_path) in err[0] and "made from cache" in err[0]
     assert not out.exists()
+
+
+def test_a_png_in_the_bundle_can_be_rejected_by_name(swap, capsys):
+    """PNGs live in the bundle only: `reject OUT/faceset_NNN/faceset_NNN_0002.png` still
+    names that face (and undo takes it back); a name the faceset has not is refused."""
+    e = swap.manifest["facesets"][0]
+    png_path = swap.out / e["path"] / f"{e['name']}_0002.png"
+    assert not png_path.exists()
+    people = swap.tmp / "mixed.npz.people.json"
+    try:
+        run(swap.tmp, "reject", swap.cache_path, png_path)
+        data = json.loads(people.read_text())
+        r = next(f for f in e["faces"] if f["png"] == png_path.name)
+        assert data["rejected"] == [sort_faces.face_id(r["sha256"], r["bbox"])]
+        rc, err = run_err(swap.tmp, capsys, "reject", swap.cache_path,
+                          swap.out / e["path"] / "nothing_here.png")
+        assert rc == 1 and len(err) == 1 and "no such file" in err[0], err
+    finally:
+        if people.exists():
+            run(swap.tmp, "undo", swap.cache_path)
+            assert json.loads(people.read_text())["rejected"] == []
+
+
+@pytest.mark.parametrize("flag", [["--max-upscale", "0"], ["--out-size", "-5"],
+                                  ["--pad-ratio", "x"], ["--top-n", "0"]])
+def test_export_flags_out_of_range_are_refused(swap, flag, capsys):
+    out = swap.tmp / "flags"
+    with pytest.raises(SystemExit) as stop:
+        main(swap.tmp, "export-swap", *swap.args[:2], out, *flag)
+    assert stop.value.code == 2 and flag[0] in capsys.readouterr().err
+    assert not out.exists()

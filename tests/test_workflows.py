@@ -561,10 +561,15 @@ def test_build_folders_names_like_name_and_says_where_faces_went(tree, tmp_path)
     stayed with the faceset that has them."""
     folder = tmp_path / "Ostern 2020"
     shutil.copytree(tree["src"] / "people" / "Madonna", folder)
-    assert sf.main(["embed", str(folder), str(tree["cache"]), "-q",
-                    "--log-dir", str(tree["logs"])]) == 0
-    out = copy_out(tree, tmp_path / "out")
-    rc, so, err = captured(build_folders, "--cache", tree["cache"], "--out", out, "--trusted",
+    cache = tmp_path / "photos.npz"                 # the shared cache stays as it is
+    shutil.copy2(tree["cache"], cache)
+    shutil.copytree(str(tree["cache"]) + ".thumbs", str(cache) + ".thumbs")
+    assert sf.main(["embed", str(folder), str(cache), "-q", "--log-dir", str(tree["logs"])]) == 0
+    out = tmp_path / "out"
+    assert call(build_folders, "--cache", cache, "--out", out, "--trusted",
+                *[tree["src"] / "people" / p for p in THREE], "--mixed", tree["src"] / "mixed",
+                *SMALL, logs=tree["logs"]) == 0
+    rc, so, err = captured(build_folders, "--cache", cache, "--out", out, "--trusted",
                            folder, "--mixed", tree["src"] / "mixed", *SMALL, "--dry-run",
                            logs=tree["logs"])
     assert rc == 0, err
@@ -572,7 +577,7 @@ def test_build_folders_names_like_name_and_says_where_faces_went(tree, tmp_path)
     assert re.search(r"Ostern 2020: \d+ faces from its folder, 0 routed from mixed folders "
                      r"\(\d+ of its faces there stayed with Madonna, already in OUT\)", said), said
     assert "looks like Madonna" in said
-    assert call(build_folders, "--cache", tree["cache"], "--out", out, "--trusted", folder,
+    assert call(build_folders, "--cache", cache, "--out", out, "--trusted", folder,
                 *SMALL, logs=tree["logs"]) == 0
     assert "Ostern 2020" in {e["name"] for e in manifest(out)["facesets"]}
     assert (out / "Ostern 2020" / "Ostern 2020_all.fsz").is_file()

@@ -86,10 +86,13 @@ def build(cache, swap, args):
     for folder in args.trusted:
         if not os.path.isdir(folder):
             raise sf.SortFacesError(f"--trusted folder not found: {folder}")
-        label = label_of(folder)
-        if os.path.abspath(folder) in done:
+        if os.path.abspath(folder) in done:       # named when it was first built
             skipped.append(done[os.path.abspath(folder)])
             continue
+        label = label_of(folder)
+        if label.casefold() in {p.casefold() for p in people}:
+            raise sf.SortFacesError(f"--trusted folders {folders[label]} and {folder} would "
+                                    f"both be {label!r}: one folder per person")
         faces = identity(cache, sf.faces_under(cache, [folder]))
         if not faces:
             sf.CONSOLE.warn(folder, "no faces of this folder's person in the cache "
