@@ -1690,24 +1690,50 @@ def read_source(cache, f, aliases=None, min_side=None):
     raise BadFile(reason)
 
 
-def face_content_keys(shas, bboxes):
-    """A face's identity across re-embeds, merges and caches: its photo's sha256 + box."""
-    b = np.ascontiguousarray(bboxes, np.float32).reshape(-1, 4)
-    return [(sha if isinstance(sha, bytes) else sha.encode()) + b[i].tobytes()
-            for i, sha in enumerate(shas)]
+def face_keys(shas, bboxes):
+    """The one key of a face, across re-embeds, merges, caches and every file the tool
+    writes: its photo's sha256 and its box at 0.1 px (as manifests round it), as
+    fixed-width bytes numpy sorts and searches."""
+    box = np.ascontiguousarray(np.round(np.asarray(bboxes, np.float64).reshape(-1, 4) * 10),
+                               dtype="<i8")
+    return np.char.add(np.asarray(shas, "S64"), box.view("S32").ravel())
+
+
+def cache_keys(cache, faces):
+    """face_keys of cache faces."""
+    faces = np.asarray(faces, np.int64)
+    return face_keys(cache.file_sha256[cache.face_file[faces]], cache.face_bbox[faces])
+
+
+def face_index(cache):
+    """The FaceIndex of every face of a loaded cache, made once."""
+    return cache.memo("face_index", lambda: FaceIndex(cache_keys(cache, np.arange(cache.n_faces))))
+
+
+class FaceIndex:
+    """Rows of faces by key (face_keys): one sort, then a binary search per lookup."""
+
+    def __init__(self, keys):
+        self.order = np.argsort(keys, kind="stable")
+        self.sorted = keys[self.order]
+
+    def find(self, keys):
+        """The row of each key, -1 where none has it."""
+        keys = np.asarray(keys, self.sorted.dtype if len(self.sorted) else "S96")
+        if not len(self.sorted) or not len(keys):
+            return np.full(len(keys), -1, np.int64)
+        pos = np.minimum(np.searchsorted(self.sorted, keys), len(self.sorted) - 1)
+        return np.where(self.sorted[pos] == keys, self.order[pos], -1).astype(np.int64)
 
 
 def apply_enrichment(cols, e):
     """Write landmarks/pose of an enrich part onto the faces it names (content + box)."""
     if len(e["key_sha256"]):
-        keys = face_content_keys(cols["file_sha256"][cols["face_file"]].tolist(),
-                                 cols["face_bbox"])
-        index = {key: i for i, key in enumerate(keys)}
-        for j, key in enumerate(face_content_keys(e["key_sha256"].tolist(), e["key_bbox"])):
-            i = index.get(key)
-            if i is not None:
-                for k in ENRICH_COLS:
-                    cols[f"face_{k}"][i] = e[k][j]
+        rows = FaceIndex(face_keys(cols["file_sha256"][cols["face_file"]], cols["face_bbox"])
+                         ).find(face_keys(e["key_sha256"], e["key_bbox"]))
+        hit = rows >= 0
+        for k in ENRICH_COLS:
+            cols[f"face_{k}"][rows[hit]] = e[k][hit]
     if len(e["error_path"]):
         row = {p: i for i, p in enumerate(cols["file_path"].tolist())}
         err = cols["file_enrich_error"].astype(object)
@@ -1902,7 +1928,7 @@ def _numbered_files(folder):
 
 class ThumbStore:
     """CACHE.thumbs/NNNNNNNN.npz: batches of face thumbnails (JPEG bytes end to end, keyed
-    by face_content_keys) written by embed beside each cache part. Batches are never
+    by face_keys) written by embed beside each cache part. Batches are never
     rewritten, so a flush costs only what is new and a killed run loses nothing flushed;
     a page reads only the batches holding faces it shows. An empty entry: the photo could
     not be read when the thumbnail was due (the page shows a grey tile)."""
@@ -1914,7 +1940,7 @@ class ThumbStore:
         for path in _numbered_files(self.dir):
             try:
                 with open_regular(path) as f, np.load(f, allow_pickle=False) as z:
-                    keys = face_content_keys(z["sha256"].tolist(), z["bbox"])
+                    keys = face_keys(z["sha256"], z["bbox"]).tolist()
                     ends = z["end"].tolist()
             except Exception as exc:
                 CONSOLE.warn(path, f"thumbnail batch skipped and kept ({_errno_text(exc)})")
@@ -1925,14 +1951,13 @@ class ThumbStore:
 
     def missing(self, cache):
         """Face indices of cache that have no stored thumbnail."""
-        keys = face_content_keys(cache.file_sha256[cache.face_file].tolist(), cache.face_bbox)
+        keys = cache_keys(cache, np.arange(cache.n_faces)).tolist()
         return [i for i, key in enumerate(keys) if key not in self.where]
 
     def get(self, cache, faces):
         """{face index: JPEG bytes, b"" when there is none}, one read per batch."""
         faces = list(faces)
-        keys = face_content_keys(cache.file_sha256[cache.face_file[faces]].tolist(),
-                                 cache.face_bbox[faces])
+        keys = cache_keys(cache, faces).tolist()
         out, by_file = {}, {}
         for i, key in zip(faces, keys):
             at = self.where.get(key)
@@ -1978,7 +2003,7 @@ class ThumbStore:
         k = len(self.files)
         self.files.append(path)
         ends = arrays["end"].tolist()
-        self.where.update(zip(face_content_keys(arrays["sha256"].tolist(), arrays["bbox"]),
+        self.where.update(zip(face_keys(arrays["sha256"], arrays["bbox"]).tolist(),
                               zip([k] * len(ends), [0] + ends[:-1], ends)))
         self._new = ([], [], [])
 
@@ -2859,7 +2884,7 @@ def by_centrality(emb_all, faces):
 # Manifests
 # ============================================================================
 # Every manifest is made by new_manifest() and read by read_manifest(); faces in them are
-# face_record()s, identified by face_key() (content + box), never by cache row.
+# face_record()s, identified by face_keys() (content + box), never by cache row.
 #: bytes export-swap may append to a faceset name ("_candidate_0001.png", "_top30.fsz", …)
 SWAP_SUFFIX_BYTES = 24
 #: the list of named groups in each step's manifest
@@ -2870,11 +2895,6 @@ def new_manifest(step, cache, params, **fields):
     """A manifest of `step` made from cache: schema, tool version, cache, pack, params."""
     return {"schema": MANIFEST_SCHEMA, "tool_version": __version__, "step": step,
             "cache": cache.path, "pack": cache.meta["pack"], "params": params, **fields}
-
-
-def face_key(sha256, bbox):
-    """How manifests name a face: its content hash and its box rounded as written."""
-    return (str(sha256), tuple(round(float(v), 1) for v in bbox))
 
 
 def face_record(cache, i, aliases, file_name=None):
@@ -2892,15 +2912,14 @@ def face_record(cache, i, aliases, file_name=None):
     return rec
 
 
-def cache_face_keys(cache):
-    shas = cache.file_sha256[cache.face_file] if cache.n_faces else []
-    return {face_key(s, b): i for i, (s, b) in enumerate(zip(shas, cache.face_bbox))}
-
-
-def manifest_members(keys, faces):
-    """Cache indices of manifest face entries (entries no longer in the cache are skipped)."""
-    found = (keys.get(face_key(f["sha256"], f["bbox"])) for f in faces)
-    return [i for i in found if i is not None]
+def manifest_members(index, faces):
+    """Cache rows (FaceIndex index) of manifest face records; records no longer in the
+    cache, or whose key cannot be read, are skipped."""
+    faces = [f for f in faces if _is_face_record(f)]
+    if not faces:
+        return []
+    rows = index.find(face_keys([f["sha256"] for f in faces], [f["bbox"] for f in faces]))
+    return rows[rows >= 0].tolist()
 
 
 def _is_face_record(f):
@@ -3020,9 +3039,27 @@ def people_path(cache_path):
 
 
 def face_id(sha256, bbox):
-    """A face as the people file names it."""
-    sha, box = face_key(sha256, bbox)
-    return f"{sha}:{','.join(f'{v:.1f}' for v in box)}"
+    """A face's key (face_keys) as the people file writes it: <sha256>:<x1>,<y1>,<x2>,<y2>
+    at 0.1 px."""
+    box = np.round(np.asarray(bbox, np.float64).reshape(4) * 10).astype(np.int64)
+    return f"{sha256}:{','.join(f'{v / 10:.1f}' for v in box.tolist())}"
+
+
+def face_id_rows(cache, ids):
+    """Cache rows of people-file face ids, -1 for one not in this cache (or unreadable)."""
+    shas, boxes = [], []
+    for f in ids:
+        sha, _, box = f.partition(":")
+        try:
+            b = [float(v) for v in box.split(",")]
+        except ValueError:
+            b = []
+        ok = len(b) == 4 and re.fullmatch(r"[0-9a-f]{64}", sha) and all(
+            math.isfinite(v) and abs(v) <= 1e6 for v in b)
+        shas.append(sha if ok else "")
+        boxes.append(b if ok else [0.0] * 4)
+    rows = face_index(cache).find(face_keys(shas, boxes)) if ids else np.zeros(0, np.int64)
+    return np.where([bool(x) for x in shas], rows, -1)
 
 
 def read_people(cache_path):
@@ -3359,9 +3396,9 @@ def load_corrections(cache):
     seeds, rejected = np.full(n, -1, np.int64), np.zeros(n, bool)
     person, names, cannot = [], [], []
     if data["people"] or data["not"] or data["rejected"]:
-        shas = cache.file_sha256[cache.face_file].tolist() if n else []
-        index = {face_id(s, b): i for i, (s, b) in enumerate(zip(shas, cache.face_bbox))}
-        at = lambda faces: [index[f] for f in faces if f in index]
+        def at(faces):
+            rows = face_id_rows(cache, faces)
+            return rows[rows >= 0].tolist()
         for r, rec in enumerate(data["people"]):
             names.append(rec.get("name"))
             for g in rec["groups"]:
@@ -3419,14 +3456,6 @@ def identities_path(cache_path):
     return os.fspath(cache_path) + ".identities.npz"
 
 
-def face_key_array(shas, bboxes):
-    """Fixed-width byte keys of faces (sha256 hex + the box at 0.1 px), sortable by numpy:
-    the one key of face_key() for whole columns at once."""
-    box = np.ascontiguousarray(np.round(np.asarray(bboxes, np.float64).reshape(-1, 4) * 10),
-                               dtype="<i8")
-    return np.char.add(np.asarray(shas, "S64"), box.view("S32").ravel())
-
-
 @dataclass
 class Identities:
     """Face key -> person number, and the next number never given."""
@@ -3479,7 +3508,7 @@ class Identities:
                 faces = [f for f in (e["faces"] if isinstance(e.get("faces"), list) else [])
                          if _is_face_record(f)]
                 nums.append(num)
-                keys.append(face_key_array([f["sha256"] for f in faces],
+                keys.append(face_keys([f["sha256"] for f in faces],
                                            [f["bbox"] for f in faces]))
         if not nums:
             return self
@@ -3546,12 +3575,6 @@ def write_identities(cache_path, ids):
     _write_npz(identities_path(cache_path),
                {"schema": IDENTITIES_SCHEMA, "next": ids.next, "tool_version": __version__},
                {"keys": ids.keys, "numbers": ids.numbers})
-
-
-def cache_keys(cache, faces):
-    """face_key_array of cache faces."""
-    faces = np.asarray(faces, np.int64)
-    return face_key_array(cache.file_sha256[cache.face_file[faces]], cache.face_bbox[faces])
 
 
 def earlier_groups(out, step, cache):
@@ -3707,18 +3730,29 @@ def write_contact_sheets(root, sheets, atomic=False):
         write_file(os.path.join(root, name, "_contact.jpg"), encode_image(sheet), atomic)
 
 
+def group_entries(cache, groups, names, numbers, prefix, aliases, root, images=False):
+    """The manifest entries of people (cluster) or facesets (refine): the person's name or
+    prefixNNN, centroid stats, [photo count,] face records; and the (record, destination
+    under root) jobs that place their photos."""
+    entries, jobs = [], []
+    for members, person, number in zip(groups, names, numbers):
+        name = person or f"{prefix}{number:03d}"
+        faces = [face_record(cache, i, aliases) for i in members]
+        entries.append({"name": name, **({"person": person} if person else {}),
+                        **cluster_stats(cache.face_emb[members]),
+                        **({"images": len({r["sha256"] for r in faces})} if images else {}),
+                        "faces": faces})
+        jobs += [(r, os.path.join(root, name, r["file"])) for r in faces]
+    return entries, jobs
+
+
 def write_cluster_output(cache, plan, root, link, params):
     """person_NNN/, _singletons/, _noface/, the review and manifest.json under root."""
     aliases = cache.aliases()
-    manifest = new_manifest("cluster", cache, params, clusters=[], singletons=[], noface=[])
-    jobs = []
-    for members, person, number in zip(plan.clusters, plan.names, plan.numbers):
-        name = person or f"person_{number:03d}"
-        faces = [face_record(cache, i, aliases) for i in members]
-        manifest["clusters"].append({"name": name, **({"person": person} if person else {}),
-                                     **cluster_stats(cache.face_emb[members]),
-                                     "faces": faces})
-        jobs += [(r, os.path.join(root, name, r["file"])) for r in faces]
+    clusters, jobs = group_entries(cache, plan.clusters, plan.names, plan.numbers, "person_",
+                                   aliases, root)
+    manifest = new_manifest("cluster", cache, params, clusters=clusters, singletons=[],
+                            noface=[])
     for i in plan.singletons:
         r = face_record(cache, i, aliases)
         manifest["singletons"].append(r)
@@ -3753,7 +3787,66 @@ class Gates:
 
     @classmethod
     def from_args(cls, args):
-        return cls(args.min_face_short, args.min_blur, args.min_det_score)
+        return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+
+
+class StepParams:
+    """What an output was made with, as its manifest's flat `params` record: to_json() is
+    the one writer and from_json() the one reader (values an older manifest lacks take
+    their defaults, the rule's the pack's), so a step extending an output applies exactly
+    what made it. The rule's stage-1 threshold is recorded under PAIR_KEY, Gates' fields
+    flat."""
+    PAIR_KEY = "threshold"
+
+    def to_json(self):
+        out = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, IdentityRule):
+                out.update(rule_params(v, self.PAIR_KEY))
+            elif isinstance(v, Gates):
+                out.update(dataclasses.asdict(v))
+            else:
+                out[f.name] = v
+        return out
+
+    @classmethod
+    def from_json(cls, cache, p, join=None, margin=None):
+        """The params of a manifest record p (checked by read_manifest); join and margin,
+        when given, replace the rule's."""
+        values = {}
+        for f in dataclasses.fields(cls):
+            if f.type is IdentityRule:
+                values[f.name] = rule_from_params(cache, p, cls.PAIR_KEY, join, margin)
+            elif f.type is Gates:       # min_short: min_face_short before sort_faces 0.2
+                p = {"min_face_short": p["min_short"], **p} if "min_short" in p else p
+                values[f.name] = Gates(**{g.name: p[g.name] for g in dataclasses.fields(Gates)
+                                          if g.name in p})
+            elif f.name in p:
+                values[f.name] = p[f.name]
+        return cls(**values)
+
+
+@dataclass
+class ClusterParams(StepParams):
+    rule: IdentityRule
+    min_cluster_size: int = MIN_CLUSTER_SIZE
+    top: int = 0
+    max_faces_per_image: int = 0
+    skip_partial: bool = False
+    link: str = "copy"
+
+
+@dataclass
+class RefineParams(StepParams):
+    PAIR_KEY = "initial_threshold"
+    rule: IdentityRule
+    outlier_threshold: float
+    gates: Gates = field(default_factory=Gates)
+    min_faces: int = MIN_FACES
+    max_faces_per_image: int = 0
+    skip_partial: bool = False
+    link: str = "copy"
 
 
 #: gate -> (the flag that sets it, unit, whether the kept side is above it)
@@ -3894,17 +3987,12 @@ def report_small_sets(plan, limits, min_faces):
 def write_refine_output(cache, plan, root, link, params):
     """faceset_NNN/, the review and refine_manifest.json (with what each gate dropped)."""
     aliases = cache.aliases()
-    manifest = new_manifest("refine", cache, params, facesets=[], dropped=[], gate_counts={})
-    jobs, sections = [], []
-    for members, person, number in zip(plan.facesets, plan.names, plan.numbers):
-        name = person or f"faceset_{number:03d}"
-        faces = [face_record(cache, i, aliases) for i in members]
-        manifest["facesets"].append({"name": name, **({"person": person} if person else {}),
-                                     **cluster_stats(cache.face_emb[members]),
-                                     "images": len({r["sha256"] for r in faces}),
-                                     "faces": faces})
-        jobs += [(r, os.path.join(root, name, r["file"])) for r in faces]
-        sections.append((name, name, by_centrality(cache.face_emb, members)))
+    facesets, jobs = group_entries(cache, plan.facesets, plan.names, plan.numbers, "faceset_",
+                                   aliases, root, images=True)
+    manifest = new_manifest("refine", cache, params, facesets=facesets, dropped=[],
+                            gate_counts={})
+    sections = [(e["name"], e["name"], by_centrality(cache.face_emb, members))
+                for e, members in zip(facesets, plan.facesets)]
     manifest["dropped"] = [{**face_record(cache, i, aliases), "gate": gate,
                             "value": round(value, 4)} for i, gate, value in plan.dropped]
     manifest["gate_counts"] = count_gates(plan.dropped)
@@ -4203,12 +4291,11 @@ def _next_names(prefix, existing, count):
 
 
 def _unplaced(cache, keys, params, placed, corr):
-    """Faces an output's filters select that none of its manifest entries `placed` holds
-    (nor the people file rejects)."""
+    """Faces an output's filters (its StepParams) select that none of its manifest entries
+    `placed` holds (nor the people file rejects)."""
     done = set(manifest_members(keys, placed))
     done |= set(np.flatnonzero(corr.rejected).tolist())
-    idx = select_faces(cache, params.get("max_faces_per_image", 0),
-                       params.get("skip_partial", False))
+    idx = select_faces(cache, params.max_faces_per_image, params.skip_partial)
     return [int(i) for i in idx if int(i) not in done]
 
 
@@ -4272,9 +4359,9 @@ def extend_raw(cache, out, link=None, join=None, margin=None):
     and margin may be given); returns a summary dict or None."""
     out = OutDir(out, "cluster", cache.meta.get("roots", [])).check(needs="cluster")
     m = read_manifest(os.path.join(out.path, "manifest.json"), "cluster", cache)
-    keys = cache_face_keys(cache)
+    keys = face_index(cache)
     members = [manifest_members(keys, c["faces"]) for c in m["clusters"]]
-    p = m["params"]
+    p = ClusterParams.from_json(cache, m["params"], join, margin)
     corr = load_corrections(cache)
     new = _unplaced(cache, keys, p, [f for c in m["clusters"] for f in c["faces"]]
                     + m["singletons"], corr)
@@ -4284,12 +4371,10 @@ def extend_raw(cache, out, link=None, join=None, margin=None):
               and cache.file_n_faces[f] == 0 and str(cache.file_path[f]) not in known_noface]
     if not new and not noface:
         return None
-    rule = rule_from_params(cache, p, "threshold", join, margin)
-    joined, clusters = fold_in(cache, members, new, rule, corr=corr)
-    link = link or p.get("link", "copy")
-    min_size = p.get("min_cluster_size", MIN_CLUSTER_SIZE)
-    fresh = [c for c in clusters if len(c) >= min_size]
-    singles = [i for c in clusters if len(c) < min_size for i in c]
+    joined, clusters = fold_in(cache, members, new, p.rule, corr=corr)
+    link = link or p.link
+    fresh = [c for c in clusters if len(c) >= p.min_cluster_size]
+    singles = [i for c in clusters if len(c) < p.min_cluster_size for i in c]
     run = len(m.get("extends", [])) + 1
     record = lambda i: {**face_record(cache, i, aliases), "added_by_extend": run}
     names, jobs = _grow_groups(cache, m["clusters"], members, joined, fresh, "person_",
@@ -4302,7 +4387,7 @@ def extend_raw(cache, out, link=None, join=None, margin=None):
         m["noface"] += paths
         jobs.append((paths[0], "_noface"))
     summary = {"run": run, "at": datetime.datetime.now().isoformat(timespec="seconds"),
-               "join_threshold": rule.join, "join_margin": rule.margin, "faces": len(new),
+               "join_threshold": p.rule.join, "join_margin": p.rule.margin, "faces": len(new),
                "joined": {m["clusters"][g]["name"]: len(v) for g, v in joined.items()},
                "new_people": names, "singletons": len(singles), "noface": len(noface)}
     m.setdefault("extends", []).append(summary)
@@ -4331,8 +4416,8 @@ def extend_refined(cache, out, raw_out, link=None):
     m = read_manifest(os.path.join(out.path, "refine_manifest.json"), "refine", cache)
     raw = read_manifest(os.path.join(os.path.abspath(raw_out), "manifest.json"), "cluster",
                         cache)
-    p = m["params"]
-    keys = cache_face_keys(cache)
+    p = RefineParams.from_json(cache, m["params"])
+    keys = face_index(cache)
     members = [manifest_members(keys, fs["faces"]) for fs in m["facesets"]]
     corr = load_corrections(cache)
     new = _unplaced(cache, keys, p, [f for fs in m["facesets"] for f in fs["faces"]]
@@ -4343,9 +4428,7 @@ def extend_refined(cache, out, raw_out, link=None):
                  for i in manifest_members(keys, c["faces"])}
     faceset_of = {_person_key(fs, "faceset_"): g for g, fs in enumerate(m["facesets"])}
     dropped, joined, apart = [], {}, {}
-    gates = Gates(p.get("min_face_short", p.get("min_short", MIN_FACE_SHORT)),
-                  p["min_blur"], p["min_det_score"])
-    for i in quality_gate(cache, new, gates, dropped):
+    for i in quality_gate(cache, new, p.gates, dropped):
         who = person_of.get(i)
         if who is None:                         # a singleton of the cluster output
             dropped.append((i, "min_faces", 1.0))
@@ -4357,15 +4440,15 @@ def extend_refined(cache, out, raw_out, link=None):
         if m["facesets"][g].get("person"):
             continue                            # the user vouched for this person
         d = 1.0 - cache.face_emb[faces] @ centroid(cache.face_emb[members[g] + faces])
-        far = d > p["outlier_threshold"]
+        far = d > p.outlier_threshold
         dropped += [(i, "outlier", float(x)) for i, x, f in zip(faces, d, far) if f]
         joined[g] = [i for i, f in zip(faces, far) if not f]
         if not joined[g]:
             del joined[g]
-    fresh = [f for f in (finish_faceset(cache, c, p["outlier_threshold"], p["min_faces"],
-                                        dropped) for c in apart.values()) if f]
+    fresh = [f for f in (finish_faceset(cache, c, p.outlier_threshold, p.min_faces, dropped)
+                         for c in apart.values()) if f]
     fresh.sort(key=lambda c: (-len(c), c[0]))
-    link = link or p.get("link", "copy")
+    link = link or p.link
     aliases = cache.aliases()
     run = len(m.get("extends", [])) + 1
     record = lambda i: {**face_record(cache, i, aliases), "added_by_extend": run}
@@ -4708,7 +4791,7 @@ def export_candidates(cache, raw_manifest, facesets, root, *, det, opts, aliases
                       match, min_score):
     """Singletons of a raw cluster output close to a faceset, for a person to review,
     written to root/<faceset>/. facesets: (name, members)."""
-    keys = cache_face_keys(cache)
+    keys = face_index(cache)
     singles = manifest_members(keys, raw_manifest["singletons"])
     if not singles or not facesets:
         return {}
@@ -5393,9 +5476,8 @@ def cmd_cluster(args):
     if args.dry_run:
         log_result(summary + " [dry run: nothing written]")
         return 0
-    params = {**rule_params(rule), "min_cluster_size": args.min_cluster_size,
-              "top": args.top, "max_faces_per_image": args.max_faces_per_image,
-              "skip_partial": args.skip_partial, "link": args.link}
+    params = ClusterParams(rule, args.min_cluster_size, args.top, args.max_faces_per_image,
+                           args.skip_partial, args.link).to_json()
     plan.numbers = number_people(cache, plan.clusters, identity_step=True,
                                  earlier=earlier_groups(out, "cluster", cache))
     write_result(out, lambda root: write_cluster_output(cache, plan, root, args.link, params))
@@ -5426,10 +5508,8 @@ def cmd_refine(args):
     if args.dry_run:
         log_result(summary + " [dry run: nothing written]")
         return 0
-    params = {**rule_params(rule, "initial_threshold"), "outlier_threshold": outlier,
-              **dataclasses.asdict(gates),
-              "min_faces": args.min_faces, "max_faces_per_image": args.max_faces_per_image,
-              "skip_partial": args.skip_partial, "link": args.link}
+    params = RefineParams(rule, outlier, gates, args.min_faces, args.max_faces_per_image,
+                          args.skip_partial, args.link).to_json()
     plan.numbers = number_people(cache, plan.people, prefix="faceset_",
                                  earlier=earlier_groups(out, "refine", cache))
     write_result(out, lambda root: write_refine_output(cache, plan, root, args.link, params))
@@ -5499,7 +5579,7 @@ def cmd_export_swap(args):
     opts = ExportOptions.from_args(args)
     opts.outlier_threshold = pack_threshold(cache, "export_outlier", opts.outlier_threshold)
     match = pack_threshold(cache, "candidate", args.candidate_match_threshold)
-    keys = cache_face_keys(cache)
+    keys = face_index(cache)
     source = os.path.abspath(args.refine_manifest)
     facesets = [(fs["name"], manifest_members(keys, fs["faces"]), [source, fs["name"]])
                 for fs in refined["facesets"]]

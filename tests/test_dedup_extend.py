@@ -164,15 +164,16 @@ def test_extend_moves_nothing_and_places_new_faces(extended, which, key, name):
     # >= 95% of the new labeled faces land with their own person
     cache = sort_faces.load_cache(cache_path)
     ident = _identity_of(cache)
-    keys = sort_faces.cache_face_keys(cache)
+    index = sort_faces.face_index(cache)
+    row = lambda k: int(index.find(sort_faces.face_keys([k[0]], [k[1]]))[0])
     owner = {}
     for k, person in new.items():
-        i = keys.get(sort_faces.face_key(*k))
+        i = row(k)
         if i in ident:
             owner.setdefault(person, []).append(ident[i])
     majority = {p: Counter(v).most_common(1)[0][0] for p, v in owner.items()}
     added = [(k, p) for k, p in new.items() if k not in old]
-    scored = [(keys.get(sort_faces.face_key(*k)), p) for k, p in added]
+    scored = [(row(k), p) for k, p in added]
     scored = [(i, p) for i, p in scored if i in ident]
     assert len(scored) >= 60
     right = sum(ident[i] == majority[p] for i, p in scored)

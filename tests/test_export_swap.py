@@ -71,7 +71,7 @@ def swap(labeled_cache, tmp_path_factory):
     return SimpleNamespace(tmp=tmp, cache_path=cache, cache=c, raw=raw, ref=ref, out=out,
                            args=args, first=first, first_candidates=first_candidates,
                            manifest=json.loads((out / "manifest.json").read_text()),
-                           keys=sort_faces.cache_face_keys(c))
+                           index=sort_faces.face_index(c))
 
 
 def png(out, name, file):
@@ -251,7 +251,7 @@ def test_ranks_follow_the_documented_composite_quality(swap):
             assert abs(q["total"] - sum(w * q[k] for k, w in W.items())) <= 1e-3, (name, q)
             assert all(0 <= q[k] <= 1 for k in W)
             # each component as the README defines it, from the cached face
-            i = swap.keys[sort_faces.face_key(r["sha256"], r["bbox"])]
+            (i,) = sort_faces.manifest_members(swap.index, [r])
             pitch, yaw, _ = c.face_pose[i]
             want = {"frontality": 1 - min(1, np.hypot(yaw, pitch) / 60),
                     "det_score": np.clip((c.face_det_score[i] - 0.5) / 0.5, 0, 1),
@@ -270,7 +270,7 @@ def test_group_photo_crop_holds_only_the_intended_face(swap, looker):
     wanted = []                                   # (PNG path, cache face index)
     for name, fm in faceset_manifests(swap.out, swap.manifest).items():
         for r in fm["pngs"]:
-            i = swap.keys[sort_faces.face_key(r["sha256"], r["bbox"])]
+            (i,) = sort_faces.manifest_members(swap.index, [r])
             if "/groups/" in r["path"] and c.file_n_faces[c.face_file[i]] >= 2:
                 wanted.append((png(swap.out, name, r["file"]), i))
     aliases = c.aliases()
@@ -294,8 +294,7 @@ def test_group_photo_crop_holds_only_the_intended_face(swap, looker):
         assert len(fm["pngs"]) == 1, (fs["faces"][0], fm["dropped"])
         fixes.append(fm["pngs"][0]["crop_fix"])
         wanted.append((png(out, fs["name"], fm["pngs"][0]["file"]),
-                       swap.keys[sort_faces.face_key(fs["faces"][0]["sha256"],
-                                                     fs["faces"][0]["bbox"])]))
+                       sort_faces.manifest_members(swap.index, fs["faces"])[0]))
     assert len(wanted) >= 9
     # some crops had to be tightened or other faces blurred away
     assert any(fix.startswith(("padding", "blurred")) for fix in fixes), fixes

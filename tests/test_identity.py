@@ -150,7 +150,7 @@ def test_a_lost_identities_file_is_rebuilt_from_the_output_it_replaces(home, tmp
 # ---------------------------------------------------------------------------- the rule
 def keys(*names):
     """Face keys of made-up faces: one photo per name."""
-    return sort_faces.face_key_array([f"{ord(n[0]):064x}" for n in names],
+    return sort_faces.face_keys([f"{ord(n[0]):064x}" for n in names],
                                      [[0, 0, 10 * len(n), 10] for n in names])
 
 
