@@ -3696,8 +3696,77 @@ def people_of(cache, idx, rule, corr=None):
     return [(idx[g], names.get(k)) for k, g in enumerate(labels_to_groups(labels))]
 
 
+# CACHE.identity_step.npz: the people of the last identity step (people_of), keyed by a
+# fingerprint of what they follow from: the faces selected, the rule and the corrections.
+# cluster computes them; refine, run on the same cache state, takes cluster's people as
+# they are (no second clustering) and by default under the rule cluster used.
+IDENTITY_STEP_SCHEMA = 1
+
+
+def identity_step_path(cache_path):
+    return os.fspath(cache_path) + ".identity_step.npz"
+
+
+def _step_fingerprint(cache, idx, rule, corr):
+    h = hashlib.sha256(json.dumps(dataclasses.asdict(rule), sort_keys=True).encode())
+    h.update(cache_keys(cache, idx).tobytes())
+    if corr is not None and not corr.empty:
+        for part in (corr.seeds[idx], corr.person, corr.cannot, corr.rejected[idx]):
+            h.update(np.ascontiguousarray(part).tobytes())
+        h.update(json.dumps(corr.names).encode())
+    return h.hexdigest()
+
+
+def _read_identity_step(cache_path):
+    """(meta, labels, names) of the identity-step file, or None when there is none or it
+    is not one as written here (it only spares a computation: recomputed then)."""
+    path = identity_step_path(cache_path)
+    if not os.path.lexists(path):
+        return None
+    try:
+        with open_regular(path) as f, np.load(f, allow_pickle=False) as z:
+            meta, labels = json.loads(str(z["meta"])), z["labels"]
+        names, rule = meta["names"], IdentityRule(**meta["rule"])
+        ok = meta.get("schema") == IDENTITY_STEP_SCHEMA and isinstance(meta["fingerprint"], str) \
+            and labels.dtype.kind == "i" and labels.ndim == 1 and isinstance(names, list) \
+            and all(n is None or isinstance(n, str) for n in names) \
+            and (not len(labels) or (labels.min() >= -1 and labels.max() < len(names))) \
+            and all(isinstance(v, float) and math.isfinite(v) for v in meta["rule"].values())
+    except Exception:           # a damaged file: the people are computed afresh
+        return None
+    return (meta, labels, [None if n is None else check_person_name(n) for n in names],
+            rule) if ok else None
+
+
+def last_step_rule(cache):
+    """The rule of the cache's last identity step (None when there is none)."""
+    got = _read_identity_step(cache.path)
+    return got[3] if got else None
+
+
+def people_step(cache, idx, rule, corr=None):
+    """people_of(cache, idx, rule, corr), remembered for the cache state it follows from:
+    the same faces, rule and corrections give the same people without clustering again."""
+    fp = _step_fingerprint(cache, idx, rule, corr)
+    got = _read_identity_step(cache.path)
+    if got and got[0]["fingerprint"] == fp and len(got[1]) == len(idx):
+        _, labels, names, _ = got
+        return [(idx[labels == k], names[k]) for k in range(len(names))]
+    people = people_of(cache, idx, rule, corr)
+    labels = np.full(len(idx), -1, np.int64)
+    pos = {int(i): k for k, i in enumerate(idx.tolist())}
+    for k, (faces, _) in enumerate(people):
+        labels[[pos[int(i)] for i in faces]] = k
+    with contextlib.suppress(OSError):      # a read-only cache folder: computed each time
+        _write_npz(identity_step_path(cache.path),
+                   {"schema": IDENTITY_STEP_SCHEMA, "fingerprint": fp,
+                    "rule": dataclasses.asdict(rule), "names": [n for _, n in people],
+                    "tool_version": __version__}, {"labels": labels})
+    return people
+
+
 def plan_clusters(cache, idx, rule, min_size=MIN_CLUSTER_SIZE, top=0, corr=None):
-    groups = sorted(people_of(cache, idx, rule, corr),
+    groups = sorted(people_step(cache, idx, rule, corr),
                     key=lambda g: (g[1] is None, -len(g[0]), int(g[0][0])))
     big = [(g, n) for g, n in groups if len(g) >= max(1, min_size) or n]
     singles = np.sort(np.concatenate([g for g, n in groups if len(g) < max(1, min_size)
@@ -3949,9 +4018,10 @@ def refine_clusters(cache, clusters, outlier, gates, min_faces, names=None):
 
 def plan_refine(cache, idx, rule, outlier, gates=Gates(), min_faces=MIN_FACES,
                 corr=None):
-    """Cluster by the identity rule (and the user's corrections), gate on quality, reject
-    outliers, keep sets of at least min_faces unique source images."""
-    people = people_of(cache, idx, rule, corr)
+    """The people of the identity step (cluster's, when it ran on this cache state with
+    this rule), gated on quality, outliers rejected, sets of at least min_faces unique
+    source images kept."""
+    people = people_step(cache, idx, rule, corr)
     return refine_clusters(cache, [g for g, _ in people], outlier, gates, min_faces,
                            [n for _, n in people])
 
@@ -5490,8 +5560,10 @@ def cmd_refine(args):
     cache = load_cache(args.cache, args.pack)
     out = OutDir(args.out, "refine", cache.meta.get("roots", []))
     out.check(clean=args.clean, replace=True, reserved=REFINE_ENTRIES, prefixes=("faceset_",))
-    rule = identity_rule(cache, args.initial_threshold, args.merge_threshold,
-                         args.join_threshold, args.join_margin)
+    last = last_step_rule(cache) or identity_rule(cache)      # cluster's, by default
+    rule = IdentityRule(*(v if v is not None else d for v, d in zip(
+        (args.initial_threshold, args.merge_threshold, args.join_threshold, args.join_margin),
+        dataclasses.astuple(last))))
     outlier = pack_threshold(cache, "outlier", args.outlier_threshold)
     gates = Gates.from_args(args)
     idx = select_faces(cache, args.max_faces_per_image, args.skip_partial)
@@ -5699,21 +5771,23 @@ def add_face_size_arg(g):
                                       "in original pixels (--min-short: its old name)")
 
 
-def add_identity_args(g, pair_flag="--threshold"):
-    """The identity rule's flags (README "How faces become people"), unset = the pack's."""
+def add_identity_args(g, pair_flag="--threshold", unset=""):
+    """The identity rule's flags (README "How faces become people"), unset = the pack's
+    (or what `unset` says)."""
     g.add_argument(pair_flag, type=float, default=None, metavar="DIST",
                    help="stage 1: clusters join while their average cosine distance is <= "
-                        "this (the evidence two lone faces need); unset: "
+                        "this (the evidence two lone faces need); unset: " + unset
                         + pack_defaults_help("cluster"))
     g.add_argument("--merge-threshold", type=float, default=None, metavar="DIST",
                    help=f"stage 2: people (>= {PERSON_FACES} faces) join while their "
-                        f"centroids are <= this apart; unset: " + pack_defaults_help("merge"))
+                        f"centroids are <= this apart; unset: " + unset
+                        + pack_defaults_help("merge"))
     g.add_argument("--join-threshold", type=float, default=None, metavar="DIST",
                    help="stage 3: a smaller cluster joins the nearest person within this "
-                        "average distance...; unset: " + pack_defaults_help("join"))
+                        "average distance...; unset: " + unset + pack_defaults_help("join"))
     g.add_argument("--join-margin", type=float, default=None, metavar="DIST",
                    help="...if that person is this much nearer than the next one; unset: "
-                        + pack_defaults_help("margin"))
+                        + unset + pack_defaults_help("margin"))
 
 
 def add_device_arg(p):
@@ -5853,7 +5927,8 @@ def build_parser():
     p.add_argument("out", metavar="OUT", help="output folder (created)")
     _add_pack_args(p, default=None)
     g = p.add_argument_group("identity (README: How faces become people)")
-    add_identity_args(g, "--initial-threshold")
+    add_identity_args(g, "--initial-threshold", "what the last `cluster` (or `refine`) of "
+                                                "this cache used, else ")
     g.add_argument("--outlier-threshold", type=float, default=None, metavar="DIST",
                    help=f"drop faces farther from their faceset's centroid (sets of >= "
                         f"{PERSON_FACES}); unset: " + pack_defaults_help("outlier"))

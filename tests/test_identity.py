@@ -303,3 +303,28 @@ def test_random_sequences_never_give_a_folder_to_someone_else(tmp_path, seed):
         ops[op]()
         check()
     assert sorted(set(whose.values())) == sorted(SEQ_PEOPLE)
+
+
+def test_refine_builds_on_the_people_cluster_found(home, tmp_path):
+    """refine takes cluster's people as they are, under the rule cluster used: with its
+    gates open, its facesets are exactly cluster's people and singletons, also when cluster
+    was run with a rule of its own; a refine given its own rule finds its own people."""
+    src, _, _ = home
+    h = tmp_path
+    shutil.copy2(src / "c.npz", h / "c.npz")
+    tight = ["--threshold", "0.45", "--join-threshold", "0"]
+    run(h, "cluster", h / "c.npz", h / "raw", *tight)
+    open_gates = ["--min-faces", "1", "--min-face-short", "0", "--min-blur", "0",
+                  "--min-det-score", "0", "--outlier-threshold", "2"]
+    run(h, "refine", h / "c.npz", h / "ref", *open_gates)
+    raw = json.loads((h / "raw" / "manifest.json").read_text())
+    ref = json.loads((h / "ref" / "refine_manifest.json").read_text())
+    face = lambda f: (f["sha256"], tuple(f["bbox"]))
+    people = {frozenset(map(face, c["faces"])) for c in raw["clusters"]}
+    people |= {frozenset([face(f)]) for f in raw["singletons"]}
+    assert {frozenset(map(face, fs["faces"])) for fs in ref["facesets"]} == people
+    # the tight rule is not the pack's: refine with the pack's own rule finds fewer people
+    run(h, "refine", h / "c.npz", h / "ref2", *open_gates, "--initial-threshold", "0.60",
+        "--join-threshold", "0.76")
+    ref2 = json.loads((h / "ref2" / "refine_manifest.json").read_text())
+    assert len(ref2["facesets"]) < len(ref["facesets"])
