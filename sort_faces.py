@@ -3734,8 +3734,7 @@ def _read_identity_step(cache_path):
             and all(isinstance(v, float) and math.isfinite(v) for v in meta["rule"].values())
     except Exception:           # a damaged file: the people are computed afresh
         return None
-    return (meta, labels, [None if n is None else check_person_name(n) for n in names],
-            rule) if ok else None
+    return (meta, labels, names, rule) if ok else None
 
 
 def last_step_rule(cache):
@@ -3749,7 +3748,9 @@ def people_step(cache, idx, rule, corr=None):
     the same faces, rule and corrections give the same people without clustering again."""
     fp = _step_fingerprint(cache, idx, rule, corr)
     got = _read_identity_step(cache.path)
-    if got and got[0]["fingerprint"] == fp and len(got[1]) == len(idx):
+    known = set(corr.names) if corr is not None else set()
+    if got and got[0]["fingerprint"] == fp and len(got[1]) == len(idx) \
+            and all(n is None or n in known for n in got[2]):       # names: the people file's
         _, labels, names, _ = got
         return [(idx[labels == k], names[k]) for k in range(len(names))]
     people = people_of(cache, idx, rule, corr)
