@@ -328,3 +328,12 @@ def test_refine_builds_on_the_people_cluster_found(home, tmp_path):
         "--join-threshold", "0.76")
     ref2 = json.loads((h / "ref2" / "refine_manifest.json").read_text())
     assert len(ref2["facesets"]) < len(ref["facesets"])
+    # a damaged identity-step file only costs the computation (and with it, cluster's
+    # rule: refine is then given it)
+    step = Path(str(h / "c.npz") + ".identity_step.npz")
+    for damage in (b"not an npz", step.read_bytes()[:100]):
+        step.write_bytes(damage)
+        run(h, "refine", h / "c.npz", h / "ref", *open_gates, "--clean",
+            "--initial-threshold", "0.45", "--join-threshold", "0")
+        again = json.loads((h / "ref" / "refine_manifest.json").read_text())
+        assert {frozenset(map(face, fs["faces"])) for fs in again["facesets"]} == people
