@@ -3217,6 +3217,13 @@ def people_move(data, faces, to_faces, name, away_from):
         data["not"] += [{"face": f, "faces": away} for f in faces]
 
 
+def people_decline(data, face, person_faces):
+    """"Not this person": the face is never in one person with those faces."""
+    away = [f for f in person_faces if f != face][:200]
+    if away:
+        data["not"].append({"face": face, "faces": away})
+
+
 def people_reject(data, faces):
     faces = list(dict.fromkeys(faces))
     _take_faces(data, faces)
@@ -5206,90 +5213,164 @@ def cmd_people(args):
 #: without it). Every action is one POST carrying the session's token.
 REVIEW_JS = r"""
 (() => {
-  const T = window.SF_TOKEN, bar = document.createElement('div');
-  bar.id = 'sf-bar';
-  bar.innerHTML = '<span id="sf-count">0 selected</span> ' +
-    '<select id="sf-target"><option value="">a new person named:</option></select> ' +
-    '<input id="sf-newname" placeholder="name (optional)" size="14"> ' +
-    '<button id="sf-move">Move selected</button> <button id="sf-reject">Reject selected</button> ' +
-    '<button id="sf-merge">Merge ticked people</button> <button id="sf-undo">Undo</button> ' +
-    '<span id="sf-status"></span>';
-  document.body.prepend(bar);
-  const st = document.createElement('style');
-  st.textContent = '#sf-bar{position:sticky;top:0;background:#fffbe6;padding:6px;z-index:9;' +
-    'border-bottom:1px solid #cca}img.sf-sel{outline:4px solid #e33}img[data-face]{cursor:pointer}';
-  document.head.append(st);
-  const target = document.getElementById('sf-target');
-  for (const sec of document.querySelectorAll('section[id]')) {
-    const id = sec.id;
-    if (id === '_noface' || !sec.querySelector('img[data-face]')) continue;
-    const h = sec.querySelector('h2');
-    const tools = document.createElement('span');
-    tools.className = 'sf-tools';
-    tools.innerHTML = ' <input class="sf-name" placeholder="name this person" size="16">' +
-      '<button class="sf-name-btn">Name</button> <label><input type="checkbox" ' +
-      'class="sf-tick"> merge</label>';
-    tools.dataset.section = id;
-    h.append(tools);
-    const o = document.createElement('option');
-    o.value = id; o.textContent = id;
-    target.append(o);
-  }
-  const status = (t) => { document.getElementById('sf-status').textContent = t; };
-  const selected = () => [...document.querySelectorAll('img.sf-sel')];
+  const PAGE = Number(document.body.dataset.sfPage || 1);
+  const $ = (q, el) => (el || document).querySelector(q);
+  const $$ = (q, el) => [...(el || document).querySelectorAll(q)];
+  const status = (t) => { $('#sf-status').textContent = t; };
+  const selected = () => $$('img.sf-sel');
+  const esc = (t) => t.replace(/[&<>"']/g, (c) => '&#' + c.charCodeAt(0) + ';');
+  let last = null;
+  const hidden = () => new Set(JSON.parse(localStorage.getItem('sf-hidden') || '[]'));
+  const count = () => {
+    const s = selected();
+    $('#sf-count').textContent = s.length + ' selected';
+    const one = s.length === 1 ? s[0] : null;
+    $('#sf-photo').innerHTML = one ? '<a target="_blank" data-action="photo" href="/photo?f=' +
+      encodeURIComponent(one.dataset.face) + '">source photo</a> ' + esc(one.title) : '';
+  };
+  const filter = () => {
+    const q = ($('#sf-search').value || '').trim().toLowerCase(), hid = hidden();
+    const showHidden = $('#sf-showhidden') && $('#sf-showhidden').checked;
+    for (const sec of $$('section[data-person]')) {
+      const title = $('.sf-title', sec).textContent.toLowerCase();
+      const off = (q && !title.includes(q)) || (hid.has(sec.dataset.person) && !showHidden);
+      sec.hidden = off;
+      const entry = $('#sf-index a[data-goto="' + CSS.escape(sec.id) + '"]');
+      if (entry) entry.parentElement.hidden = off;
+    }
+    $('#sf-nhidden').textContent = String(hid.size);
+  };
+  const refresh = async () => {
+    const r = await fetch('/app?page=' + PAGE);
+    if (r.ok) { $('#sf-app').innerHTML = await r.text(); filter(); count(); }
+  };
   const send = async (body) => {
-    body.version = window.SF_VERSION;     // a page older than the result is refused
-    const r = await fetch('/api?token=' + encodeURIComponent(T), {method: 'POST',
+    body.version = document.body.dataset.sfVersion;   // a page older than the result: refused
+    const r = await fetch('/api', {method: 'POST',         // the token: the session's cookie
       headers: {'Content-Type': 'application/json'}, body: JSON.stringify(body)});
     const j = await r.json().catch(() => ({error: 'bad reply'}));
+    if (r.ok) await refresh();
     status(r.ok ? j.message : 'error: ' + j.error);
     document.body.dataset.sfDone = String(Number(document.body.dataset.sfDone || 0) + 1);
     return r.ok;
   };
-  document.addEventListener('click', (e) => {
-    const img = e.target.closest('img[data-face]');
-    if (img) {
-      img.classList.toggle('sf-sel');
-      document.getElementById('sf-count').textContent = selected().length + ' selected';
-    }
-  });
-  document.addEventListener('click', async (e) => {
-    const b = e.target;
-    if (b.classList.contains('sf-name-btn')) {
-      const tools = b.closest('.sf-tools');
-      await send({op: 'name', section: tools.dataset.section,
-                  name: tools.querySelector('.sf-name').value});
-    } else if (b.id === 'sf-move' || b.id === 'sf-reject') {
-      const imgs = selected();
-      const faces = imgs.map(i => i.dataset.face);
-      const from = imgs.map(i => i.closest('section').id.replace(/-\d+$/, ''));
-      const ok = await send(b.id === 'sf-reject' ? {op: 'reject', faces} :
-        {op: 'move', faces, from, to: target.value,
-         name: document.getElementById('sf-newname').value});
-      if (ok) imgs.forEach(i => { i.classList.remove('sf-sel'); i.style.opacity = 0.3; });
-    } else if (b.id === 'sf-merge') {
-      const ticked = [...document.querySelectorAll('.sf-tick:checked')];
-      await send({op: 'merge', sections: ticked.map(t => t.closest('.sf-tools').dataset.section)});
-    } else if (b.id === 'sf-undo') {
+  const move = (imgs, body) => send(Object.assign({op: 'move', faces: imgs.map(i => i.dataset.face),
+    from: imgs.map(i => i.closest('section').dataset.person)}, body));
+  const act = async (a, el) => {
+    const sec = el && el.closest('section[data-person]');
+    if (a === 'name') {
+      await send({op: 'name', section: sec.dataset.person,
+                  name: $('input[data-field=name]', sec).value});
+    } else if (a === 'merge') {
+      await send({op: 'merge', sections: $$('input[data-field=merge]:checked')
+        .map(t => t.closest('section').dataset.person)});
+    } else if (a === 'move') {
+      if (selected().length) await move(selected(), {to: $('#sf-target').value,
+                                                     name: $('#sf-newname').value});
+    } else if (a === 'reject') {
+      if (selected().length) await send({op: 'reject', faces: selected().map(i => i.dataset.face)});
+    } else if (a === 'undo') {
       await send({op: 'undo'});
+    } else if (a === 'accept' || a === 'decline') {
+      const fig = el.closest('figure');
+      const img = $('img[data-face]', fig);
+      if (a === 'accept') await move([img], {to: fig.dataset.to});
+      else await send({op: 'decline', faces: [img.dataset.face], section: fig.dataset.to});
+    } else if (a === 'select-all') {
+      $$('img[data-face]', sec).forEach(i => i.classList.add('sf-sel'));
+      count();
+    } else if (a === 'hide') {
+      const h = hidden();
+      h.has(sec.dataset.person) ? h.delete(sec.dataset.person) : h.add(sec.dataset.person);
+      localStorage.setItem('sf-hidden', JSON.stringify([...h]));
+      filter();
+    } else if (a === 'help') {
+      $('#sf-help').hidden = !$('#sf-help').hidden;
     }
+  };
+  document.addEventListener('click', async (e) => {
+    const img = e.target.closest('img[data-face]');
+    if (img && !e.target.closest('a')) {
+      const sec = img.closest('section');
+      if (e.shiftKey && last && last.closest('section') === sec) {   // a range in one person
+        const all = $$('img[data-face]', sec);
+        const [a, b] = [all.indexOf(last), all.indexOf(img)].sort((x, y) => x - y);
+        all.slice(a, b + 1).forEach(i => i.classList.add('sf-sel'));
+      } else {
+        img.classList.toggle('sf-sel');
+      }
+      last = img;
+      count();
+      return;
+    }
+    const b = e.target.closest('[data-action]');
+    if (b && b.dataset.action !== 'photo') { e.preventDefault(); await act(b.dataset.action, b); }
   });
+  document.addEventListener('input', (e) => { if (e.target.id === 'sf-search') filter(); });
+  document.addEventListener('change', (e) => { if (e.target.id === 'sf-showhidden') filter(); });
+  document.addEventListener('keydown', async (e) => {
+    if (e.target.closest('input, select, textarea') || e.ctrlKey || e.metaKey || e.altKey) return;
+    const first = $('section[data-person="_singletons"] figure [data-action=accept]');
+    const keys = {'?': () => act('help'), r: () => act('reject'), u: () => act('undo'),
+      m: () => act('move'), '/': () => $('#sf-search').focus(),
+      a: () => last && act('select-all', last),
+      Escape: () => { selected().forEach(i => i.classList.remove('sf-sel')); count(); },
+      y: () => first && act('accept', first),
+      n: () => first && act('decline', first.parentElement.querySelector('[data-action=decline]'))};
+    if (keys[e.key]) { e.preventDefault(); await keys[e.key](); }
+  });
+  filter();
 })();
+"""
+
+REVIEW_CSS = """
+body{font-family:sans-serif;margin:0 .6em;overflow-wrap:anywhere}
+h1{font-size:1.3em}section{margin:1.2em 0}h2{font-size:1.1em;display:flex;flex-wrap:wrap;
+gap:.3em;align-items:center}h2 small,.more,#sf-index small{color:#666;font-weight:normal}
+img[data-face]{width:112px;height:112px;margin:2px;border-radius:4px;cursor:pointer;
+background:#ddd;vertical-align:top}img.sf-sel{outline:4px solid #e33;outline-offset:-4px}
+button,select,input{font-size:1em;min-height:40px;box-sizing:border-box;max-width:100%}
+button{min-width:40px}label{min-height:40px;display:inline-flex;align-items:center}
+#sf-bar{position:sticky;top:0;background:#fffbe6;padding:6px;z-index:9;display:flex;
+flex-wrap:wrap;gap:6px;align-items:center;border-bottom:1px solid #cca}
+#sf-index{columns:14em;margin:.5em 0;padding:0}#sf-index li{list-style:none;
+break-inside:avoid}summary{min-height:40px;line-height:40px;cursor:pointer}
+input[type=checkbox]{width:24px;height:24px;min-height:24px}
+#sf-index a{display:inline-flex;align-items:center;gap:.4em;min-height:40px}
+#sf-index img{width:36px;height:36px;border-radius:3px}
+figure{display:inline-block;margin:2px;vertical-align:top;width:116px}
+figcaption{font-size:.85em}figcaption button{min-width:48px}#sf-help{background:#eef;
+padding:.5em}@media (max-width:600px){img[data-face]{width:84px;height:84px}
+figure{width:88px}#sf-bar input{width:9em}}
 """
 
 
 class ReviewServer:
-    """`review`: OUT's files on 127.0.0.1, and the corrections the page sends, saved to
-    the cache's people file at once. Only OUT's regular files are served (nothing outside
-    it, no links out of it); a write must carry the session's random token."""
+    """`review`: a live page of a cluster or refine output on 127.0.0.1. It shows the
+    output's people with the people file applied (names, merges, moves, rejects: what the
+    next cluster, refine or extend writes for these faces), redrawn after every change;
+    the changes it sends are saved to the cache's people file at once. Only OUT's regular
+    files, the cache's thumbnails and the photos the cache lists are served; every request
+    must carry the session's random token (the first visit's link sets it as a cookie)."""
 
     def __init__(self, out, cache_path=None, port=0):
         import secrets
         self.out = os.path.realpath(out)
         self.step, manifest = output_manifest(self.out)
+        if self.step == "export-swap":
+            raise SortFacesError(f"{self.out} is an export-swap output: review the refine "
+                                 f"output it was exported from (its facesets keep the names "
+                                 f"given there)")
         self.cache = load_cache(cache_path or manifest.get("cache", ""))
-        if self.step != "export-swap":      # refused now, not at the first click
-            _manifest_face_ids(self.cache, manifest, [])
+        _manifest_face_ids(self.cache, manifest, [])    # another cache: refused now
+        # "Is this …?" asks where stage 3 of the output's rule, or of the pack's when that
+        # is looser, would join a face: a question, not a decision
+        made = (ClusterParams if self.step == "cluster" else RefineParams).from_json(
+            self.cache, manifest.get("params", {})).rule
+        pack = identity_rule(self.cache)
+        self.rule = dataclasses.replace(made, join=max(made.join, pack.join),
+                                        margin=min(made.margin, pack.margin))
+        self.thumbs = ThumbStore(self.cache.path)
         self.token = secrets.token_urlsafe(18)
         self.mine = []          # journal numbers of this server's changes: Undo takes these
         self.acting = __import__("threading").Lock()     # one change at a time
@@ -5311,17 +5392,96 @@ class ReviewServer:
         except OSError:
             return ""
 
-    def section_ids(self, m, name, person=False):
-        """Faces of a section; person: it is to be one person (never _singletons)."""
-        if not isinstance(name, str) or not name:
-            raise SortFacesError(f"no section named: {name!r}")
-        if person and name.startswith("_"):
-            raise SortFacesError(f"{name} holds many different people, not one; move the "
-                                 f"faces of one person to a new person instead")
-        group = _group_entry(m, self.step, name)
-        if group is None:
-            raise SortFacesError(f"no person {name!r} in this output")
-        return _manifest_face_ids(self.cache, m, group.get("faces", []))
+    def fid(self, i):
+        c = self.cache
+        return face_id(c.file_sha256[c.face_file[i]], c.face_bbox[i])
+
+    def view(self):
+        """(sections, suggestions) the page shows now. A section is {"person": its key
+        (data-person: the folder it is, or for a new person its name or new-<id>),
+        "title", "faces", "folder"}: the output's groups, each face moved to the person the
+        people file gives it (a record that holds most of a folder's faces is that
+        folder's person), rejected faces left out. Suggestions: (face, person key,
+        distance) for the singletons the identity rule's stage 3 would join to a person,
+        nearest first, but not to a person the user said it is not."""
+        m, c = self.manifest(), self.cache
+        index = face_index(c)
+        groups = [(e["name"], manifest_members(index, e.get("faces", [])))
+                  for e in m.get(GROUP_LISTS[self.step], [])]
+        if self.step == "cluster":
+            groups.append(("_singletons", manifest_members(index, m.get("singletons", []))))
+        data = read_people(c.path)
+        rows = lambda ids: [int(i) for i in face_id_rows(c, ids) if i >= 0]
+        rejected = set(rows(data["rejected"]))
+        rec_of = {i: (r["id"], r.get("name")) for r in data["people"]
+                  for g in r["groups"] for i in rows(g)}
+        counts = {}                                 # record -> folder -> faces
+        for folder, faces in groups:
+            for i in faces:
+                if i in rec_of:
+                    by = counts.setdefault(rec_of[i][0], {})
+                    by[folder] = by.get(folder, 0) + 1
+        sizes = {folder: len(faces) for folder, faces in groups}
+        owner = {}                                  # folder -> the record that is its person
+        for rid, by in counts.items():
+            for folder, n in sorted(by.items(), key=lambda kv: -kv[1]):
+                if folder != "_singletons" and 2 * n > sizes[folder] and folder not in owner:
+                    owner[folder] = rid
+                    break
+        key_of_rec = {rid: f for f, rid in owner.items()}
+        name_of = {r["id"]: r.get("name") for r in data["people"]}
+        sections, order = {}, []
+        for folder, faces in groups:
+            for i in faces:
+                if i in rejected:
+                    continue
+                rid = rec_of[i][0] if i in rec_of else None
+                key = key_of_rec.get(rid) or (name_of[rid] or f"new-{rid}" if rid else folder)
+                if key not in sections:
+                    own = key in sizes
+                    title = (name_of.get(owner.get(key)) or key) if own else \
+                        (name_of.get(rid) or "a new person")
+                    sections[key] = {"person": key, "title": title, "faces": [],
+                                     "folder": key if own else None}
+                    order.append(key)
+                sections[key]["faces"].append(i)
+        out = [sections[k] for k in order if k != "_singletons"]
+        out += [sections["_singletons"]] if "_singletons" in sections else []
+        return out, self._suggestions(out, data)
+
+    def _suggestions(self, sections, data):
+        people = [s for s in sections if s["person"] != "_singletons" and s["faces"]]
+        singles = next((s["faces"] for s in sections if s["person"] == "_singletons"), [])
+        if not people or not singles:
+            return []
+        c = self.cache
+        means = np.stack([c.face_emb[s["faces"]].mean(axis=0) for s in people])
+        pick, sims = nearest_person(means, c.face_emb[singles], self.rule)
+        declined = {}
+        for item in data["not"]:
+            declined.setdefault(item["face"], set()).update(item["faces"])
+        out = []
+        for i, k, sim in zip(singles, pick.tolist(), sims.tolist()):
+            if k < 0:
+                continue
+            ids = declined.get(self.fid(i), set())
+            if ids and any(self.fid(j) in ids for j in people[k]["faces"][:200]):
+                continue
+            out.append((i, people[k]["person"], round(1.0 - float(sim), 3)))
+        return sorted(out, key=lambda t: t[2])
+
+    def section_ids(self, key, person=False):
+        """Face ids of the section the page shows as `key`; person: it is to be one person
+        (never _singletons)."""
+        if not isinstance(key, str) or not key:
+            raise SortFacesError(f"no section named: {key!r}")
+        if person and key == "_singletons":
+            raise SortFacesError("_singletons holds many different people, not one; move the "
+                                 "faces of one person to a new person instead")
+        sec = next((s for s in self.view()[0] if s["person"] == key), None)
+        if sec is None:
+            raise SortFacesError(f"no person {key!r} on this page")
+        return [self.fid(i) for i in sec["faces"]]
 
     def act(self, req):
         """One correction from the page; returns the line it shows."""
@@ -5332,36 +5492,46 @@ class ReviewServer:
         if req.get("version") != self.version():
             raise StalePage("this page shows an earlier result (a step re-ran since it was "
                             "loaded): reload it, then redo the change")
-        op, m = req.get("op"), self.manifest()
+        op = req.get("op")
         faces = req.get("faces", [])
         if not isinstance(faces, list) or not all(isinstance(f, str) for f in faces):
             raise SortFacesError("faces must be a list of face ids")
+        # sections are resolved before the people file is locked (view() reads it)
+        if op == "name":
+            ids = self.section_ids(req.get("section"), person=True)
+        elif op == "merge":
+            sections = [x for x in req.get("sections", []) if isinstance(x, str)]
+            if len(sections) < 2:
+                raise SortFacesError("tick two or more people to merge")
+            ids = [f for x in sections for f in self.section_ids(x, person=True)]
+        elif op == "move" and faces:
+            to = req.get("to") or ""
+            to_ids = self.section_ids(to, person=True) if to else []
+            away = [f for x in set(req.get("from", [])) if isinstance(x, str)
+                    for f in self.section_ids(x) if x != "_singletons"]
+        elif op == "decline" and len(faces) == 1:
+            ids = self.section_ids(req.get("section"), person=True)
         with edit_people(self.cache.path) as data:
             before = _state(data)
             if op == "name":
                 name = check_person_name(req.get("name"))
-                people_name(data, self.section_ids(m, req.get("section"), person=True), name)
+                people_name(data, ids, name)
                 msg = f"named {req.get('section')} {name!r}"
             elif op == "merge":
-                sections = [s for s in req.get("sections", []) if isinstance(s, str)]
-                if len(sections) < 2:
-                    raise SortFacesError("tick two or more people to merge")
-                ids = [f for s in sections for f in self.section_ids(m, s, person=True)]
                 named = [r["name"] for r in data["people"] if r.get("name")
                          and any(set(g) & set(ids) for g in r["groups"])]
                 people_name(data, ids, named[0] if named else None, merge=True)
                 msg = f"merged {', '.join(sections)}"
             elif op == "move" and faces:
-                to = req.get("to") or ""
                 name = check_person_name(req["name"]) if not to and req.get("name") else None
-                away = [f for s in set(req.get("from", [])) if isinstance(s, str)
-                        for f in self.section_ids(m, s)]
-                people_move(data, faces, self.section_ids(m, to, person=True) if to else [],
-                            name, away)
+                people_move(data, faces, to_ids, name, away)
                 msg = f"moved {len(faces)} faces to {to or name or 'a new person'}"
             elif op == "reject" and faces:
                 people_reject(data, faces)
                 msg = f"rejected {len(faces)} faces"
+            elif op == "decline" and len(faces) == 1:
+                people_decline(data, faces[0], ids)
+                msg = f"not {req.get('section')}: noted"
             elif op == "undo":                     # this page's last change, else the last
                 undone = {e["n"] for e in data["journal"] if "undone_by" in e}
                 mine = [n for n in self.mine if n not in undone]
@@ -5372,7 +5542,133 @@ class ReviewServer:
             if n:
                 self.mine.append(n)
         CONSOLE._to_log(f"review: {msg}")
-        return msg + "; saved (re-run the step with --clean, or extend, to see it)"
+        return msg + ("; saved: the page shows it, and the next cluster, refine or extend "
+                      "writes it (re-run with --clean to write the folders now)")
+
+    def app(self, page=1):
+        """The live part of the page (#sf-app): toolbar, index of people, sections."""
+        import html
+        from urllib.parse import quote
+        sections, suggestions = self.view()
+        c, e = self.cache, html.escape
+        thumb = lambda i, cls="": (f'<img loading="lazy" src="/thumb?f={quote(self.fid(i))}" '
+                                   f'data-face="{e(self.fid(i))}" width="{THUMB_PX}" '
+                                   f'height="{THUMB_PX}" alt="" {cls}title="'
+                                   f'{e(str(c.file_path[int(c.face_file[i])]))}">')
+        people = [s for s in sections if s["person"] != "_singletons"]
+        pages, size = [[]], 0
+        for s in sections:                        # pages of about PAGE_FACES thumbnails
+            shown = min(len(s["faces"]), SECTION_FACES if s["person"] != "_singletons"
+                        else PAGE_FACES)
+            if pages[-1] and size + shown > PAGE_FACES:
+                pages.append([])
+                size = 0
+            pages[-1].append(s)
+            size += shown
+        page = max(1, min(int(page), len(pages)))
+        ids = {s["person"]: f"p-{k}" for k, s in enumerate(sections)}
+        page_of = {s["person"]: n for n, p in enumerate(pages, 1) for s in p}
+        index = []
+        for s in people:
+            if s["faces"]:
+                there = "" if page_of[s["person"]] == page else f"?page={page_of[s['person']]}"
+                face = thumb(s["faces"][0]).replace(" data-face=", " data-thumb=")
+                index.append(f'<li><a data-goto="{ids[s["person"]]}" href="{there}#'
+                             f'{ids[s["person"]]}">{face}<span>{e(s["title"])}</span> '
+                             f'<small>{len(s["faces"])}</small></a></li>')
+        index = "".join(index)
+        options = "".join(f'<option value="{e(s["person"])}">{e(s["title"])}</option>'
+                          for s in people)
+        nav = " ".join(f"<b>{n}</b>" if n == page else f'<a href="?page={n}">{n}</a>'
+                       for n in range(1, len(pages) + 1))
+        suggest = {i: (to, d) for i, to, d in suggestions}
+        title_of = {s["person"]: s["title"] for s in people}
+        parts = []
+        for s in pages[page - 1]:
+            key, faces = s["person"], s["faces"]
+            single = key == "_singletons"
+            if single:           # suggestions first, most confident first
+                faces = [i for i, _, _ in suggestions] + [i for i in faces if i not in suggest]
+                shown, hidden = faces[:PAGE_FACES], max(0, len(faces) - PAGE_FACES)
+            else:
+                faces = by_centrality(c.face_emb, faces)
+                shown, hidden = faces, 0
+                if len(faces) > SECTION_FACES:
+                    far = SECTION_FACES // 3
+                    shown = faces[:SECTION_FACES - far] + faces[-far:]
+                    hidden = len(faces) - len(shown)
+            imgs = []
+            for i in shown:
+                if i in suggest:
+                    to, d = suggest[i]
+                    imgs.append(f'<figure data-to="{e(to)}">{thumb(i)}<figcaption>Is this '
+                                f'<b>{e(title_of.get(to, to))}</b>? {d:.2f} <button '
+                                f'data-action="accept">Yes</button> <button '
+                                f'data-action="decline">No</button></figcaption></figure>')
+                else:
+                    imgs.append(thumb(i))
+            if hidden:
+                imgs.append(f'<span class="more">… {hidden} more in the folder …</span>')
+            tools = ("" if single else
+                     '<input data-field="name" placeholder="name this person" size="14"> '
+                     '<button data-action="name">Name</button> <label><input '
+                     'type="checkbox" data-field="merge"> merge</label> ')
+            link = f' <a href="{quote(s["folder"])}/">folder</a>' if s["folder"] else ""
+            parts.append(f'<section data-person="{e(key)}" id="{ids[key]}"><h2><span '
+                         f'class="sf-title">{e(s["title"])}</span> <small class="sf-n">'
+                         f'{len(s["faces"])} faces</small>{link} {tools}<button '
+                         f'data-action="select-all">Select all</button> <button '
+                         f'data-action="hide">Hide</button></h2>\n{"".join(imgs)}</section>')
+        total = sum(len(s["faces"]) for s in people)
+        return (f'<div id="sf-bar"><span id="sf-count">0 selected</span> <select '
+                f'id="sf-target" aria-label="move to"><option value="">a new person named:'
+                f'</option>{options}</select> <input id="sf-newname" placeholder="name '
+                f'(optional)" size="12"> <button data-action="move">Move</button> <button '
+                f'data-action="reject">Reject</button> <button data-action="merge">Merge '
+                f'ticked</button> <button data-action="undo">Undo</button> <input '
+                f'id="sf-search" type="search" placeholder="search people" size="12"> '
+                f'<button data-action="help" title="keyboard shortcuts">?</button> '
+                f'<span id="sf-photo"></span></div>'
+                f'<div id="sf-help" hidden>Keys: click a face to select it, shift-click for a '
+                f'range; <b>a</b> select all of that person, <b>Esc</b> clear, <b>m</b> move, '
+                f'<b>r</b> reject, <b>u</b> undo, <b>y</b>/<b>n</b> answer the first "Is this '
+                f'…?", <b>/</b> search, <b>?</b> this help. Changes are saved at once; '
+                f'<code>cluster … --clean</code> (or <code>extend</code>) writes the folders.'
+                f'</div><p>{len(people)} people, {total} faces; page {page} of {len(pages)}. '
+                f'<label><input type="checkbox" id="sf-showhidden">&nbsp;show the&nbsp;'
+                f'<span id="sf-nhidden">0</span>&nbsp;hidden</label></p>'
+                f'<nav>pages: {nav}</nav><details id="sf-people" open><summary>People'
+                f'</summary><ul id="sf-index">{index}</ul></details>'
+                + "\n".join(parts) + f"<nav>pages: {nav}</nav>")
+
+    def page(self, page=1):
+        return ('<!doctype html><html><head><meta charset="utf-8"><meta name="viewport" '
+                'content="width=device-width, initial-scale=1"><link rel="icon" '
+                'href="data:,"><title>sort_faces review</title><style>' + REVIEW_CSS
+                + f'</style></head><body data-sf-version="{self.version()}" data-sf-page='
+                f'"{int(page)}"><h1>sort_faces review</h1><div id="sf-status" role="status">'
+                '</div><div id="sf-app">' + self.app(page) + '</div><script '
+                'src="/_sf_review.js"></script></body></html>')
+
+    def face_jpeg(self, fid, photo=False):
+        """A face's thumbnail, or (photo) its source photo with the face's box drawn: only
+        of faces the cache holds."""
+        rows = face_id_rows(self.cache, [fid]) if isinstance(fid, str) else [-1]
+        if rows[0] < 0:
+            raise BadFile("no such face in the cache")
+        i = int(rows[0])
+        if not photo:
+            data = self.thumbs.get(self.cache, [i])[i]
+            return data or encode_image(_decode_jpeg(b""))
+        import cv2
+        _, dec = read_source(self.cache, int(self.cache.face_file[i]), self.cache.aliases(),
+                             min_side=1280)
+        img = dec.bgr
+        s = min(1.0, 1280 / max(img.shape[:2]))
+        img = cv2.resize(img, None, fx=s, fy=s, interpolation=cv2.INTER_AREA) if s < 1 else img.copy()
+        x1, y1, x2, y2 = (self.cache.face_bbox[i] / dec.scale * s).round().astype(int)
+        cv2.rectangle(img, (x1, y1), (x2, y2), (0, 0, 255), max(2, round(img.shape[1] / 300)))
+        return encode_image(img)
 
     def serve(self):
         with contextlib.suppress(KeyboardInterrupt):
@@ -5407,19 +5703,26 @@ def open_beneath(root, rel):
     return os.fdopen(f, "rb")
 
 
+#: What a review page may load: its own scripts, styles and images only; never framed.
+CSP = ("default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; "
+       "script-src 'self'; frame-ancestors 'none'")
+
+
 class _ReviewHandler(http.server.BaseHTTPRequestHandler):
     review = None
 
     def log_message(self, fmt, *args):      # never the token: the log is a file on disk
         CONSOLE._to_log("review: " + re.sub(r"token=[^&\s\"]*", "token=…", fmt % args))
 
-    def _reply(self, code, body, ctype="application/json", cookie=None):
+    def _reply(self, code, body, ctype="application/json", cookie=None, location=None):
         data = body if isinstance(body, bytes) else json.dumps(body).encode()
         self.send_response(code)
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(data)))
         self.send_header("Cache-Control", "no-store")
-        self.send_header("Content-Security-Policy", "frame-ancestors 'none'")
+        self.send_header("Content-Security-Policy", CSP)
+        if location:
+            self.send_header("Location", location)
         self.send_header("X-Frame-Options", "DENY")
         self.send_header("X-Content-Type-Options", "nosniff")
         self.send_header("Referrer-Policy", "no-referrer")
@@ -5460,6 +5763,8 @@ class _ReviewHandler(http.server.BaseHTTPRequestHandler):
             return self._reply(200, REVIEW_JS.encode(), "text/javascript")
         if "\0" in rel:
             return self._reply(404, {"error": "not in the output folder"})
+        if self._live(rel, url.query):
+            return
         try:
             with open_beneath(self.review.out, rel) as f:
                 data = f.read()
@@ -5468,12 +5773,32 @@ class _ReviewHandler(http.server.BaseHTTPRequestHandler):
         ctype = {".html": "text/html; charset=utf-8", ".jpg": "image/jpeg",
                  ".png": "image/png", ".json": "application/json"}.get(
             os.path.splitext(rel)[1].lower(), "application/octet-stream")
-        if ctype.startswith("text/html"):
-            tag = (f'<script>window.SF_TOKEN={json.dumps(self.review.token)};'
-                   f'window.SF_VERSION={json.dumps(self.review.version())}</script>'
-                   f'<script src="/_sf_review.js"></script></body>').encode()
-            data = data.replace(b"</body>", tag)
         self._reply(200, data, ctype, cookie=self.review.token)
+
+    def _live(self, rel, query):
+        """Answer the live page, its redrawn part, a face's thumbnail or source photo;
+        False for any other path (a file of OUT)."""
+        from urllib.parse import parse_qs
+        q = {k: v[0] for k, v in parse_qs(query).items()}
+        try:
+            page = int(q["page"]) if q.get("page", "").isdigit() else 1
+            if rel == "index.html" and "token" in q:    # the link's token becomes a cookie
+                self._reply(303, b"", "text/plain", cookie=self.review.token,
+                            location="/index.html" + (f"?page={page}" if page > 1 else ""))
+            elif rel == "index.html":
+                self._reply(200, self.review.page(page).encode("utf-8", "replace"),
+                            "text/html; charset=utf-8", cookie=self.review.token)
+            elif rel == "app":
+                self._reply(200, self.review.app(page).encode("utf-8", "replace"),
+                            "text/html; charset=utf-8")
+            elif rel in ("thumb", "photo"):
+                self._reply(200, self.review.face_jpeg(q.get("f"), rel == "photo"),
+                            "image/jpeg")
+            else:
+                return False
+        except (BadFile, SortFacesError) as exc:
+            self._reply(404, {"error": str(exc)[:200]})
+        return True
 
     def do_POST(self):
         from urllib.parse import urlsplit
@@ -5493,7 +5818,7 @@ class _ReviewHandler(http.server.BaseHTTPRequestHandler):
 
 
 def cmd_review(args):
-    """Serve OUT's review page with editing: name, merge, move, reject, undo."""
+    """Serve OUT's live review page: name, merge, move, reject, "is this …?", undo."""
     server = ReviewServer(args.out, args.cache, args.port)
     log_result(f"review: {server.url}  (corrections go to {people_path(server.cache.path)}; "
                f"Ctrl-C stops)")
@@ -6012,11 +6337,12 @@ def build_parser():
     p = sub.add_parser("review", help="serve OUT's review page to name, merge, move and "
                        "reject faces", description=cmd_review.__doc__ + "\n\nThe page is "
                        "served on 127.0.0.1 only, with a random token in its URL that every "
-                       "change must carry. Each change is saved at once to the cache's "
-                       "people file (CACHE.people.json); re-run the step with --clean, or "
-                       "extend, to see it. index.html still opens without a server.",
+                       "request must carry. It is live: each change is saved at once to the "
+                       "cache's people file (CACHE.people.json) and the page redraws with "
+                       "it; re-run the step with --clean, or extend, to write the folders. "
+                       "index.html still opens without a server.",
                        formatter_class=HelpFormatter)
-    p.add_argument("out", metavar="OUT", help="a cluster, refine or export-swap output")
+    p.add_argument("out", metavar="OUT", help="a cluster or refine output")
     p.add_argument("--cache", default=None, metavar="CACHE",
                    help="the cache OUT was made from (default: the one its manifest names)")
     p.add_argument("--port", type=int, default=0, help="port (0: a random free one)")
