@@ -5320,6 +5320,7 @@ REVIEW_JS = r"""
     if (keys[e.key]) { e.preventDefault(); await keys[e.key](); }
   });
   filter();
+  document.body.dataset.sfReady = String(performance.now());    // interactive from here
 })();
 """
 
@@ -5333,8 +5334,9 @@ button,select,input{font-size:1em;min-height:40px;box-sizing:border-box;max-widt
 button{min-width:40px}label{min-height:40px;display:inline-flex;align-items:center}
 #sf-bar{position:sticky;top:0;background:#fffbe6;padding:6px;z-index:9;display:flex;
 flex-wrap:wrap;gap:6px;align-items:center;border-bottom:1px solid #cca}
-#sf-index{columns:14em;margin:.5em 0;padding:0}#sf-index li{list-style:none;
-break-inside:avoid}summary{min-height:40px;line-height:40px;cursor:pointer}
+#sf-index{display:flex;flex-wrap:wrap;margin:.5em 0;padding:0}#sf-index li{
+list-style:none;width:14em;max-width:100%}
+section,#sf-index li{content-visibility:auto;contain-intrinsic-size:auto 240px}summary{min-height:40px;line-height:40px;cursor:pointer}
 input[type=checkbox]{width:24px;height:24px;min-height:24px}
 #sf-index a{display:inline-flex;align-items:center;gap:.4em;min-height:40px}
 #sf-index img{width:36px;height:36px;border-radius:3px}
@@ -5371,6 +5373,7 @@ class ReviewServer:
         self.rule = dataclasses.replace(made, join=max(made.join, pack.join),
                                         margin=min(made.margin, pack.margin))
         self.thumbs = ThumbStore(self.cache.path)
+        self.jpegs = {}         # the thumbnails of the page last drawn, read in one go
         self.token = secrets.token_urlsafe(18)
         self.mine = []          # journal numbers of this server's changes: Undo takes these
         self.acting = __import__("threading").Lock()     # one change at a time
@@ -5577,6 +5580,9 @@ class ReviewServer:
                              f'{ids[s["person"]]}">{face}<span>{e(s["title"])}</span> '
                              f'<small>{len(s["faces"])}</small></a></li>')
         index = "".join(index)
+        wanted = [s["faces"][0] for s in people if s["faces"]] + \
+            [i for s in pages[page - 1] for i in s["faces"][:PAGE_FACES]]
+        self.jpegs = self.thumbs.get(c, wanted)    # one read per thumbnail batch
         options = "".join(f'<option value="{e(s["person"])}">{e(s["title"])}</option>'
                           for s in people)
         nav = " ".join(f"<b>{n}</b>" if n == page else f'<a href="?page={n}">{n}</a>'
@@ -5634,7 +5640,10 @@ class ReviewServer:
                 f'<b>r</b> reject, <b>u</b> undo, <b>y</b>/<b>n</b> answer the first "Is this '
                 f'…?", <b>/</b> search, <b>?</b> this help. Changes are saved at once; '
                 f'<code>cluster … --clean</code> (or <code>extend</code>) writes the folders.'
-                f'</div><p>{len(people)} people, {total} faces; page {page} of {len(pages)}. '
+                f'</div><p id="sf-write">Changes are saved and show here at once; to write '
+                f'the folders, run <code>{html.escape(self.step)} … --clean</code> (or '
+                f'<code>extend</code>) again.</p>'
+                f'<p>{len(people)} people, {total} faces; page {page} of {len(pages)}. '
                 f'<label><input type="checkbox" id="sf-showhidden">&nbsp;show the&nbsp;'
                 f'<span id="sf-nhidden">0</span>&nbsp;hidden</label></p>'
                 f'<nav>pages: {nav}</nav><details id="sf-people" open><summary>People'
@@ -5644,11 +5653,11 @@ class ReviewServer:
     def page(self, page=1):
         return ('<!doctype html><html><head><meta charset="utf-8"><meta name="viewport" '
                 'content="width=device-width, initial-scale=1"><link rel="icon" '
-                'href="data:,"><title>sort_faces review</title><style>' + REVIEW_CSS
+                'href="data:,"><title>sort_faces review</title><script defer '
+                'src="/_sf_review.js"></script><style>' + REVIEW_CSS
                 + f'</style></head><body data-sf-version="{self.version()}" data-sf-page='
                 f'"{int(page)}"><h1>sort_faces review</h1><div id="sf-status" role="status">'
-                '</div><div id="sf-app">' + self.app(page) + '</div><script '
-                'src="/_sf_review.js"></script></body></html>')
+                '</div><div id="sf-app">' + self.app(page) + '</div></body></html>')
 
     def face_jpeg(self, fid, photo=False):
         """A face's thumbnail, or (photo) its source photo with the face's box drawn: only
@@ -5658,7 +5667,9 @@ class ReviewServer:
             raise BadFile("no such face in the cache")
         i = int(rows[0])
         if not photo:
-            data = self.thumbs.get(self.cache, [i])[i]
+            data = self.jpegs.get(i)
+            if data is None:
+                data = self.thumbs.get(self.cache, [i])[i]
             return data or encode_image(_decode_jpeg(b""))
         import cv2
         _, dec = read_source(self.cache, int(self.cache.face_file[i]), self.cache.aliases(),
@@ -5710,6 +5721,7 @@ CSP = ("default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inlin
 
 class _ReviewHandler(http.server.BaseHTTPRequestHandler):
     review = None
+    protocol_version = "HTTP/1.1"       # keep-alive: a page's thumbnails share connections
 
     def log_message(self, fmt, *args):      # never the token: the log is a file on disk
         CONSOLE._to_log("review: " + re.sub(r"token=[^&\s\"]*", "token=…", fmt % args))

@@ -71,3 +71,10 @@ def test_face_copies_smoke():
     assert out["kinds"]["resaved"]["detected"] >= 1
     assert out["kinds"]["resaved"]["joined"] == out["kinds"]["resaved"]["detected"]
     assert out["different_photos"]["pairs"] >= 1
+
+
+def test_review_bench_smoke():
+    out = smoke("review_bench.py")
+    assert out["faces"] == 2000 and out["people"] > 10
+    live, static = out["median_ms"]["live"], out["median_ms"]["static"]
+    assert live["faces"] > 0 and static["faces"] > 0 and live["ready"] > 0
