@@ -3045,17 +3045,17 @@ def face_id(sha256, bbox):
     return f"{sha256}:{','.join(f'{v / 10:.1f}' for v in box.tolist())}"
 
 
+_FACE_ID = re.compile(r"([0-9a-f]{64}):" + ",".join([r"(-?[0-9]{1,7}\.[0-9])"] * 4))
+
+
 def face_id_rows(cache, ids):
     """Cache rows of people-file face ids, -1 for one not in this cache (or unreadable)."""
     shas, boxes = [], []
     for f in ids:
-        sha, _, box = f.partition(":")
-        try:
-            b = [float(v) for v in box.split(",")]
-        except ValueError:
-            b = []
-        ok = len(b) == 4 and re.fullmatch(r"[0-9a-f]{64}", sha) and all(
-            math.isfinite(v) and abs(v) <= 1e6 for v in b)
+        m = _FACE_ID.fullmatch(f)
+        b = [float(v) for v in m.groups()[1:]] if m else []
+        sha = m.group(1) if m else ""
+        ok = bool(m) and all(abs(v) <= 1e6 for v in b)
         shas.append(sha if ok else "")
         boxes.append(b if ok else [0.0] * 4)
     rows = face_index(cache).find(face_keys(shas, boxes)) if ids else np.zeros(0, np.int64)
@@ -3715,7 +3715,10 @@ def identity_step_path(cache_path):
 
 
 def _step_fingerprint(cache, idx, rule, corr):
-    h = hashlib.sha256(json.dumps(dataclasses.asdict(rule), sort_keys=True).encode())
+    """What the people follow from: the tool (its identity rule's code), the pack, the
+    rule, the faces and the corrections."""
+    h = hashlib.sha256(json.dumps([__version__, cache.meta["pack"], dataclasses.asdict(rule)],
+                                  sort_keys=True).encode())
     h.update(cache_keys(cache, idx).tobytes())
     if corr is not None and not corr.empty:
         for part in (corr.seeds[idx], corr.person, corr.cannot, corr.rejected[idx]):
@@ -3734,33 +3737,44 @@ def _read_identity_step(cache_path):
         with open_regular(path) as f, np.load(f, allow_pickle=False) as z:
             meta, labels = json.loads(str(z["meta"])), z["labels"]
         names, rule = meta["names"], IdentityRule(**meta["rule"])
+        used = np.bincount(labels[labels >= 0], minlength=len(names)) if len(labels) else []
         ok = meta.get("schema") == IDENTITY_STEP_SCHEMA and isinstance(meta["fingerprint"], str) \
             and labels.dtype.kind == "i" and labels.ndim == 1 and isinstance(names, list) \
             and all(n is None or isinstance(n, str) for n in names) \
             and (not len(labels) or (labels.min() >= -1 and labels.max() < len(names))) \
-            and all(isinstance(v, float) and math.isfinite(v) for v in meta["rule"].values())
+            and len(used) == len(names) and all(u > 0 for u in used) \
+            and all(isinstance(v, float) and 0 <= v <= 2 for v in meta["rule"].values())
     except Exception:           # a damaged file: the people are computed afresh
         return None
     return (meta, labels, names, rule) if ok else None
 
 
 def last_step_rule(cache):
-    """The rule of the cache's last identity step (None when there is none)."""
+    """The rule of the cache's last identity step, made with its pack (None when there
+    is none)."""
     got = _read_identity_step(cache.path)
-    return got[3] if got else None
+    return got[3] if got and got[0].get("pack") == cache.meta["pack"] else None
 
 
-def people_step(cache, idx, rule, corr=None):
-    """people_of(cache, idx, rule, corr), remembered for the cache state it follows from:
-    the same faces, rule and corrections give the same people without clustering again."""
+def people_step(cache, idx, rule, corr=None, remember=True):
+    """people_of(cache, idx, rule, corr), remembered (unless not remember: a dry run) for
+    the cache state it follows from: the same faces, rule and corrections give the same
+    people without clustering again."""
     fp = _step_fingerprint(cache, idx, rule, corr)
     got = _read_identity_step(cache.path)
     known = set(corr.names) if corr is not None else set()
+    out_of_it = corr.rejected[idx] if corr is not None else np.zeros(len(idx), bool)
     if got and got[0]["fingerprint"] == fp and len(got[1]) == len(idx) \
-            and all(n is None or n in known for n in got[2]):       # names: the people file's
+            and all(n is None or n in known for n in got[2]) \
+            and np.array_equal(got[1] < 0, out_of_it):     # only rejected faces left out
         _, labels, names, _ = got
-        return [(idx[labels == k], names[k]) for k in range(len(names))]
+        order = np.argsort(labels, kind="stable")
+        bounds = np.searchsorted(labels[order], np.arange(len(names) + 1))
+        return [(idx[np.sort(order[bounds[k]:bounds[k + 1]])], names[k])
+                for k in range(len(names))]
     people = people_of(cache, idx, rule, corr)
+    if not remember:
+        return people
     labels = np.full(len(idx), -1, np.int64)
     pos = {int(i): k for k, i in enumerate(idx.tolist())}
     for k, (faces, _) in enumerate(people):
@@ -3768,13 +3782,15 @@ def people_step(cache, idx, rule, corr=None):
     with contextlib.suppress(OSError):      # a read-only cache folder: computed each time
         _write_npz(identity_step_path(cache.path),
                    {"schema": IDENTITY_STEP_SCHEMA, "fingerprint": fp,
-                    "rule": dataclasses.asdict(rule), "names": [n for _, n in people],
+                    "pack": cache.meta["pack"], "rule": dataclasses.asdict(rule),
+                    "names": [n for _, n in people],
                     "tool_version": __version__}, {"labels": labels})
     return people
 
 
-def plan_clusters(cache, idx, rule, min_size=MIN_CLUSTER_SIZE, top=0, corr=None):
-    groups = sorted(people_step(cache, idx, rule, corr),
+def plan_clusters(cache, idx, rule, min_size=MIN_CLUSTER_SIZE, top=0, corr=None,
+                  remember=True):
+    groups = sorted(people_step(cache, idx, rule, corr, remember),
                     key=lambda g: (g[1] is None, -len(g[0]), int(g[0][0])))
     big = [(g, n) for g, n in groups if len(g) >= max(1, min_size) or n]
     singles = np.sort(np.concatenate([g for g, n in groups if len(g) < max(1, min_size)
@@ -4025,11 +4041,11 @@ def refine_clusters(cache, clusters, outlier, gates, min_faces, names=None):
 
 
 def plan_refine(cache, idx, rule, outlier, gates=Gates(), min_faces=MIN_FACES,
-                corr=None):
+                corr=None, remember=True):
     """The people of the identity step (cluster's, when it ran on this cache state with
     this rule), gated on quality, outliers rejected, sets of at least min_faces unique
     source images kept."""
-    people = people_step(cache, idx, rule, corr)
+    people = people_step(cache, idx, rule, corr, remember)
     return refine_clusters(cache, [g for g, _ in people], outlier, gates, min_faces,
                            [n for _, n in people])
 
@@ -5246,13 +5262,16 @@ REVIEW_JS = r"""
   };
   const send = async (body) => {
     body.version = document.body.dataset.sfVersion;   // a page older than the result: refused
-    const r = await fetch('/api', {method: 'POST',         // the token: the session's cookie
-      headers: {'Content-Type': 'application/json'}, body: JSON.stringify(body)});
-    const j = await r.json().catch(() => ({error: 'bad reply'}));
-    if (r.ok) await refresh();
-    status(r.ok ? j.message : 'error: ' + j.error);
+    let r = null, j = {error: 'the server did not answer (is `review` still running?)'};
+    try {
+      r = await fetch('/api', {method: 'POST',             // the token: the session's cookie
+        headers: {'Content-Type': 'application/json'}, body: JSON.stringify(body)});
+      j = await r.json().catch(() => ({error: 'bad reply'}));
+      if (r.ok) await refresh();
+    } catch (err) { r = null; }
+    status(r && r.ok ? j.message : 'error: ' + j.error);
     document.body.dataset.sfDone = String(Number(document.body.dataset.sfDone || 0) + 1);
-    return r.ok;
+    return Boolean(r && r.ok);
   };
   const move = (imgs, body) => send(Object.assign({op: 'move', faces: imgs.map(i => i.dataset.face),
     from: imgs.map(i => i.closest('section').dataset.person)}, body));
@@ -5385,7 +5404,12 @@ class ReviewServer:
         self.url = f"http://127.0.0.1:{self.port}/index.html?token={self.token}"
 
     def manifest(self):
-        return output_manifest(self.out)[1]
+        """The output's manifest, read again only when it changed (a 50k-face one is
+        seconds of JSON)."""
+        v = self.version()
+        if getattr(self, "_manifest", (None,))[0] != v:
+            self._manifest = (v, output_manifest(self.out)[1])
+        return self._manifest[1]
 
     def version(self):
         """The result a page shows: its manifest's content (changes when a step re-runs)."""
@@ -5396,61 +5420,100 @@ class ReviewServer:
             return ""
 
     def fid(self, i):
-        c = self.cache
-        return face_id(c.file_sha256[c.face_file[i]], c.face_bbox[i])
+        ids = self.__dict__.setdefault("_fids", {})
+        if i not in ids:
+            c = self.cache
+            ids[i] = face_id(c.file_sha256[c.face_file[i]], c.face_bbox[i])
+        return ids[i]
 
-    def view(self):
+    def _fresh_cache(self):
+        """The cache as it is now: reloaded when embed or enrich changed it since."""
+        with contextlib.suppress(OSError):
+            st = os.stat(self.cache.path)
+            stamp = (st.st_size, st.st_mtime_ns)
+            if getattr(self, "_stamp", stamp) != stamp:
+                self.cache = load_cache(self.cache.path)
+                self.thumbs = ThumbStore(self.cache.path)
+            self._stamp = stamp
+        return self.cache
+
+    def view(self, suggest=True):
         """(sections, suggestions) the page shows now. A section is {"person": its key
-        (data-person: the folder it is, or for a new person its name or new-<id>),
-        "title", "faces", "folder"}: the output's groups, each face moved to the person the
-        people file gives it (a record that holds most of a folder's faces is that
-        folder's person), rejected faces left out. Suggestions: (face, person key,
-        distance) for the singletons the identity rule's stage 3 would join to a person,
-        nearest first, but not to a person the user said it is not."""
-        m, c = self.manifest(), self.cache
-        index = face_index(c)
-        groups = [(e["name"], manifest_members(index, e.get("faces", [])))
-                  for e in m.get(GROUP_LISTS[self.step], [])]
-        if self.step == "cluster":
-            groups.append(("_singletons", manifest_members(index, m.get("singletons", []))))
+        (data-person), "title", "faces"}: the output's groups with each face moved to
+        the person the people file gives it, rejected faces left out. A folder's key is
+        its name; a record of the people file is that folder's person when it is named
+        after it, or holds all of the folder's faces the file places (and more than half
+        of them); any other record is a new person, keyed by its name or _new-<id> (names
+        never start with _). Suggestions: (face, person key, distance) for the singletons
+        that stage 3 of the page's rule joins to a person (not one the user said it is
+        not), nearest first."""
+        m, c = self.manifest(), self._fresh_cache()
+        try:
+            st = os.stat(people_path(c.path))
+            stamp = (self.version(), id(c), st.st_size, st.st_mtime_ns, suggest)
+        except OSError:
+            stamp = (self.version(), id(c), None, None, suggest)
+        if getattr(self, "_view", (None,))[0] == stamp:    # nothing changed since
+            return self._view[1]
+        self._view = (stamp, self._view_of(m, c, suggest))
+        return self._view[1]
+
+    def _view_of(self, m, c, suggest):
+        if getattr(self, "_groups", (None,))[0] != (self.version(), id(c)):
+            index = face_index(c)
+            groups = [(e["name"], manifest_members(index, e.get("faces", [])))
+                      for e in m.get(GROUP_LISTS[self.step], []) if isinstance(e, dict)
+                      and isinstance(e.get("name"), str) and not e["name"].startswith("_")]
+            if self.step == "cluster":
+                groups.append(("_singletons",
+                               manifest_members(index, m.get("singletons", []))))
+            self._groups = ((self.version(), id(c)), groups)
+        groups = self._groups[1]
         data = read_people(c.path)
         rows = lambda ids: [int(i) for i in face_id_rows(c, ids) if i >= 0]
         rejected = set(rows(data["rejected"]))
-        rec_of = {i: (r["id"], r.get("name")) for r in data["people"]
-                  for g in r["groups"] for i in rows(g)}
-        counts = {}                                 # record -> folder -> faces
-        for folder, faces in groups:
-            for i in faces:
-                if i in rec_of:
-                    by = counts.setdefault(rec_of[i][0], {})
-                    by[folder] = by.get(folder, 0) + 1
-        sizes = {folder: len(faces) for folder, faces in groups}
-        owner = {}                                  # folder -> the record that is its person
-        for rid, by in counts.items():
-            for folder, n in sorted(by.items(), key=lambda kv: -kv[1]):
-                if folder != "_singletons" and 2 * n > sizes[folder] and folder not in owner:
-                    owner[folder] = rid
-                    break
-        key_of_rec = {rid: f for f, rid in owner.items()}
+        rec_of = {i: r["id"] for r in data["people"] for g in r["groups"] for i in rows(g)}
         name_of = {r["id"]: r.get("name") for r in data["people"]}
+        by_name = {n.casefold(): rid for rid, n in name_of.items() if n}
+        owner = {}                                  # folder -> the record that is its person
+        for folder, faces in groups:
+            live = [i for i in faces if i not in rejected]
+            held = {}
+            for i in live:
+                held[rec_of.get(i)] = held.get(rec_of.get(i), 0) + 1
+            named = by_name.get(folder.casefold())
+            top = max((r for r in held if r), key=lambda r: held[r], default=None)
+            if folder == "_singletons":
+                continue
+            if named is not None:
+                owner[folder] = named
+            elif top and held.get(None, 0) == 0 and 2 * held[top] > len(live) \
+                    and top not in owner.values():
+                owner[folder] = top
+        key_of_rec = {}
+        for folder, rid in owner.items():
+            key_of_rec.setdefault(rid, folder)
         sections, order = {}, []
         for folder, faces in groups:
             for i in faces:
                 if i in rejected:
                     continue
-                rid = rec_of[i][0] if i in rec_of else None
-                key = key_of_rec.get(rid) or (name_of[rid] or f"new-{rid}" if rid else folder)
+                rid = rec_of.get(i)
+                if rid is None:
+                    key = folder
+                else:
+                    key = key_of_rec.get(rid) or name_of[rid] or f"_new-{rid}"
                 if key not in sections:
-                    own = key in sizes
-                    title = (name_of.get(owner.get(key)) or key) if own else \
-                        (name_of.get(rid) or "a new person")
-                    sections[key] = {"person": key, "title": title, "faces": [],
-                                     "folder": key if own else None}
+                    rec = owner.get(key) if key in owner else (rid if rid is not None
+                                                                and key != folder else None)
+                    title = name_of.get(rec) or (key if not key.startswith("_new-")
+                                                 else "a new person")
+                    sections[key] = {"person": key, "title": title, "faces": []}
                     order.append(key)
                 sections[key]["faces"].append(i)
         out = [sections[k] for k in order if k != "_singletons"]
         out += [sections["_singletons"]] if "_singletons" in sections else []
-        return out, self._suggestions(out, data)
+        return out, (self._suggestions(out, data) if suggest else [])
 
     def _suggestions(self, sections, data):
         people = [s for s in sections if s["person"] != "_singletons" and s["faces"]]
@@ -5473,15 +5536,15 @@ class ReviewServer:
             out.append((i, people[k]["person"], round(1.0 - float(sim), 3)))
         return sorted(out, key=lambda t: t[2])
 
-    def section_ids(self, key, person=False):
-        """Face ids of the section the page shows as `key`; person: it is to be one person
-        (never _singletons)."""
+    def section_ids(self, key, sections, person=False):
+        """Face ids of the section (of view() sections) the page shows as `key`; person: it
+        is to be one person (never _singletons)."""
         if not isinstance(key, str) or not key:
             raise SortFacesError(f"no section named: {key!r}")
         if person and key == "_singletons":
             raise SortFacesError("_singletons holds many different people, not one; move the "
                                  "faces of one person to a new person instead")
-        sec = next((s for s in self.view()[0] if s["person"] == key), None)
+        sec = next((s for s in sections if s["person"] == key), None)
         if sec is None:
             raise SortFacesError(f"no person {key!r} on this page")
         return [self.fid(i) for i in sec["faces"]]
@@ -5500,20 +5563,24 @@ class ReviewServer:
         if not isinstance(faces, list) or not all(isinstance(f, str) for f in faces):
             raise SortFacesError("faces must be a list of face ids")
         # sections are resolved before the people file is locked (view() reads it)
+        view = self.view(suggest=False)[0] if op in ("name", "merge", "move", "decline") \
+            else []
         if op == "name":
-            ids = self.section_ids(req.get("section"), person=True)
+            ids = self.section_ids(req.get("section"), view, person=True)
         elif op == "merge":
             sections = [x for x in req.get("sections", []) if isinstance(x, str)]
             if len(sections) < 2:
                 raise SortFacesError("tick two or more people to merge")
-            ids = [f for x in sections for f in self.section_ids(x, person=True)]
+            ids = [f for x in sections for f in self.section_ids(x, view, person=True)]
         elif op == "move" and faces:
             to = req.get("to") or ""
-            to_ids = self.section_ids(to, person=True) if to else []
-            away = [f for x in set(req.get("from", [])) if isinstance(x, str)
-                    for f in self.section_ids(x) if x != "_singletons"]
+            to_ids = self.section_ids(to, view, person=True) if to else []
+            sources = sorted({x for x in req.get("from", []) if isinstance(x, str)
+                              and x not in ("_singletons", to)})
+            keep = set(to_ids) | set(faces)     # never apart from where they are going
+            away = [f for x in sources for f in self.section_ids(x, view) if f not in keep]
         elif op == "decline" and len(faces) == 1:
-            ids = self.section_ids(req.get("section"), person=True)
+            ids = self.section_ids(req.get("section"), view, person=True)
         with edit_people(self.cache.path) as data:
             before = _state(data)
             if op == "name":
@@ -5549,60 +5616,69 @@ class ReviewServer:
                       "writes it (re-run with --clean to write the folders now)")
 
     def app(self, page=1):
-        """The live part of the page (#sf-app): toolbar, index of people, sections."""
+        """The live part of the page (#sf-app): toolbar, index of people, sections; pages
+        of about PAGE_FACES thumbnails (a person shows its closest and farthest faces, the
+        singletons run over as many pages as they need, questions first)."""
         import html
         from urllib.parse import quote
         sections, suggestions = self.view()
         c, e = self.cache, html.escape
-        thumb = lambda i, cls="": (f'<img loading="lazy" src="/thumb?f={quote(self.fid(i))}" '
-                                   f'data-face="{e(self.fid(i))}" width="{THUMB_PX}" '
-                                   f'height="{THUMB_PX}" alt="" {cls}title="'
-                                   f'{e(str(c.file_path[int(c.face_file[i])]))}">')
+        emitted = []
+
+        def thumb(i, hook="data-face"):
+            emitted.append(i)
+            return (f'<img loading="lazy" src="/thumb?f={quote(self.fid(i))}" '
+                    f'{hook}="{e(self.fid(i))}" width="{THUMB_PX}" height="{THUMB_PX}" '
+                    f'alt="" title="{e(str(c.file_path[int(c.face_file[i])]))}">')
         people = [s for s in sections if s["person"] != "_singletons"]
+        suggest = {i: (to, d) for i, to, d in suggestions}
+        blocks = []            # (section, faces shown or None: not drawn yet, how many)
+        for s in people:
+            blocks.append((s, None, min(len(s["faces"]), SECTION_FACES)))
+        singles = next((s for s in sections if s["person"] == "_singletons"), None)
+        if singles:
+            order = [i for i, _, _ in suggestions] + [i for i in singles["faces"]
+                                                      if i not in suggest]
+            blocks += [(singles, order[k:k + PAGE_FACES], len(order[k:k + PAGE_FACES]))
+                       for k in range(0, len(order), PAGE_FACES)]
         pages, size = [[]], 0
-        for s in sections:                        # pages of about PAGE_FACES thumbnails
-            shown = min(len(s["faces"]), SECTION_FACES if s["person"] != "_singletons"
-                        else PAGE_FACES)
-            if pages[-1] and size + shown > PAGE_FACES:
+        for block in blocks:
+            if pages[-1] and size + block[2] > PAGE_FACES:
                 pages.append([])
                 size = 0
-            pages[-1].append(s)
-            size += shown
+            pages[-1].append(block)
+            size += block[2]
         page = max(1, min(int(page), len(pages)))
         ids = {s["person"]: f"p-{k}" for k, s in enumerate(sections)}
-        page_of = {s["person"]: n for n, p in enumerate(pages, 1) for s in p}
+        page_of = {}
+        for n, p in enumerate(pages, 1):
+            for s, _, _ in p:
+                page_of.setdefault(s["person"], n)
         index = []
         for s in people:
             if s["faces"]:
                 there = "" if page_of[s["person"]] == page else f"?page={page_of[s['person']]}"
-                face = thumb(s["faces"][0]).replace(" data-face=", " data-thumb=")
                 index.append(f'<li><a data-goto="{ids[s["person"]]}" href="{there}#'
-                             f'{ids[s["person"]]}">{face}<span>{e(s["title"])}</span> '
-                             f'<small>{len(s["faces"])}</small></a></li>')
+                             f'{ids[s["person"]]}">{thumb(s["faces"][0], "data-thumb")}'
+                             f'<span>{e(s["title"])}</span> <small>{len(s["faces"])}</small>'
+                             f'</a></li>')
         index = "".join(index)
-        wanted = [s["faces"][0] for s in people if s["faces"]] + \
-            [i for s in pages[page - 1] for i in s["faces"][:PAGE_FACES]]
-        self.jpegs = self.thumbs.get(c, wanted)    # one read per thumbnail batch
         options = "".join(f'<option value="{e(s["person"])}">{e(s["title"])}</option>'
                           for s in people)
         nav = " ".join(f"<b>{n}</b>" if n == page else f'<a href="?page={n}">{n}</a>'
                        for n in range(1, len(pages) + 1))
-        suggest = {i: (to, d) for i, to, d in suggestions}
         title_of = {s["person"]: s["title"] for s in people}
         parts = []
-        for s in pages[page - 1]:
-            key, faces = s["person"], s["faces"]
+        for s, shown, _ in pages[page - 1]:
+            key = s["person"]
             single = key == "_singletons"
-            if single:           # suggestions first, most confident first
-                faces = [i for i, _, _ in suggestions] + [i for i in faces if i not in suggest]
-                shown, hidden = faces[:PAGE_FACES], max(0, len(faces) - PAGE_FACES)
-            else:
-                faces = by_centrality(c.face_emb, faces)
-                shown, hidden = faces, 0
-                if len(faces) > SECTION_FACES:
+            hidden = 0
+            if shown is None:      # a person: its closest and its farthest faces
+                shown = by_centrality(c.face_emb, s["faces"])
+                if len(shown) > SECTION_FACES:
                     far = SECTION_FACES // 3
-                    shown = faces[:SECTION_FACES - far] + faces[-far:]
-                    hidden = len(faces) - len(shown)
+                    shown = shown[:SECTION_FACES - far] + shown[-far:]
+                hidden = len(s["faces"]) - len(shown)
             imgs = []
             for i in shown:
                 if i in suggest:
@@ -5619,12 +5695,16 @@ class ReviewServer:
                      '<input data-field="name" placeholder="name this person" size="14"> '
                      '<button data-action="name">Name</button> <label><input '
                      'type="checkbox" data-field="merge"> merge</label> ')
-            link = f' <a href="{quote(s["folder"])}/">folder</a>' if s["folder"] else ""
             parts.append(f'<section data-person="{e(key)}" id="{ids[key]}"><h2><span '
                          f'class="sf-title">{e(s["title"])}</span> <small class="sf-n">'
-                         f'{len(s["faces"])} faces</small>{link} {tools}<button '
+                         f'{len(s["faces"])} faces</small> {tools}<button '
                          f'data-action="select-all">Select all</button> <button '
                          f'data-action="hide">Hide</button></h2>\n{"".join(imgs)}</section>')
+        # the thumbnails of this page, read in one go (one read per batch), kept a while
+        fresh = [i for i in emitted if i not in self.jpegs]
+        if len(self.jpegs) + len(fresh) > 8 * PAGE_FACES:
+            self.jpegs = {}
+        self.jpegs.update(self.thumbs.get(c, fresh))
         total = sum(len(s["faces"]) for s in people)
         return (f'<div id="sf-bar"><span id="sf-count">0 selected</span> <select '
                 f'id="sf-target" aria-label="move to"><option value="">a new person named:'
@@ -5739,8 +5819,8 @@ class _ReviewHandler(http.server.BaseHTTPRequestHandler):
         self.send_header("X-Content-Type-Options", "nosniff")
         self.send_header("Referrer-Policy", "no-referrer")
         if cookie:
-            self.send_header("Set-Cookie", f"sf_token={cookie}; Path=/; HttpOnly; "
-                                           f"SameSite=Strict")
+            self.send_header("Set-Cookie", f"sf_token_{self.review.port}={cookie}; Path=/; "
+                                           f"HttpOnly; SameSite=Strict")
         self.end_headers()
         self.wfile.write(data)
 
@@ -5753,7 +5833,8 @@ class _ReviewHandler(http.server.BaseHTTPRequestHandler):
         if not given:
             with contextlib.suppress(Exception):
                 jar = SimpleCookie(self.headers.get("Cookie", ""))
-                given = jar["sf_token"].value if "sf_token" in jar else ""
+                name = f"sf_token_{self.review.port}"   # cookies are shared across ports
+                given = jar[name].value if name in jar else ""
         return hmac.compare_digest(given.encode(), self.review.token.encode())
 
     def _host_ok(self):          # a page elsewhere cannot reach us by a rebound name
@@ -5793,7 +5874,8 @@ class _ReviewHandler(http.server.BaseHTTPRequestHandler):
         from urllib.parse import parse_qs
         q = {k: v[0] for k, v in parse_qs(query).items()}
         try:
-            page = int(q["page"]) if q.get("page", "").isdigit() else 1
+            raw = q.get("page", "")
+            page = int(raw) if raw.isascii() and raw.isdigit() and len(raw) < 7 else 1
             if rel == "index.html" and "token" in q:    # the link's token becomes a cookie
                 self._reply(303, b"", "text/plain", cookie=self.review.token,
                             location="/index.html" + (f"?page={page}" if page > 1 else ""))
@@ -5810,16 +5892,27 @@ class _ReviewHandler(http.server.BaseHTTPRequestHandler):
                 return False
         except (BadFile, SortFacesError) as exc:
             self._reply(404, {"error": str(exc)[:200]})
+        except Exception as exc:            # an unreadable photo, a disk error: said
+            self.close_connection = True
+            self._reply(500, {"error": _errno_text(exc)[:200]})
         return True
 
     def do_POST(self):
         from urllib.parse import urlsplit
+        self.close_connection = True        # whatever of the body is left unread
         url = urlsplit(self.path)
-        if not self._host_ok() or url.path != "/api" or not self._token(url.query):
+        origin = self.headers.get("Origin")
+        if not self._host_ok() or url.path != "/api" or not self._token(url.query) or (
+                origin and origin not in (f"http://127.0.0.1:{self.review.port}",
+                                          f"http://localhost:{self.review.port}")):
             return self._reply(403, {"error": "refused: no valid token"})
+        if self.headers.get("Content-Type", "").split(";")[0].strip() != "application/json":
+            return self._reply(415, {"error": "send JSON"})
         try:
             n = int(self.headers.get("Content-Length", "0"))
-            req = json.loads(self.rfile.read(max(0, min(n, 1 << 20))) or b"{}")
+            if n > 1 << 20:
+                return self._reply(413, {"error": "too large"})
+            req = json.loads(self.rfile.read(max(0, n)) or b"{}")
             if not isinstance(req, dict):
                 raise ValueError("not an object")
             self._reply(200, {"message": self.review.act(req)})
@@ -5827,17 +5920,32 @@ class _ReviewHandler(http.server.BaseHTTPRequestHandler):
             self._reply(409, {"error": str(exc)})
         except (SortFacesError, ValueError, KeyError, TypeError, RecursionError) as exc:
             self._reply(400, {"error": str(exc)[:300]})
+        except Exception as exc:            # a disk error while saving: said, not dropped
+            self._reply(500, {"error": f"not saved: {_errno_text(exc)}"[:300]})
 
 
 def cmd_review(args):
     """Serve OUT's live review page: name, merge, move, reject, "is this …?", undo."""
     server = ReviewServer(args.out, args.cache, args.port)
-    log_result(f"review: {server.url}  (corrections go to {people_path(server.cache.path)}; "
-               f"Ctrl-C stops)")
-    if not args.no_browser:
+    where = f"(corrections go to {people_path(server.cache.path)}; Ctrl-C stops)"
+    CONSOLE._to_log(f"review: http://127.0.0.1:{server.port}/index.html?token=…  {where}")
+    print(f"review: {server.url}  {where}", flush=True)      # the log never holds the token
+    folder = None
+    if not args.no_browser:     # a private page that goes on, so no command line shows it
+        import html
+        import tempfile
         import webbrowser
-        webbrowser.open(server.url)
-    server.serve()
+        folder = tempfile.mkdtemp(prefix="sort_faces-review-")
+        link = os.path.join(folder, "open.html")
+        write_file(link, f'<meta http-equiv="refresh" content="0; url='
+                         f'{html.escape(server.url)}">'.encode())
+        os.chmod(link, 0o600)
+        webbrowser.open("file://" + link)
+    try:
+        server.serve()
+    finally:
+        if folder:
+            _rmtree(folder)
     return 0
 
 
@@ -5875,7 +5983,7 @@ def cmd_cluster(args):
     idx = select_faces(cache, args.max_faces_per_image, args.skip_partial)
     CONSOLE.phase("load")
     plan = plan_clusters(cache, idx, rule, args.min_cluster_size, args.top,
-                         load_corrections(cache))
+                         load_corrections(cache), remember=not args.dry_run)
     CONSOLE.phase("plan")
     sizes = [len(c) for c in plan.clusters]
     summary = (f"cluster: {len(idx)} faces -> {len(sizes)} people (sizes {sizes[:10]}"
@@ -5906,7 +6014,7 @@ def cmd_refine(args):
     gates = Gates.from_args(args)
     idx = select_faces(cache, args.max_faces_per_image, args.skip_partial)
     plan = plan_refine(cache, idx, rule, outlier, gates, args.min_faces,
-                       load_corrections(cache))
+                       load_corrections(cache), remember=not args.dry_run)
     report_small_sets(plan, refine_limits(outlier, gates, args.min_faces), args.min_faces)
     counts = count_gates(plan.dropped)
     summary = (f"refine: {len(idx)} faces -> {len(plan.facesets)} facesets (sizes "
