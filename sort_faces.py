@@ -5442,8 +5442,9 @@ class ReviewServer:
         (data-person), "title", "faces"}: the output's groups with each face moved to
         the person the people file gives it, rejected faces left out. A folder's key is
         its name; a record of the people file is that folder's person when it is named
-        after it, or holds all of the folder's faces the file places (and more than half
-        of them); any other record is a new person, keyed by its name or _new-<id> (names
+        after it, or, once the file places every face of the folder, holds the most of
+        them and was not taken away from it (a move records that); any other record is a
+        new person, keyed by its name or _new-<id> (names
         never start with _). Suggestions: (face, person key, distance) for the singletons
         that stage 3 of the page's rule joins to a person (not one the user said it is
         not), nearest first."""
@@ -5475,6 +5476,13 @@ class ReviewServer:
         rec_of = {i: r["id"] for r in data["people"] for g in r["groups"] for i in rows(g)}
         name_of = {r["id"]: r.get("name") for r in data["people"]}
         by_name = {n.casefold(): rid for rid, n in name_of.items() if n}
+        folder_of = {i: folder for folder, faces in groups for i in faces}
+        apart = set()          # (record, folder): its faces were taken away from that folder
+        for item in data["not"]:
+            rid = rec_of.get(next(iter(rows([item["face"]])), -1))
+            if rid is not None:
+                apart |= {(rid, folder_of[j]) for j in rows(item["faces"])
+                          if j in folder_of and rec_of.get(j) != rid}
         owner = {}                                  # folder -> the record that is its person
         for folder, faces in groups:
             live = [i for i in faces if i not in rejected]
@@ -5482,13 +5490,13 @@ class ReviewServer:
             for i in live:
                 held[rec_of.get(i)] = held.get(rec_of.get(i), 0) + 1
             named = by_name.get(folder.casefold())
-            top = max((r for r in held if r), key=lambda r: held[r], default=None)
+            top = max((r for r in held if r and (r, folder) not in apart
+                       and r not in owner.values()), key=lambda r: held[r], default=None)
             if folder == "_singletons":
                 continue
             if named is not None:
                 owner[folder] = named
-            elif top and held.get(None, 0) == 0 and 2 * held[top] > len(live) \
-                    and top not in owner.values():
+            elif top and held.get(None, 0) == 0:   # every face placed: the one kept there
                 owner[folder] = top
         key_of_rec = {}
         for folder, rid in owner.items():

@@ -668,3 +668,26 @@ def test_missing_things_get_their_own_reason(thirds, capsys):
         capsys.readouterr()
         assert run(*argv, tmp=t) == 1
         assert why in capsys.readouterr().err, argv
+
+
+def test_the_page_never_shows_two_people_as_one(served):
+    """Most of a person moved to a new, unnamed person: the page shows two people, the
+    moved faces in the new one and the rest where they were; naming the rest names only
+    them."""
+    t, cache, out, server = served
+    api = f"http://127.0.0.1:{server.port}/api?token={server.token}"
+    tony = folder_of(out, "Tony_Blair")
+    sections = {s["person"]: [server.fid(i) for i in s["faces"]] for s in server.view()[0]}
+    faces = sections[tony]
+    moved = faces[:len(faces) * 2 // 3]
+    status, body = _post(api, {"op": "move", "faces": moved, "from": [tony] * len(moved),
+                               "to": "", "version": server.version()})
+    assert status == 200, body
+    after = {s["person"]: set(server.fid(i) for i in s["faces"]) for s in server.view()[0]}
+    assert after[tony] == set(faces) - set(moved)
+    new = [k for k, v in after.items() if v == set(moved)]
+    assert len(new) == 1 and new[0] != tony
+    assert _post(api, {"op": "name", "section": tony, "name": "Rest",
+                       "version": server.version()})[0] == 200
+    titles = {s["person"]: s["title"] for s in server.view()[0]}
+    assert titles[tony] == "Rest" and titles[new[0]] != "Rest"
