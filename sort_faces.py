@@ -5397,8 +5397,7 @@ class ReviewServer:
         self.mine = []          # journal numbers of this server's changes: Undo takes these
         self.acting = __import__("threading").Lock()     # one change at a time
         handler = type("Handler", (_ReviewHandler,), {"review": self})
-        server = type("Server", (http.server.ThreadingHTTPServer,),
-                      {"request_queue_size": 128, "daemon_threads": True})
+        server = type("Server", (_ReviewHTTPServer,), {})
         self.httpd = server(("127.0.0.1", port), handler)
         self.port = self.httpd.server_address[1]
         self.url = f"http://127.0.0.1:{self.port}/index.html?token={self.token}"
@@ -5773,6 +5772,18 @@ class ReviewServer:
         with contextlib.suppress(KeyboardInterrupt):
             self.httpd.serve_forever()
         self.httpd.server_close()
+
+
+class _ReviewHTTPServer(http.server.ThreadingHTTPServer):
+    request_queue_size = 128
+    daemon_threads = True
+
+    def handle_error(self, request, client_address):
+        """A browser that closed its connection (a tab shut, a kept-alive link reset) is
+        normal; anything else is one line in the log, never a traceback."""
+        exc = sys.exc_info()[1]
+        if not isinstance(exc, (ConnectionError, TimeoutError)):
+            CONSOLE._to_log(f"review: a request failed: {_errno_text(exc)}")
 
 
 class StalePage(SortFacesError):

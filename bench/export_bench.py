@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""enrich ms per face and export-swap ms per exported PNG on ../shared/data/labeled.
+"""enrich ms per face and export-swap ms per exported PNG on ../shared/data/labeled, and
+what the export wrote (the swap folder's bytes, PNG sizes, the largest upscale).
 
 Embeds labeled/ once into a temp cache, then --repeat times: enrich a fresh copy of that
 cache (model load excluded: the models are loaded once and warmed up before timing), and
@@ -73,8 +74,16 @@ def main(argv=None):
                                        "--log-dir", os.path.join(tmp, "logs")]))
         assert rc == 0
         with open(os.path.join(out, "manifest.json")) as f:
-            pngs = sum(e["pngs"] for e in json.load(f)["facesets"])
+            entries = json.load(f)["facesets"]
+        pngs = sum(e["pngs"] for e in entries)
         export_s.append(t)
+    records = []                                   # what the last export wrote, per PNG
+    for e in entries:
+        with open(os.path.join(out, e["path"], "manifest.json")) as f:
+            records += json.load(f)["pngs"]
+    out_bytes = sum(os.path.getsize(os.path.join(d, n)) for d, _, ns in os.walk(out)
+                    for n in ns)
+    sizes = sorted(r.get("size", sf.OUT_SIZE) for r in records)   # before 0.3: all 512
     e_ms = 1000 * statistics.median(enrich_s) / faces
     x_ms = 1000 * statistics.median(export_s) / max(1, pngs)
     print(f"enrich: {faces} faces, median {statistics.median(enrich_s):.2f} s "
@@ -82,9 +91,16 @@ def main(argv=None):
     print(f"export-swap: {pngs} PNGs, median {statistics.median(export_s):.2f} s "
           f"-> {x_ms:.1f} ms per PNG (runs: {', '.join(f'{s:.2f}' for s in export_s)}; "
           f"includes detector load and the one-face re-check)")
+    small = sum(v < sf.OUT_SIZE for v in sizes)
+    print(f"swap folder: {out_bytes / 1e6:.1f} MB; {small} of {len(sizes)} PNGs smaller than "
+          f"{sf.OUT_SIZE} px (median {statistics.median(sizes) if sizes else 0} px), "
+          f"largest upscale {max((r.get('upscale', 0) for r in records), default=0):.2f}x")
     print(json.dumps({"faces": faces, "model_load_s": round(load_s, 3),
                       "enrich_ms_per_face": round(e_ms, 2), "pngs": pngs,
                       "export_ms_per_png": round(x_ms, 2), "repeat": args.repeat,
+                      "swap_bytes": out_bytes, "pngs_below_out_size": small,
+                      "png_size_median": statistics.median(sizes) if sizes else 0,
+                      "max_upscale": max((r.get("upscale", 0) for r in records), default=0),
                       "enrich_runs_s": [round(s, 3) for s in enrich_s],
                       "export_runs_s": [round(s, 3) for s in export_s]}))
     shutil.rmtree(tmp, ignore_errors=True)
