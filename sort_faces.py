@@ -4686,11 +4686,11 @@ def hide_faces(img, boxes, strength=1.0):
         size = (c1 - c0, r1 - r0)
         k = max(1.0, sigma / 4)               # a wide blur loses nothing at 1/k scale
         small = (max(1, round(size[0] / k)), max(1, round(size[1] / k)))
-        mask = np.zeros(small[::-1], np.float32)
-        cv2.ellipse(mask, (int(round((cx - c0) / k)), int(round((cy - r0) / k))),
-                    (max(1, int(round(ax / k))), max(1, int(round(ay / k)))), 0, 0, 360,
-                    1.0, -1)
-        mask = cv2.GaussianBlur(mask, (0, 0), max(0.5, face * 0.08 / k))
+        sx, sy = small[0] / size[0], small[1] / size[1]       # the scales resize uses
+        xs = (np.arange(small[0]) + 0.5) / sx - 0.5 + c0 - cx  # small pixel centres,
+        ys = (np.arange(small[1]) + 0.5) / sy - 0.5 + r0 - cy  # from the face's centre
+        mask = ((xs[None, :] / ax) ** 2 + (ys[:, None] / ay) ** 2 <= 1).astype(np.float32)
+        mask = cv2.GaussianBlur(mask, (0, 0), max(0.5, face * 0.08 * sx))
         blurred = cv2.GaussianBlur(cv2.resize(roi, small, interpolation=cv2.INTER_AREA),
                                    (0, 0), sigma / k, borderType=cv2.BORDER_REFLECT)
         up = lambda a: cv2.resize(a, size, interpolation=cv2.INTER_LINEAR)

@@ -232,3 +232,26 @@ def test_missing_or_garbage_cache_is_a_clear_error(tmp_path, capsys):
     garbage.write_bytes(b"PK\x03\x04 this is no zip")
     rc, err = run(tmp_path, capsys, "cluster", garbage, tmp_path / "out")
     assert rc == 1 and len(err) == 1 and "not a sort_faces cache" in err[0], err
+
+
+@pytest.mark.parametrize("box", [(300, 300, 620, 620), (40, 500, 140, 610), (800, -30, 950, 120)])
+def test_hide_faces_blurs_the_face_where_it_is(box):
+    """The blur that hides another face in a crop is centred on that face, whatever its
+    size and however far it reaches past the crop, and leaves the rest of the crop alone."""
+    img = np.indices((900, 900)).sum(0) % 2 * 255                 # a 1 px checkerboard
+    img = np.repeat(img[..., None], 3, 2).astype(np.uint8)
+    out = sort_faces.hide_faces(img, [box])
+    assert out.shape == img.shape and out.dtype == np.uint8
+    changed = np.abs(out.astype(int) - img).sum(2) > 60
+    ys, xs = np.nonzero(changed)
+    x1, y1, x2, y2 = (float(v) for v in box)
+    face = max(x2 - x1, y2 - y1)
+    # where the blur should be: the ellipse around the face, as much of it as is in the crop
+    gy, gx = np.indices(changed.shape)
+    inside = (((gx - (x1 + x2) / 2) / (0.6 * (x2 - x1) + 2)) ** 2
+              + ((gy - (y1 + y2) / 2) / (0.6 * (y2 - y1) + 2)) ** 2) <= 1
+    wy, wx = np.nonzero(inside)
+    assert abs(xs.mean() - wx.mean()) < 0.05 * face and abs(ys.mean() - wy.mean()) < 0.05 * face, \
+        (xs.mean(), ys.mean(), wx.mean(), wy.mean())
+    far = ((gx - (x1 + x2) / 2) ** 2 + (gy - (y1 + y2) / 2) ** 2) > (1.2 * face) ** 2
+    assert not (changed & far).any()             # the rest of the crop is left alone
