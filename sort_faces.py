@@ -69,7 +69,7 @@ __all__ = [
     "open_regular", "safe_component", "add_gate_args", "add_model_dir_arg",
     "identities", "identity_rule", "IdentityRule", "nearest_person", "plan_refine", "Gates",
     "centroid_gate", "add_identity_args", "explain_drops", "labels_to_groups",
-    "add_workflow_args", "export_marked", "count_gates", "describe_counts",
+    "add_workflow_args", "export_marked", "count_gates", "describe_counts", "Result",
 ]
 
 # insightface's alignment calls a scikit-image API deprecated in 0.26; the warning is noise
@@ -2883,43 +2883,209 @@ def by_centrality(emb_all, faces):
 # ============================================================================
 # Manifests
 # ============================================================================
-# Every manifest is made by new_manifest() and read by read_manifest(); faces in them are
-# face_record()s, identified by face_keys() (content + box), never by cache row.
+# A step's result is a Result: read only by Result.read (which checks what later steps rely
+# on), written only by Result.write, and the only code that turns cache faces into manifest
+# records (record) and back (rows). Faces are identified by face_keys() (content + box),
+# never by cache row.
 #: bytes export-swap may append to a faceset name ("_candidate_0001.png", "_top30.fsz", …)
 SWAP_SUFFIX_BYTES = 24
-#: the list of named groups in each step's manifest
-GROUP_LISTS = {"cluster": "clusters", "refine": "facesets", "export-swap": "facesets"}
 
 
-def new_manifest(step, cache, params, **fields):
-    """A manifest of `step` made from cache: schema, tool version, cache, pack, params."""
-    return {"schema": MANIFEST_SCHEMA, "tool_version": __version__, "step": step,
-            "cache": cache.path, "pack": cache.meta["pack"], "params": params, **fields}
+@dataclasses.dataclass(frozen=True)
+class ResultKind:
+    """What one kind of result looks like on disk."""
+    step: str                   #: the manifest's "step"
+    file: str                   #: its file name in the output folder
+    groups: str | None          #: the list of its named groups (people, facesets)
+    faces: tuple = ()           #: its other lists of face records
+    required: tuple = ()        #: fields a reader needs besides the group list
 
 
-def face_record(cache, i, aliases, file_name=None):
-    """The manifest entry of cache face i (the schema documented in the README)."""
-    f = int(cache.face_file[i])
-    paths = aliases.get(str(cache.file_sha256[f]), [str(cache.file_path[f])])
-    rec = {"path": paths[0], "bbox": [round(float(v), 1) for v in cache.face_bbox[i]],
-           "det_score": round(float(cache.face_det_score[i]), 4),
-           "file": file_name or safe_dst_name(paths[0]),
-           "sha256": str(cache.file_sha256[f]),
-           "short_edge": round(float(cache.face_short[i]), 1),
-           "blur": round(float(cache.face_blur[i]), 1)}
-    if len(paths) > 1:
-        rec["aliases"] = paths[1:]
-    return rec
+RESULT_KINDS = {
+    "cluster": ResultKind("cluster", "manifest.json", "clusters", ("singletons",),
+                          ("singletons", "noface")),
+    "refine": ResultKind("refine", "refine_manifest.json", "facesets", ("dropped",),
+                         ("dropped", "gate_counts")),
+    "export-swap": ResultKind("export-swap", "manifest.json", "facesets"),
+    # one exported faceset's own manifest, in its folder of an export-swap output
+    "faceset": ResultKind("export-swap", "manifest.json", None, ("pngs", "dropped"),
+                          ("faceset", "pngs")),
+    "dedup": ResultKind("dedup", "duplicates.json", None),
+}
+#: the steps whose output folders the review, name and reject read, in the order tried
+OUTPUT_KINDS = ("cluster", "refine", "export-swap")
+#: manifest params a later step reads back: name -> the types it may have
+MANIFEST_PARAMS = {**{k: (int, float) for k in (
+    "threshold", "initial_threshold", "merge_threshold", "join_threshold", "join_margin",
+    "outlier_threshold", "min_face_short", "min_short", "min_blur", "min_det_score")},
+    **{k: (int,) for k in ("min_cluster_size", "min_faces", "max_faces_per_image", "top")},
+    "skip_partial": (bool,), "link": (str,)}
 
 
-def manifest_members(index, faces):
-    """Cache rows (FaceIndex index) of manifest face records; records no longer in the
-    cache, or whose key cannot be read, are skipped."""
-    faces = [f for f in faces if _is_face_record(f)]
-    if not faces:
-        return []
-    rows = index.find(face_keys([f["sha256"] for f in faces], [f["bbox"] for f in faces]))
-    return rows[rows >= 0].tolist()
+class Result:
+    """One step's result as its manifest holds it (the schema documented in the README).
+    groups: the named people or facesets, each a JSON record with "name" and "faces";
+    fields: every other top-level entry (singletons, dropped, noface, extends, …), kept as
+    read. cache: the Cache its faces are rows of (None when read without one)."""
+
+    def __init__(self, kind, cache, params, groups=None, *, cache_path=None, pack=None,
+                 tool_version=__version__, **fields):
+        self.kind, self.spec, self.cache = kind, RESULT_KINDS[kind], cache
+        self.params = params.to_json() if isinstance(params, StepParams) else params
+        self.groups = list(groups or [])
+        self.fields = {**{k: [] for k in self.spec.faces}, **fields}
+        self.cache_path = cache_path or (cache.path if cache is not None else "")
+        self.pack = pack if pack is not None else cache.meta["pack"]
+        self.tool_version = tool_version
+        self._aliases = None
+
+    @property
+    def step(self):
+        return self.spec.step
+
+    def step_params(self, cache=None, join=None, margin=None):
+        """The typed params (ClusterParams, RefineParams) this result was made with; join
+        and margin, when given, replace its rule's."""
+        kind = {"cluster": ClusterParams, "refine": RefineParams}[self.kind]
+        return kind.from_json(cache or self.cache, self.params, join, margin)
+
+    # the lists steps add to (a result read without one gets it empty)
+    singletons = property(lambda self: self.fields.setdefault("singletons", []))
+    dropped = property(lambda self: self.fields.setdefault("dropped", []))
+    noface = property(lambda self: self.fields.setdefault("noface", []))
+    extends = property(lambda self: self.fields.setdefault("extends", []))
+    pngs = property(lambda self: self.fields.setdefault("pngs", []))
+
+    # -- records
+    def record(self, i, file_name=None, **extra):
+        """The manifest record of cache face i."""
+        cache = self.cache
+        if self._aliases is None:
+            self._aliases = cache.memo("aliases", cache.aliases)
+        f = int(cache.face_file[i])
+        paths = self._aliases.get(str(cache.file_sha256[f]), [str(cache.file_path[f])])
+        rec = {"path": paths[0], "bbox": [round(float(v), 1) for v in cache.face_bbox[i]],
+               "det_score": round(float(cache.face_det_score[i]), 4),
+               "file": file_name or safe_dst_name(paths[0]),
+               "sha256": str(cache.file_sha256[f]),
+               "short_edge": round(float(cache.face_short[i]), 1),
+               "blur": round(float(cache.face_blur[i]), 1)}
+        if len(paths) > 1:
+            rec["aliases"] = paths[1:]
+        return {**rec, **extra}
+
+    def rows(self, faces, index=None):
+        """Cache rows of face records; records no longer in the cache, or whose key cannot
+        be read, are skipped. index: the cache's FaceIndex (default face_index(cache))."""
+        keys = record_keys(faces)
+        if not len(keys):
+            return []
+        rows = (index or face_index(self.cache)).find(keys)
+        return rows[rows >= 0].tolist()
+
+    def members(self, index=None):
+        """Cache rows of each group, in order."""
+        index = index or face_index(self.cache)
+        return [self.rows(g.get("faces", []), index) for g in self.groups]
+
+    def add_group(self, name, rows, *, person=None, **extra):
+        """A new named group of cache faces rows (extra: fields of the group and of each
+        of its records); returns its records."""
+        entry = {"name": name, **({"person": person} if person else {}), **extra}
+        self.groups.append(entry)
+        return self.grow(entry, rows, rows, **extra)
+
+    def grow(self, entry, rows, all_rows, **extra):
+        """Add cache faces rows to group entry, whose faces are then all_rows (for its
+        centroid stats); returns the new records."""
+        recs = [self.record(i, **extra) for i in rows]
+        entry["faces"] = entry.get("faces", []) + recs
+        entry.update(cluster_stats(self.cache.face_emb[all_rows]))
+        if self.kind == "refine":
+            entry["images"] = len({f["sha256"] for f in entry["faces"]})
+        return recs
+
+    def group(self, name):
+        """The group a folder name is (a cluster's _singletons too), or None."""
+        if self.kind == "cluster" and name == "_singletons":
+            return {"name": "_singletons", "faces": self.singletons}
+        return next((g for g in self.groups
+                     if g.get("name") == name or g.get("path") == name), None)
+
+    def face_ids(self, cache, faces):
+        """People-file ids of face records; refused when this result was made from another
+        cache than `cache` (its faces would mean nothing to that one)."""
+        if os.path.realpath(self.cache_path) != os.path.realpath(cache.path):
+            raise SortFacesError(f"that output was made from cache {self.cache_path}, not "
+                                 f"{cache.path}; use the cache it was made from")
+        return [face_id(f["sha256"], f["bbox"]) for f in faces if _is_face_record(f)]
+
+    # -- disk
+    def to_json(self):
+        out = {"schema": MANIFEST_SCHEMA, "tool_version": self.tool_version,
+               "step": self.step, "cache": self.cache_path, "pack": self.pack,
+               "params": self.params}
+        if self.spec.groups:
+            out[self.spec.groups] = self.groups
+        return {**out, **self.fields}
+
+    def write(self, path):
+        write_json_atomic(path, self.to_json())
+
+    @classmethod
+    def read(cls, path, kind, cache=None, same_cache=True):
+        """The result of `kind` at path, checked: made with the cache's pack (and, if
+        same_cache, from this very cache), every field later steps read of the right type,
+        group names valid names; else one SortFacesError naming the file and the field."""
+        spec = RESULT_KINDS[kind]
+        path = os.path.abspath(os.fspath(path))
+        if not os.path.lexists(path):
+            raise SortFacesError(f"{path} not found: run `{spec.step}` into that folder first")
+        m = read_json(path, "manifest")
+        if not isinstance(m, dict) or m.get("schema") != MANIFEST_SCHEMA \
+                or m.get("step") != spec.step:
+            got = m if isinstance(m, dict) else {}
+            raise SortFacesError(f"{path}: not a schema-{MANIFEST_SCHEMA} `{spec.step}` "
+                                 f"manifest (schema {got.get('schema')}, step "
+                                 f"{got.get('step')!r})")
+        if cache is not None and m.get("pack") != cache.meta["pack"]:
+            pack = m.get("pack") if isinstance(m.get("pack"), dict) else {}
+            raise SortFacesError(f"{path} was made with model pack {pack.get('name')!r}, the "
+                                 f"cache with {cache.meta['pack']['name']!r}; they never mix")
+        if cache is not None and same_cache and (not isinstance(m.get("cache"), str) or
+                                                 os.path.realpath(m["cache"]) !=
+                                                 os.path.realpath(cache.path)):
+            raise SortFacesError(f"{path} was made from cache {m.get('cache')}, not "
+                                 f"{cache.path}; use the cache it was made from")
+        _check_manifest(m, spec, path)
+        for k, group in enumerate(m.get(spec.groups, []) if spec.groups else []):
+            where = f"{path}: {spec.groups}[{k}]"
+            safe_component(group["name"], where,
+                           SWAP_SUFFIX_BYTES if kind in ("refine", "export-swap") else 0)
+            if kind == "export-swap":
+                safe_relpath(group.setdefault("path", group["name"]), where)
+                if group.get("embedding"):
+                    safe_relpath(group["embedding"], where, depth=3)
+        if kind == "faceset":
+            safe_component(m["faceset"], f"{path}: faceset", SWAP_SUFFIX_BYTES)
+        head = ("schema", "tool_version", "step", "cache", "pack", "params", spec.groups)
+        return cls(kind, cache, m.get("params", {}), m.get(spec.groups, []) if spec.groups
+                   else None, cache_path=m.get("cache") if isinstance(m.get("cache"), str)
+                   else "", pack=m.get("pack"), tool_version=str(m.get("tool_version", "")),
+                   **{k: v for k, v in m.items() if k not in head})
+
+    @classmethod
+    def of_output(cls, out):
+        """The result of a cluster, refine or export-swap output folder (read without a
+        cache: face_ids() refuses another cache)."""
+        for kind in OUTPUT_KINDS:
+            path = os.path.join(out, RESULT_KINDS[kind].file)
+            if os.path.isfile(path):
+                m = read_json(path, "manifest")
+                if isinstance(m, dict) and m.get("step") == kind:
+                    return cls.read(path, kind)
+        raise SortFacesError(f"{out}: no sort_faces manifest (cluster, refine or "
+                             f"export-swap) in it")
 
 
 def _is_face_record(f):
@@ -2932,20 +3098,18 @@ def _is_face_record(f):
         and f["bbox"][2] > f["bbox"][0] and f["bbox"][3] > f["bbox"][1]
 
 
-#: manifest params a later step reads back: name -> the types it may have
-MANIFEST_PARAMS = {**{k: (int, float) for k in (
-    "threshold", "initial_threshold", "merge_threshold", "join_threshold", "join_margin",
-    "outlier_threshold", "min_face_short", "min_short", "min_blur", "min_det_score")},
-    **{k: (int,) for k in ("min_cluster_size", "min_faces", "max_faces_per_image", "top")},
-    "skip_partial": (bool,), "link": (str,)}
+def record_keys(faces):
+    """face_keys() of the face records whose key can be read."""
+    faces = [f for f in faces if _is_face_record(f)]
+    return face_keys([f["sha256"] for f in faces], [f["bbox"] for f in faces])
 
 
-def _check_manifest(m, step, path):
+def _check_manifest(m, spec, path):
     """The structure later steps rely on: params of the right types, group lists of
     records whose faces have a readable key. Raises SortFacesError naming the field."""
     def bad(field, why):
         raise SortFacesError(f"{path}: {field} {why}; the manifest is damaged: re-run "
-                             f"`{step}` with --clean")
+                             f"`{spec.step}` with --clean")
     params = m.get("params", {})
     if not isinstance(params, dict):
         bad("params", "is not a record")
@@ -2955,67 +3119,41 @@ def _check_manifest(m, step, path):
                                                            isinstance(v, bool))
                               or (isinstance(v, float) and not math.isfinite(v))):
             bad(f"params.{key}", f"is {v!r}")
-    lists = [GROUP_LISTS[step]] + (["singletons", "dropped"] if step != "export-swap" else [])
-    for key in lists + ["extends", "noface"]:
-        if key in m and not isinstance(m[key], list):
-            bad(key, "is not a list")
-    needed = {"cluster": ("singletons", "noface"), "refine": ("dropped", "gate_counts")}
-    for key in needed.get(step, ()):
+    for key in spec.required:
         if key not in m:
             bad(key, "is missing")
-    if step == "cluster" and not all(isinstance(p, str) for p in m["noface"]):
+    for key in spec.faces + ("extends", "noface"):
+        if key in m and not isinstance(m[key], list):
+            bad(key, "is not a list")
+    if "noface" in m and not all(isinstance(p, str) for p in m["noface"]):
         bad("noface", "is not a list of paths")
-    if step == "refine":
+    if "faceset" in spec.required and not isinstance(m["faceset"], str):
+        bad("faceset", "is not a name")
+    if spec.step == "refine":
         if not isinstance(m["gate_counts"], dict):
             bad("gate_counts", "is not a record")
         for key in ("min_blur", "min_det_score", "outlier_threshold", "min_faces"):
             if key not in params:
                 bad(f"params.{key}", "is missing")
-    if not isinstance(m.get(GROUP_LISTS[step]), list):
-        bad(GROUP_LISTS[step], "is missing")
-    for k, g in enumerate(m[GROUP_LISTS[step]]):
-        if not isinstance(g, dict) or not isinstance(g.get("name"), str):
-            bad(f"{GROUP_LISTS[step]}[{k}]", "is not a named group")
-        faces = g.get("faces", [] if step == "export-swap" else None)
-        if not isinstance(faces, list):
-            bad(f"{GROUP_LISTS[step]}[{k}].faces", "is not a list")
-        for j, f in enumerate(faces):
-            if not _is_face_record(f):
-                bad(f"{GROUP_LISTS[step]}[{k}].faces[{j}]", "is not a face (sha256, bbox)")
-    for key in lists[1:]:
+    if spec.groups:
+        if not isinstance(m.get(spec.groups), list):
+            bad(spec.groups, "is missing")
+        for k, g in enumerate(m[spec.groups]):
+            if not isinstance(g, dict) or not isinstance(g.get("name"), str):
+                bad(f"{spec.groups}[{k}]", "is not a named group")
+            faces = g.get("faces", [] if spec.step == "export-swap" else None)
+            if not isinstance(faces, list):
+                bad(f"{spec.groups}[{k}].faces", "is not a list")
+            for j, f in enumerate(faces):
+                if not _is_face_record(f):
+                    bad(f"{spec.groups}[{k}].faces[{j}]", "is not a face (sha256, bbox)")
+    for key in spec.faces:
         for j, f in enumerate(m.get(key, [])):
             if not _is_face_record(f):
                 bad(f"{key}[{j}]", "is not a face (sha256, bbox)")
-
-
-def read_manifest(path, step, cache, same_cache=True):
-    """A manifest written by `step` with the cache's pack (and, if same_cache, from this
-    very cache), its group names checked as names, or a clear refusal."""
-    path = os.path.abspath(os.fspath(path))
-    if not os.path.lexists(path):
-        raise SortFacesError(f"{path} not found: run `{step}` into that folder first")
-    m = read_json(path, "manifest")
-    if not isinstance(m, dict) or m.get("schema") != MANIFEST_SCHEMA \
-            or m.get("step") != step:
-        got = m if isinstance(m, dict) else {}
-        raise SortFacesError(f"{path}: not a schema-{MANIFEST_SCHEMA} `{step}` manifest "
-                             f"(schema {got.get('schema')}, step {got.get('step')!r})")
-    if m.get("pack") != cache.meta["pack"]:
-        raise SortFacesError(f"{path} was made with model pack {m.get('pack', {}).get('name')!r}"
-                             f", the cache with {cache.meta['pack']['name']!r}; they never mix")
-    if same_cache and os.path.realpath(m.get("cache", "")) != os.path.realpath(cache.path):
-        raise SortFacesError(f"{path} was made from cache {m.get('cache')}, not {cache.path}; "
-                             f"use the cache it was made from")
-    _check_manifest(m, step, path)
-    suffix = SWAP_SUFFIX_BYTES if step in ("refine", "export-swap") else 0
-    for k, group in enumerate(m.get(GROUP_LISTS[step], [])):
-        where = f"{path}: {GROUP_LISTS[step]}[{k}]"
-        safe_component(group.get("name"), where, suffix)
-        if step == "export-swap":
-            safe_relpath(group.setdefault("path", group["name"]), where)
-            if group.get("embedding"):
-                safe_relpath(group["embedding"], where, depth=3)
-    return m
+    if "pngs" in spec.faces and not all(isinstance(r.get("path"), str) and
+                                        os.path.isabs(r["path"]) for r in m["pngs"]):
+        bad("pngs", "does not give each face's photo path")
 
 
 # ============================================================================
@@ -3030,8 +3168,6 @@ def read_manifest(path, step, cache, same_cache=True):
 # A face is "<sha256>:<x1>,<y1>,<x2>,<y2>", its photo's content and its box as manifests
 # write it, so corrections survive re-embedding, new photos and every re-run.
 PEOPLE_SCHEMA = 1
-MANIFEST_FILES = {"cluster": "manifest.json", "refine": "refine_manifest.json",
-                  "export-swap": "manifest.json"}
 
 
 def people_path(cache_path):
@@ -3512,11 +3648,9 @@ class Identities:
         for e in entries if isinstance(entries, list) else []:
             num = _name_number(e, prefix)
             if num:
-                faces = [f for f in (e["faces"] if isinstance(e.get("faces"), list) else [])
-                         if _is_face_record(f)]
                 nums.append(num)
-                keys.append(face_keys([f["sha256"] for f in faces],
-                                           [f["bbox"] for f in faces]))
+                keys.append(record_keys(e["faces"] if isinstance(e.get("faces"), list)
+                                        else []))
         if not nums:
             return self
         nxt = max(self.next, max(nums) + 1)
@@ -3588,14 +3722,13 @@ def earlier_groups(out, step, cache):
     """The groups of the result a run is about to replace in OutDir out, where the cache's
     identities file does not remember them already (none when there is none or it cannot
     be read: the new result replaces it either way). A 1M-face manifest is read only then."""
-    name = MANIFEST_FILES[step]
+    name = RESULT_KINDS[step].file
     if name not in out.entries or os.path.lexists(identities_path(cache.path)):
         return []
     try:
-        m = read_json(os.path.join(out.path, name), "manifest")
+        return Result.read(os.path.join(out.path, name), step).groups
     except SortFacesError:
         return []
-    return m.get(GROUP_LISTS[step], []) if isinstance(m, dict) else []
 
 
 def number_people(cache, groups, *, earlier=(), prefix="person_", extending=False,
@@ -3823,52 +3956,46 @@ def write_contact_sheets(root, sheets, atomic=False):
         write_file(os.path.join(root, name, "_contact.jpg"), encode_image(sheet), atomic)
 
 
-def group_entries(cache, groups, names, numbers, prefix, aliases, root, images=False):
-    """The manifest entries of people (cluster) or facesets (refine): the person's name or
-    prefixNNN, centroid stats, [photo count,] face records; and the (record, destination
-    under root) jobs that place their photos."""
-    entries, jobs = [], []
-    for members, person, number in zip(groups, names, numbers):
+def add_people(result, plan_groups, names, numbers, prefix, root):
+    """Add a cluster's people or a refine's facesets to result, each under the person's
+    name or prefixNNN; returns the (record, destination under root) jobs that place their
+    photos."""
+    jobs = []
+    for members, person, number in zip(plan_groups, names, numbers):
         name = person or f"{prefix}{number:03d}"
-        faces = [face_record(cache, i, aliases) for i in members]
-        entries.append({"name": name, **({"person": person} if person else {}),
-                        **cluster_stats(cache.face_emb[members]),
-                        **({"images": len({r["sha256"] for r in faces})} if images else {}),
-                        "faces": faces})
-        jobs += [(r, os.path.join(root, name, r["file"])) for r in faces]
-    return entries, jobs
+        jobs += [(r, os.path.join(root, name, r["file"]))
+                 for r in result.add_group(name, members, person=person)]
+    return jobs
 
 
 def write_cluster_output(cache, plan, root, link, params):
     """person_NNN/, _singletons/, _noface/, the review and manifest.json under root."""
-    aliases = cache.aliases()
-    clusters, jobs = group_entries(cache, plan.clusters, plan.names, plan.numbers, "person_",
-                                   aliases, root)
-    manifest = new_manifest("cluster", cache, params, clusters=clusters, singletons=[],
-                            noface=[])
+    result = Result("cluster", cache, params, noface=[])
+    jobs = add_people(result, plan.clusters, plan.names, plan.numbers, "person_", root)
     for i in plan.singletons:
-        r = face_record(cache, i, aliases)
-        manifest["singletons"].append(r)
-        jobs.append((r, os.path.join(root, "_singletons", r["file"])))
+        result.singletons.append(result.record(i))
+        jobs.append((result.singletons[-1],
+                     os.path.join(root, "_singletons", result.singletons[-1]["file"])))
+    aliases = cache.memo("aliases", cache.aliases)
     noface_jobs = []
     for f in plan.noface:
         paths = aliases.get(str(cache.file_sha256[f]), [str(cache.file_path[f])])
-        manifest["noface"].extend(paths)
+        result.noface.extend(paths)
         noface_jobs.append((paths[0], os.path.join(root, "_noface", safe_dst_name(paths[0]))))
-    manifest["failed"] = [{"path": str(p), "error": str(e)} for p, e, s in
-                          zip(cache.file_path, cache.file_error, cache.file_status)
-                          if s == "error"]
-    manifest["omitted_faces"] = plan.omitted
+    result.fields["failed"] = [{"path": str(p), "error": str(e)} for p, e, s in
+                               zip(cache.file_path, cache.file_error, cache.file_status)
+                               if s == "error"]
+    result.fields["omitted_faces"] = plan.omitted
     _place_records(jobs, link)
     place_all(noface_jobs, link)
     CONSOLE.phase("write")
     sections = [(c["name"], c["name"], by_centrality(cache.face_emb, members))
-                for c, members in zip(manifest["clusters"], plan.clusters)]
+                for c, members in zip(result.groups, plan.clusters)]
     sections.append(("_singletons", "_singletons", plan.singletons))
-    write_contact_sheets(root, write_review(cache, root, sections, manifest["noface"]))
-    write_json_atomic(os.path.join(root, "manifest.json"), manifest)
+    write_contact_sheets(root, write_review(cache, root, sections, result.noface))
+    result.write(os.path.join(root, result.spec.file))
     CONSOLE.phase("page")
-    return manifest
+    return result
 
 
 @dataclass
@@ -3905,7 +4032,7 @@ class StepParams:
 
     @classmethod
     def from_json(cls, cache, p, join=None, margin=None):
-        """The params of a manifest record p (checked by read_manifest); join and margin,
+        """The params of a manifest record p (checked by Result.read); join and margin,
         when given, replace the rule's."""
         values = {}
         for f in dataclasses.fields(cls):
@@ -4080,20 +4207,16 @@ def report_small_sets(plan, limits, min_faces):
 
 def write_refine_output(cache, plan, root, link, params):
     """faceset_NNN/, the review and refine_manifest.json (with what each gate dropped)."""
-    aliases = cache.aliases()
-    facesets, jobs = group_entries(cache, plan.facesets, plan.names, plan.numbers, "faceset_",
-                                   aliases, root, images=True)
-    manifest = new_manifest("refine", cache, params, facesets=facesets, dropped=[],
-                            gate_counts={})
+    result = Result("refine", cache, params, gate_counts=count_gates(plan.dropped))
+    jobs = add_people(result, plan.facesets, plan.names, plan.numbers, "faceset_", root)
     sections = [(e["name"], e["name"], by_centrality(cache.face_emb, members))
-                for e, members in zip(facesets, plan.facesets)]
-    manifest["dropped"] = [{**face_record(cache, i, aliases), "gate": gate,
-                            "value": round(value, 4)} for i, gate, value in plan.dropped]
-    manifest["gate_counts"] = count_gates(plan.dropped)
+                for e, members in zip(result.groups, plan.facesets)]
+    result.dropped.extend(result.record(i, gate=gate, value=round(value, 4))
+                          for i, gate, value in plan.dropped)
     _place_records(jobs, link)
     write_contact_sheets(root, write_review(cache, root, sections, []))
-    write_json_atomic(os.path.join(root, "refine_manifest.json"), manifest)
-    return manifest
+    result.write(os.path.join(root, result.spec.file))
+    return result
 
 
 def write_result(out, write):
@@ -4384,40 +4507,33 @@ def _next_names(prefix, existing, count):
     return [f"{prefix}{top + k:0{width}d}" for k in range(1, count + 1)]
 
 
-def _unplaced(cache, keys, params, placed, corr):
-    """Faces an output's filters (its StepParams) select that none of its manifest entries
+def _unplaced(result, keys, params, placed, corr):
+    """Faces an output's filters (its StepParams) select that none of its records
     `placed` holds (nor the people file rejects)."""
-    done = set(manifest_members(keys, placed))
+    cache = result.cache
+    done = set(result.rows(placed, keys))
     done |= set(np.flatnonzero(corr.rejected).tolist())
     idx = select_faces(cache, params.max_faces_per_image, params.skip_partial)
     return [int(i) for i in idx if int(i) not in done]
 
 
-def _grow_groups(cache, groups, members, joined, fresh, prefix, record, run, images):
-    """Add joined faces to existing manifest groups and fresh clusters as new groups under
-    the next person numbers (number_people(); entries edited in place). Returns (new
-    names, jobs) with jobs (record, folder name)."""
+def _grow_groups(result, members, joined, fresh, prefix, run):
+    """Add joined faces to result's groups and fresh clusters as new groups under the next
+    person numbers (number_people()). Returns (new names, jobs) with jobs (record, folder
+    name)."""
     jobs = []
-
-    def add(entry, faces, all_faces):
-        recs = [record(i) for i in faces]
-        entry["faces"] = entry.get("faces", []) + recs
-        entry.update(cluster_stats(cache.face_emb[all_faces]))
-        if images:
-            entry["images"] = len({f["sha256"] for f in entry["faces"]})
-        jobs.extend((r, entry["name"]) for r in recs)
-
     for g, faces in joined.items():
-        add(groups[g], faces, members[g] + faces)
-    names = [f"{prefix}{n:03d}" for n in number_people(cache, fresh, earlier=groups,
-                                                        prefix=prefix, extending=True)]
+        entry = result.groups[g]
+        jobs += [(r, entry["name"]) for r in result.grow(entry, faces, members[g] + faces,
+                                                          added_by_extend=run)]
+    names = [f"{prefix}{n:03d}" for n in number_people(
+        result.cache, fresh, earlier=result.groups, prefix=prefix, extending=True)]
     for name, faces in zip(names, fresh):
-        groups.append({"name": name, "added_by_extend": run})
-        add(groups[-1], faces, faces)
+        jobs += [(r, name) for r in result.add_group(name, faces, added_by_extend=run)]
     return names, jobs
 
 
-def _write_extension(cache, out, manifest, mname, jobs, link, sections, noface=()):
+def _write_extension(out, result, jobs, link, sections, noface=()):
     """What extend adds to an output: photos in folders the tool owns go straight in
     (recorded in the ledger first; each copy is atomic), new folders, the review and the
     manifest are staged and swapped in. jobs: (record or source path, folder name)."""
@@ -4431,7 +4547,7 @@ def _write_extension(cache, out, manifest, mname, jobs, link, sections, noface=(
             placed.append((src, os.path.join(where(folder), folder, name)))
             if isinstance(item, dict):
                 records.append((item, placed[-1][1]))
-        sheets = write_review(cache, root, sections, list(noface))
+        sheets = write_review(result.cache, root, sections, list(noface))
         for folder in {f for _, f in jobs} | set(sheets):
             if folder in out.entries:
                 out.add_files(folder, [os.path.basename(d) for _, d in placed
@@ -4444,7 +4560,7 @@ def _write_extension(cache, out, manifest, mname, jobs, link, sections, noface=(
         for name, sheet in sheets.items():
             write_file(os.path.join(where(name), name, "_contact.jpg"), encode_image(sheet),
                        atomic=where(name) == out.path)
-        write_json_atomic(os.path.join(root, mname), manifest)
+        result.write(os.path.join(root, result.spec.file))
         out.commit(os.listdir(root))
 
 
@@ -4452,44 +4568,40 @@ def extend_raw(cache, out, link=None, join=None, margin=None):
     """Fold new cache faces into a `cluster` output by the rule it was made with (join
     and margin may be given); returns a summary dict or None."""
     out = OutDir(out, "cluster", cache.meta.get("roots", [])).check(needs="cluster")
-    m = read_manifest(os.path.join(out.path, "manifest.json"), "cluster", cache)
+    m = Result.read(os.path.join(out.path, RESULT_KINDS["cluster"].file), "cluster", cache)
     keys = face_index(cache)
-    members = [manifest_members(keys, c["faces"]) for c in m["clusters"]]
-    p = ClusterParams.from_json(cache, m["params"], join, margin)
+    members = m.members(keys)
+    p = m.step_params(join=join, margin=margin)
     corr = load_corrections(cache)
-    new = _unplaced(cache, keys, p, [f for c in m["clusters"] for f in c["faces"]]
-                    + m["singletons"], corr)
-    known_noface = set(m["noface"])
-    aliases = cache.aliases()
+    new = _unplaced(m, keys, p, [f for c in m.groups for f in c["faces"]] + m.singletons,
+                    corr)
+    known_noface = set(m.noface)
     noface = [f for f in range(cache.n_files) if cache.file_status[f] == "ok"
               and cache.file_n_faces[f] == 0 and str(cache.file_path[f]) not in known_noface]
     if not new and not noface:
         return None
     joined, clusters = fold_in(cache, members, new, p.rule, corr=corr)
-    link = link or p.link
     fresh = [c for c in clusters if len(c) >= p.min_cluster_size]
     singles = [i for c in clusters if len(c) < p.min_cluster_size for i in c]
-    run = len(m.get("extends", [])) + 1
-    record = lambda i: {**face_record(cache, i, aliases), "added_by_extend": run}
-    names, jobs = _grow_groups(cache, m["clusters"], members, joined, fresh, "person_",
-                               record, run, images=False)
+    run = len(m.extends) + 1
+    names, jobs = _grow_groups(m, members, joined, fresh, "person_", run)
     for i in singles:
-        m["singletons"].append(record(i))
-        jobs.append((m["singletons"][-1], "_singletons"))
+        m.singletons.append(m.record(i, added_by_extend=run))
+        jobs.append((m.singletons[-1], "_singletons"))
+    aliases = cache.memo("aliases", cache.aliases)
     for f in noface:
         paths = aliases.get(str(cache.file_sha256[f]), [str(cache.file_path[f])])
-        m["noface"] += paths
+        m.noface.extend(paths)
         jobs.append((paths[0], "_noface"))
     summary = {"run": run, "at": datetime.datetime.now().isoformat(timespec="seconds"),
                "join_threshold": p.rule.join, "join_margin": p.rule.margin, "faces": len(new),
-               "joined": {m["clusters"][g]["name"]: len(v) for g, v in joined.items()},
+               "joined": {m.groups[g]["name"]: len(v) for g, v in joined.items()},
                "new_people": names, "singletons": len(singles), "noface": len(noface)}
-    m.setdefault("extends", []).append(summary)
-    sections = [(c["name"], c["name"], by_centrality(cache.face_emb,
-                                                     manifest_members(keys, c["faces"])))
-                for c in m["clusters"]]
-    sections.append(("_singletons", "_singletons", manifest_members(keys, m["singletons"])))
-    _write_extension(cache, out, m, "manifest.json", jobs, link, sections, m["noface"])
+    m.extends.append(summary)
+    sections = [(c["name"], c["name"], by_centrality(cache.face_emb, rows))
+                for c, rows in zip(m.groups, m.members(keys))]
+    sections.append(("_singletons", "_singletons", m.rows(m.singletons, keys)))
+    _write_extension(out, m, jobs, link or p.link, sections, m.noface)
     return summary
 
 
@@ -4507,20 +4619,20 @@ def extend_refined(cache, out, raw_out, link=None):
     distance (a person the user named: any distance); the new faces of a person with no
     faceset yet become one when they make a set of min_faces photos. Summary or None."""
     out = OutDir(out, "refine", cache.meta.get("roots", [])).check(needs="refine")
-    m = read_manifest(os.path.join(out.path, "refine_manifest.json"), "refine", cache)
-    raw = read_manifest(os.path.join(os.path.abspath(raw_out), "manifest.json"), "cluster",
-                        cache)
-    p = RefineParams.from_json(cache, m["params"])
+    m = Result.read(os.path.join(out.path, RESULT_KINDS["refine"].file), "refine", cache)
+    raw = Result.read(os.path.join(os.path.abspath(raw_out), RESULT_KINDS["cluster"].file),
+                      "cluster", cache)
+    p = m.step_params()
     keys = face_index(cache)
-    members = [manifest_members(keys, fs["faces"]) for fs in m["facesets"]]
+    members = m.members(keys)
     corr = load_corrections(cache)
-    new = _unplaced(cache, keys, p, [f for fs in m["facesets"] for f in fs["faces"]]
-                    + m["dropped"], corr)
+    new = _unplaced(m, keys, p, [f for fs in m.groups for f in fs["faces"]] + m.dropped,
+                    corr)
     if not new:
         return None
-    person_of = {i: _person_key(c, "person_") for c in raw["clusters"]
-                 for i in manifest_members(keys, c["faces"])}
-    faceset_of = {_person_key(fs, "faceset_"): g for g, fs in enumerate(m["facesets"])}
+    person_of = {i: _person_key(c, "person_") for c, rows in zip(raw.groups, raw.members(keys))
+                 for i in rows}
+    faceset_of = {_person_key(fs, "faceset_"): g for g, fs in enumerate(m.groups)}
     dropped, joined, apart = [], {}, {}
     for i in quality_gate(cache, new, p.gates, dropped):
         who = person_of.get(i)
@@ -4531,7 +4643,7 @@ def extend_refined(cache, out, raw_out, link=None):
         else:
             apart.setdefault(who, []).append(i)
     for g, faces in list(joined.items()):
-        if m["facesets"][g].get("person"):
+        if m.groups[g].get("person"):
             continue                            # the user vouched for this person
         d = 1.0 - cache.face_emb[faces] @ centroid(cache.face_emb[members[g] + faces])
         far = d > p.outlier_threshold
@@ -4542,23 +4654,19 @@ def extend_refined(cache, out, raw_out, link=None):
     fresh = [f for f in (finish_faceset(cache, c, p.outlier_threshold, p.min_faces, dropped)
                          for c in apart.values()) if f]
     fresh.sort(key=lambda c: (-len(c), c[0]))
-    link = link or p.link
-    aliases = cache.aliases()
-    run = len(m.get("extends", [])) + 1
-    record = lambda i: {**face_record(cache, i, aliases), "added_by_extend": run}
-    names, jobs = _grow_groups(cache, m["facesets"], members, joined, fresh, "faceset_",
-                               record, run, images=True)
-    m["dropped"] += [{**record(i), "gate": gate, "value": round(value, 4)}
-                     for i, gate, value in dropped]
-    count_gates(dropped, into=m["gate_counts"])
+    run = len(m.extends) + 1
+    names, jobs = _grow_groups(m, members, joined, fresh, "faceset_", run)
+    m.dropped.extend(m.record(i, added_by_extend=run, gate=gate, value=round(value, 4))
+                     for i, gate, value in dropped)
+    count_gates(dropped, into=m.fields["gate_counts"])
     summary = {"run": run, "at": datetime.datetime.now().isoformat(timespec="seconds"),
                "faces": len(new), "dropped": len(dropped),
-               "joined": {m["facesets"][g]["name"]: len(v) for g, v in joined.items()},
+               "joined": {m.groups[g]["name"]: len(v) for g, v in joined.items()},
                "new_facesets": names}
-    m.setdefault("extends", []).append(summary)
-    sections = [(fs["name"], fs["name"], by_centrality(
-        cache.face_emb, manifest_members(keys, fs["faces"]))) for fs in m["facesets"]]
-    _write_extension(cache, out, m, "refine_manifest.json", jobs, link, sections)
+    m.extends.append(summary)
+    sections = [(fs["name"], fs["name"], by_centrality(cache.face_emb, rows))
+                for fs, rows in zip(m.groups, m.members(keys))]
+    _write_extension(out, m, jobs, link or p.link, sections)
     return summary
 
 
@@ -4856,6 +4964,7 @@ def export_faceset(cache, name, members, folder, *, det, opts, dup_group, aliase
     relative to the faceset's folder) and the (face, gate, value) of the faces dropped."""
     kept, quality, dropped = select_for_export(cache, members, opts.outlier_threshold,
                                                opts.min_face_short, dup_group)
+    result = Result("faceset", cache, dataclasses.asdict(opts), faceset=name)
     pngs, records, exported = [], [], []     # exported: cache faces in rank order
     for i in progress(kept, unit="face", desc=name, leave=False):
         crop, fix, upscale = _crop_for(cache, i, aliases, det, opts)
@@ -4866,9 +4975,9 @@ def export_faceset(cache, name, members, folder, *, det, opts, dup_group, aliase
         fname = f"{name}_{len(pngs) + 1:04d}.png"
         pngs.append((fname, encode_image(crop, ".png")))
         exported.append(i)
-        records.append({**face_record(cache, i, aliases, fname), "rank": len(pngs),
-                        "quality": quality[i], "crop_fix": fix, "size": int(crop.shape[0]),
-                        "upscale": round(float(upscale), 3)})
+        records.append(result.record(i, fname, rank=len(pngs), quality=quality[i],
+                                     crop_fix=fix, size=int(crop.shape[0]),
+                                     upscale=round(float(upscale), 3)))
     small = sum(r["size"] < opts.out_size for r in records)
     if small:
         CONSOLE.info(f"{name}: {small} of {len(records)} PNGs are smaller than "
@@ -4891,19 +5000,17 @@ def export_faceset(cache, name, members, folder, *, det, opts, dup_group, aliase
         if cache.meta["pack"]["rec_sha256"] == INSWAPPER_REC_SHA256:
             write_reactor_model(os.path.join(folder, f"{name}.safetensors"), cache, exported)
             fields["reactor_model"] = f"{name}.safetensors"
-    write_json_atomic(os.path.join(folder, "manifest.json"), new_manifest(
-        "export-swap", cache, dataclasses.asdict(opts), faceset=name, pngs=records,
-        dropped=[{**face_record(cache, i, aliases), "gate": g, "value": round(v, 4)}
-                 for i, g, v in dropped]))
+    result.fields["pngs"] = records
+    result.dropped.extend(result.record(i, gate=g, value=round(v, 4)) for i, g, v in dropped)
+    result.write(os.path.join(folder, result.spec.file))
     return fields, dropped
 
 
-def export_candidates(cache, raw_manifest, facesets, root, *, det, opts, aliases,
-                      match, min_score):
+def export_candidates(cache, raw, facesets, root, *, det, opts, aliases, match, min_score):
     """Singletons of a raw cluster output close to a faceset, for a person to review,
     written to root/<faceset>/. facesets: (name, members)."""
     keys = face_index(cache)
-    singles = manifest_members(keys, raw_manifest["singletons"])
+    singles = raw.rows(raw.singletons, keys)
     if not singles or not facesets:
         return {}
     names = [n for n, _ in facesets]
@@ -4920,9 +5027,8 @@ def export_candidates(cache, raw_manifest, facesets, root, *, det, opts, aliases
             continue
         fname = f"{names[g]}_candidate_{len(found.get(names[g], [])) + 1:04d}.png"
         write_file(os.path.join(root, names[g], fname), encode_image(crop, ".png"))
-        found.setdefault(names[g], []).append({**face_record(cache, i, aliases, fname),
-                                               "distance": round(float(d[k, g]), 4),
-                                               "quality": round(float(q[k]), 4)})
+        found.setdefault(names[g], []).append(raw.record(
+            i, fname, distance=round(float(d[k, g]), 4), quality=round(float(q[k]), 4)))
     return found
 
 
@@ -4959,21 +5065,27 @@ class SwapOut:
         self.dir = OutDir(path, "export-swap", cache.meta.get("roots", []))
         self.dir.check(clean=clean, reserved=("manifest.json", "_candidates"))
         self.path = self.dir.path
-        mpath = os.path.join(self.path, "manifest.json")
+        mpath = os.path.join(self.path, RESULT_KINDS["export-swap"].file)
         if "manifest.json" in self.dir.entries and os.path.lexists(mpath):
-            self.manifest = read_manifest(mpath, "export-swap", cache, same_cache=False)
+            self.result = Result.read(mpath, "export-swap", cache, same_cache=False)
         else:
-            self.manifest = new_manifest("export-swap", cache, {}, facesets=[])
-        for old in self.manifest.pop("thin_eras", []):       # before sort_faces 0.2
-            self.manifest["facesets"].append({**old, "path": old.get("path", old["name"])})
-        self.old = {e["name"] for e in self.manifest["facesets"]} if clean else set()
+            self.result = Result("export-swap", cache, {})
+        old = self.result.fields.pop("thin_eras", [])       # before sort_faces 0.2
+        for k, e in enumerate(old if isinstance(old, list) else [None]):
+            if not isinstance(e, dict) or not isinstance(e.get("name"), str):
+                raise SortFacesError(f"{mpath}: thin_eras[{k}] is not a named group; the "
+                                     f"manifest is damaged: export with --clean")
+            safe_component(e["name"], f"{mpath}: thin_eras[{k}]", SWAP_SUFFIX_BYTES)
+            self.result.groups.append({**e, "path": safe_relpath(
+                e.get("path", e["name"]), f"{mpath}: thin_eras[{k}]")})
+        self.old = {e["name"] for e in self.facesets} if clean else set()
         self.written = []
         if not dry_run:
             self.dir.lock()
 
     @property
     def facesets(self):
-        return self.manifest["facesets"]
+        return self.result.groups
 
     def claim(self, wanted, source, key=None):
         """The name a faceset of `source` identified by `key` gets (see the class)."""
@@ -5064,22 +5176,22 @@ class SwapOut:
         return entry
 
     def _replace(self, entry):
-        self.manifest["facesets"] = sorted(
+        self.result.groups = sorted(
             [e for e in self.facesets if e["name"] != entry["name"]] + [entry],
             key=lambda e: e["name"])
         self.old.discard(entry["name"])
         if self.cache.meta["pack"]["rec_sha256"] != INSWAPPER_REC_SHA256:
-            self.manifest["reactor_model_note"] = NO_REACTOR_MODEL
+            self.result.fields["reactor_model_note"] = NO_REACTOR_MODEL
 
     def _commit(self, rels, drop=()):
-        self.manifest["cache"] = self.cache.path
-        write_json_atomic(os.path.join(self.dir.staging, "manifest.json"), self.manifest)
-        self.dir.commit(list(rels) + ["manifest.json"], drop=drop)
+        self.result.cache_path = self.cache.path
+        self.result.write(os.path.join(self.dir.staging, self.result.spec.file))
+        self.dir.commit(list(rels) + [self.result.spec.file], drop=drop)
 
     def candidates(self, found_in):
         """Replace OUT/_candidates/ with what found_in(staging folder) writes there."""
         stage = self.dir.stage("_candidates")
-        self.manifest["candidates"] = found_in(stage)
+        self.result.fields["candidates"] = found_in(stage)
         self._commit(["_candidates"] if os.listdir(stage) else [],
                      drop=["_candidates"] if not os.listdir(stage) else ())
 
@@ -5089,12 +5201,12 @@ class SwapOut:
             return
         if self.clean:
             gone = [e for e in self.facesets if e["name"] in self.old]
-            self.manifest["facesets"] = [e for e in self.facesets if e not in gone]
+            self.result.groups = [e for e in self.facesets if e not in gone]
             drop = [e["path"] for e in gone if e["path"] in self.dir.entries]
             drop += [r for r in self.dir.entries if r not in self.written
                      and r != "manifest.json" and r not in drop and (r != "_candidates"
                                                                       or "candidates" not in
-                                                                      self.manifest)]
+                                                                      self.result.fields)]
             self._commit([], drop=drop)
         self.dir.close()
 
@@ -5115,63 +5227,40 @@ def export_swap(cache, swap, facesets, opts, *, source, extra=None):
 # ============================================================================
 # Step: review and corrections
 # ============================================================================
-def _group_entry(m, step, name):
-    if step == "cluster" and name == "_singletons":
-        return {"name": "_singletons", "faces": m.get("singletons", [])}
-    return next((g for g in m.get(GROUP_LISTS[step], [])
-                 if g.get("name") == name or g.get("path") == name), None)
-
-
-def output_manifest(out):
-    """(step, manifest) of a cluster, refine or export-swap output folder."""
+def output_result(out):
+    """The Result of a cluster, refine or export-swap output folder, once an interrupted
+    commit there is finished."""
     OutDir(out, "review").settle()
-    for step in ("cluster", "refine", "export-swap"):
-        path = os.path.join(out, MANIFEST_FILES[step])
-        if os.path.isfile(path):
-            m = read_json(path, "manifest")
-            if isinstance(m, dict) and m.get("step") == step:
-                _check_manifest(m, step, path)
-                return step, m
-    raise SortFacesError(f"{out}: no sort_faces manifest (cluster, refine or export-swap) "
-                         f"in it")
+    return Result.of_output(out)
 
 
 def folder_faces(folder):
-    """(step, manifest, group entry) of an output folder (person_NNN/, faceset_NNN/, a
-    named person, _singletons/): the manifest of the output it is in names its faces."""
+    """(Result, group entry) of an output folder (person_NNN/, faceset_NNN/, a named
+    person, _singletons/): the result of the output it is in names its faces."""
     folder = os.path.abspath(os.fspath(folder)).rstrip(os.sep)
     if not os.path.isdir(folder):
         raise SortFacesError(f"{folder}: not a folder")
     if os.path.isdir(os.path.join(folder, STATE_DIR)):
         raise SortFacesError(f"{folder} is a whole output; give one of its person or faceset "
                              f"folders")
-    step, m = output_manifest(os.path.dirname(folder))
-    group = _group_entry(m, step, os.path.basename(folder))
+    m = output_result(os.path.dirname(folder))
+    group = m.group(os.path.basename(folder))
     if group is None:
-        raise SortFacesError(f"{folder}: its output's {MANIFEST_FILES[step]} does not list "
-                             f"it as a person or faceset")
-    return step, m, group
-
-
-def _manifest_face_ids(cache, m, faces):
-    """People-file ids of manifest face entries; refused when the output was made from
-    another cache (its faces would mean nothing to this one)."""
-    if os.path.realpath(m.get("cache", "")) != os.path.realpath(cache.path):
-        raise SortFacesError(f"that output was made from cache {m.get('cache')}, not "
-                             f"{cache.path}; use the cache it was made from")
-    return [face_id(f["sha256"], f["bbox"]) for f in faces if "sha256" in f and "bbox" in f]
+        raise SortFacesError(f"{folder}: its output's {m.spec.file} does not list it as a "
+                             f"person or faceset")
+    return m, group
 
 
 def cmd_name(args):
     """Give every face of an output folder a person's name."""
     cache = load_cache(args.cache)
     name = check_person_name(args.name)
-    _, m, group = folder_faces(args.folder)
+    m, group = folder_faces(args.folder)
     if group["name"].startswith("_"):
         raise SortFacesError(f"{args.folder}: {group['name']} holds many different people, "
                              f"not one; move the faces of one person to a new person on "
                              f"the review page instead")
-    ids = _manifest_face_ids(cache, m, group.get("faces", []))
+    ids = m.face_ids(cache, group.get("faces", []))
     if not ids:
         raise SortFacesError(f"{args.folder}: no faces listed for it")
     with change_people(cache.path, "name", f"{group['name']} named {name!r}") as data:
@@ -5189,11 +5278,11 @@ def cmd_reject(args):
     for path in args.paths:
         path = os.path.abspath(path)
         if os.path.isdir(path):
-            _, m, group = folder_faces(path)
+            m, group = folder_faces(path)
             faces = group.get("faces", [])
         else:           # a photo or PNG of an output folder, by name (swap PNGs live in
             try:        # the bundle unless --loose-pngs wrote them out too)
-                _, m, group = folder_faces(os.path.dirname(path))
+                m, group = folder_faces(os.path.dirname(path))
             except SortFacesError:
                 if not os.path.lexists(path):
                     raise SortFacesError(f"{path}: no such file") from None
@@ -5205,7 +5294,7 @@ def cmd_reject(args):
                 raise SortFacesError(f"{path}: " + ("no such file" if not os.path.lexists(path)
                                                     else f"not a face of {group['name']} in "
                                                          f"its manifest"))
-        ids += _manifest_face_ids(cache, m, faces)
+        ids += m.face_ids(cache, faces)
     with change_people(cache.path, "reject", f"rejected {len(ids)} faces") as data:
         people_reject(data, ids)
     log_result(f"reject: {len(ids)} faces in {people_path(cache.path)}; no later output "
@@ -5394,17 +5483,17 @@ class ReviewServer:
     def __init__(self, out, cache_path=None, port=0):
         import secrets
         self.out = os.path.realpath(out)
-        self.step, manifest = output_manifest(self.out)
+        manifest = output_result(self.out)
+        self.step = manifest.step
         if self.step == "export-swap":
             raise SortFacesError(f"{self.out} is an export-swap output: review the refine "
                                  f"output it was exported from (its facesets keep the names "
                                  f"given there)")
-        self.cache = load_cache(cache_path or manifest.get("cache", ""))
-        _manifest_face_ids(self.cache, manifest, [])    # another cache: refused now
+        self.cache = load_cache(cache_path or manifest.cache_path)
+        manifest.face_ids(self.cache, [])       # another cache: refused now
         # "Is this …?" asks where stage 3 of the output's rule, or of the pack's when that
         # is looser, would join a face: a question, not a decision
-        made = (ClusterParams if self.step == "cluster" else RefineParams).from_json(
-            self.cache, manifest.get("params", {})).rule
+        made = manifest.step_params(self.cache).rule
         pack = identity_rule(self.cache)
         self.rule = dataclasses.replace(made, join=max(made.join, pack.join),
                                         margin=min(made.margin, pack.margin))
@@ -5424,12 +5513,12 @@ class ReviewServer:
         seconds of JSON)."""
         v = self.version()
         if getattr(self, "_manifest", (None,))[0] != v:
-            self._manifest = (v, output_manifest(self.out)[1])
+            self._manifest = (v, output_result(self.out))
         return self._manifest[1]
 
     def version(self):
         """The result a page shows: its manifest's content (changes when a step re-runs)."""
-        path = os.path.join(self.out, MANIFEST_FILES[self.step])
+        path = os.path.join(self.out, RESULT_KINDS[self.step].file)
         try:
             return hashlib.sha256(read_bytes(path)).hexdigest()[:16]
         except OSError:
@@ -5478,12 +5567,11 @@ class ReviewServer:
     def _view_of(self, m, c, suggest):
         if getattr(self, "_groups", (None,))[0] != (self.version(), id(c)):
             index = face_index(c)
-            groups = [(e["name"], manifest_members(index, e.get("faces", [])))
-                      for e in m.get(GROUP_LISTS[self.step], []) if isinstance(e, dict)
-                      and isinstance(e.get("name"), str) and not e["name"].startswith("_")]
+            groups = [(e["name"], m.rows(e.get("faces", []), index)) for e in m.groups
+                      if not e["name"].startswith("_")]
             if self.step == "cluster":
                 groups.append(("_singletons",
-                               manifest_members(index, m.get("singletons", []))))
+                               m.rows(m.singletons, index)))
             self._groups = ((self.version(), id(c)), groups)
         groups = self._groups[1]
         data = read_people(c.path)
@@ -6028,8 +6116,9 @@ def cmd_cluster(args):
     if args.dry_run:
         log_result(summary + " [dry run: nothing written]")
         return 0
-    params = ClusterParams(rule, args.min_cluster_size, args.top, args.max_faces_per_image,
-                           args.skip_partial, args.link).to_json()
+    params = ClusterParams(rule=rule, min_cluster_size=args.min_cluster_size, top=args.top,
+                           max_faces_per_image=args.max_faces_per_image,
+                           skip_partial=args.skip_partial, link=args.link)
     plan.numbers = number_people(cache, plan.clusters, identity_step=True,
                                  earlier=earlier_groups(out, "cluster", cache))
     write_result(out, lambda root: write_cluster_output(cache, plan, root, args.link, params))
@@ -6062,8 +6151,10 @@ def cmd_refine(args):
     if args.dry_run:
         log_result(summary + " [dry run: nothing written]")
         return 0
-    params = RefineParams(rule, outlier, gates, args.min_faces, args.max_faces_per_image,
-                          args.skip_partial, args.link).to_json()
+    params = RefineParams(rule=rule, outlier_threshold=outlier, gates=gates,
+                          min_faces=args.min_faces,
+                          max_faces_per_image=args.max_faces_per_image,
+                          skip_partial=args.skip_partial, link=args.link)
     plan.numbers = number_people(cache, plan.people, prefix="faceset_",
                                  earlier=earlier_groups(out, "refine", cache))
     write_result(out, lambda root: write_refine_output(cache, plan, root, args.link, params))
@@ -6082,7 +6173,7 @@ def cmd_dedup(args):
                                       args.hamming_noface)
     saved_identical = sum(g["size"] * (len(g["paths"]) - 1) for g in identical)
     saved_near = sum(f["size"] for g in near for f in g["files"] if f["path"] != g["keep"])
-    report = new_manifest(
+    report = Result(
         "dedup", cache, {"hamming": args.hamming, "face_distance": args.face_distance,
                          "hamming_noface": args.hamming_noface},
         identical=identical, near=near,
@@ -6091,8 +6182,8 @@ def cmd_dedup(args):
                  "identical_bytes_saved": saved_identical, "near_groups": len(near),
                  "near_files": sum(len(g["files"]) for g in near),
                  "near_bytes_saved": saved_near})
-    write_json_atomic(out, report)
-    sm = report["summary"]
+    report.write(out)
+    sm = report.fields["summary"]
     log_result(f"dedup: {sm['identical_groups']} byte-identical groups "
                f"({sm['identical_files']} files, {_mb(saved_identical)} could be saved), "
                f"{sm['near_groups']} near-duplicate groups ({sm['near_files']} files, "
@@ -6126,21 +6217,21 @@ def cmd_enrich(args):
 def cmd_export_swap(args):
     """Face-swap-ready crops and .fsz bundles per faceset of a refine manifest."""
     cache = load_cache(args.cache, args.pack)
-    refined = read_manifest(args.refine_manifest, "refine", cache)
+    refined = Result.read(args.refine_manifest, "refine", cache)
     if args.candidates and not args.raw_manifest:
         raise SortFacesError("--candidates needs --raw-manifest (a cluster manifest.json)")
-    raw = read_manifest(args.raw_manifest, "cluster", cache) if args.candidates else None
+    raw = Result.read(args.raw_manifest, "cluster", cache) if args.candidates else None
     opts = ExportOptions.from_args(args)
     opts.outlier_threshold = pack_threshold(cache, "export_outlier", opts.outlier_threshold)
     match = pack_threshold(cache, "candidate", args.candidate_match_threshold)
     keys = face_index(cache)
     source = os.path.abspath(args.refine_manifest)
-    facesets = [(fs["name"], manifest_members(keys, fs["faces"]), [source, fs["name"]])
-                for fs in refined["facesets"]]
+    facesets = [(fs["name"], rows, [source, fs["name"]])
+                for fs, rows in zip(refined.groups, refined.members(keys))]
     require_enriched(cache, [i for _, m, _ in facesets for i in m])
     swap = SwapOut(args.out, cache, clean=args.clean)
     try:
-        swap.manifest["params"] = {**dataclasses.asdict(opts), "candidate_match_threshold": match,
+        swap.result.params = {**dataclasses.asdict(opts), "candidate_match_threshold": match,
                                    "candidate_min_score": args.candidate_min_score}
         entries = export_swap(cache, swap, facesets, opts, source="refine",
                               extra={"refine_manifest": source})
@@ -6155,7 +6246,7 @@ def cmd_export_swap(args):
     finally:
         swap.dir.close()
     pngs = sum(e["pngs"] for e in entries)
-    extra = (f", {sum(map(len, swap.manifest['candidates'].values()))} candidates"
+    extra = (f", {sum(map(len, swap.result.fields['candidates'].values()))} candidates"
              if raw is not None else "")
     empty = len(facesets) - len(entries)
     log_result(f"export-swap: {len(entries)} facesets, {pngs} PNGs{extra}"

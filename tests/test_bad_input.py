@@ -325,6 +325,24 @@ def outputs(tmp_path_factory):
     return tmp
 
 
+def test_a_result_reads_back_as_it_was_written(outputs):
+    """Result is the one reader and writer of a step's result: a cluster and a refine output
+    read back to exactly what is on disk, and its face records turn into the cache faces they
+    were made from and back into the same records."""
+    cache = sort_faces.load_cache(outputs / "c.npz")
+    for where, kind in (("raw", "cluster"), ("ref", "refine")):
+        path = outputs / where / sort_faces.RESULT_KINDS[kind].file
+        result = sort_faces.Result.read(path, kind, cache)
+        assert result.to_json() == json.loads(path.read_text())
+        rows = result.members()
+        assert sum(map(len, rows)) >= 8
+        for group, faces in zip(result.groups, rows):
+            assert [result.record(i) for i in faces] == group["faces"], group["name"]
+        other = "refine" if kind == "cluster" else "cluster"
+        with pytest.raises(sort_faces.SortFacesError, match=f"not a schema-1 `{other}`"):
+            sort_faces.Result.read(path, other, cache)
+
+
 @pytest.mark.parametrize("where, damage", [
     ("ref", lambda m: m["facesets"][0]["faces"][0].update(bbox=["1", "2", "3", "4"])),
     ("ref", lambda m: m.pop("facesets")),

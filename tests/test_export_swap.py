@@ -251,7 +251,7 @@ def test_ranks_follow_the_documented_composite_quality(swap):
             assert abs(q["total"] - sum(w * q[k] for k, w in W.items())) <= 1e-3, (name, q)
             assert all(0 <= q[k] <= 1 for k in W)
             # each component as the README defines it, from the cached face
-            (i,) = sort_faces.manifest_members(swap.index, [r])
+            (i,) = swap.index.find(sort_faces.record_keys([r]))
             pitch, yaw, _ = c.face_pose[i]
             want = {"frontality": 1 - min(1, np.hypot(yaw, pitch) / 60),
                     "det_score": np.clip((c.face_det_score[i] - 0.5) / 0.5, 0, 1),
@@ -270,17 +270,17 @@ def test_group_photo_crop_holds_only_the_intended_face(swap, looker):
     wanted = []                                   # (PNG path, cache face index)
     for name, fm in faceset_manifests(swap.out, swap.manifest).items():
         for r in fm["pngs"]:
-            (i,) = sort_faces.manifest_members(swap.index, [r])
+            (i,) = swap.index.find(sort_faces.record_keys([r]))
             if "/groups/" in r["path"] and c.file_n_faces[c.face_file[i]] >= 2:
                 wanted.append((png(swap.out, name, r["file"]), i))
-    aliases = c.aliases()
+    result = sort_faces.Result("refine", c, {})
     facesets = []
     for photo in GROUP_PHOTOS:
         f = c.by_path[str(DATA / "groups" / photo)]
         assert c.file_n_faces[f] >= 3
         for i in np.flatnonzero(c.face_file == f):
             facesets.append({"name": f"faceset_{len(facesets) + 1:03d}",
-                             "faces": [sort_faces.face_record(c, i, aliases)]})
+                             "faces": [result.record(i)]})
     m = json.loads((swap.ref / "refine_manifest.json").read_text())
     m["facesets"] = facesets
     man = swap.tmp / "groups_ref" / "refine_manifest.json"
@@ -294,7 +294,7 @@ def test_group_photo_crop_holds_only_the_intended_face(swap, looker):
         assert len(fm["pngs"]) == 1, (fs["faces"][0], fm["dropped"])
         fixes.append(fm["pngs"][0]["crop_fix"])
         wanted.append((png(out, fs["name"], fm["pngs"][0]["file"]),
-                       sort_faces.manifest_members(swap.index, fs["faces"])[0]))
+                       int(swap.index.find(sort_faces.record_keys(fs["faces"]))[0])))
     assert len(wanted) >= 9
     # some crops had to be tightened or other faces blurred away
     assert any(fix.startswith(("padding", "blurred")) for fix in fixes), fixes

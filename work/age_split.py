@@ -134,14 +134,9 @@ def person_faces(cache, swap, entry, th, args):
     """Seed, recover under the faceset's source folders, gate, re-centre once."""
     seed = swap.centroids()[[e["name"] for e in swap.facesets
                              if e.get("embedding")].index(entry["name"])]
-    path = os.path.join(swap.path, entry["path"], "manifest.json")
-    fm = sf.read_json(path, "faceset manifest")
-    pngs = fm.get("pngs") if isinstance(fm, dict) else None
-    if not isinstance(pngs, list) or not all(isinstance(r, dict) and isinstance(
-            r.get("path"), str) and os.path.isabs(r["path"]) for r in pngs):
-        raise sf.SortFacesError(f"{path}: no list of exported faces with their photo paths "
-                                f"(pngs); the faceset is damaged: export it again")
-    roots = sorted({os.path.dirname(r["path"]) for r in pngs})
+    fm = sf.Result.read(os.path.join(swap.path, entry["path"], "manifest.json"), "faceset",
+                        cache, same_cache=False)
+    roots = sorted({os.path.dirname(r["path"]) for r in fm.pngs})
     faces = sf.faces_under(cache, roots)
     faces = faces[1.0 - cache.face_emb[faces] @ seed <= th["recover"]]
     faces = sf.quality_gate(cache, faces, sf.Gates.from_args(args), [])
