@@ -2928,15 +2928,14 @@ class Result:
     fields: every other top-level entry (singletons, dropped, noface, extends, …), kept as
     read. cache: the Cache its faces are rows of (None when read without one)."""
 
-    def __init__(self, kind, cache, params, groups=None, *, cache_path=None, pack=None,
-                 tool_version=__version__, **fields):
+    def __init__(self, kind, cache, params, groups=None, **fields):
+        """A new result of `kind` made from cache (read() makes one from a file)."""
         self.kind, self.spec, self.cache = kind, RESULT_KINDS[kind], cache
         self.params = params.to_json() if isinstance(params, StepParams) else params
         self.groups = list(groups or [])
-        self.fields = {**{k: [] for k in self.spec.faces}, **fields}
-        self.cache_path = cache_path or (cache.path if cache is not None else "")
-        self.pack = pack if pack is not None else cache.meta["pack"]
-        self.tool_version = tool_version
+        self.fields = {**fields, **{k: [] for k in self.spec.faces if k not in fields}}
+        self.cache_path = cache.path if cache is not None else ""
+        self.pack = cache.meta["pack"] if cache is not None else {}
         self._aliases = None
 
     @property
@@ -2999,10 +2998,11 @@ class Result:
         """Add cache faces rows to group entry, whose faces are then all_rows (for its
         centroid stats); returns the new records."""
         recs = [self.record(i, **extra) for i in rows]
-        entry["faces"] = entry.get("faces", []) + recs
+        faces = entry.pop("faces", []) + recs           # the faces stay the last field
         entry.update(cluster_stats(self.cache.face_emb[all_rows]))
         if self.kind == "refine":
-            entry["images"] = len({f["sha256"] for f in entry["faces"]})
+            entry["images"] = len({f["sha256"] for f in faces})
+        entry["faces"] = faces
         return recs
 
     def group(self, name):
@@ -3022,7 +3022,7 @@ class Result:
 
     # -- disk
     def to_json(self):
-        out = {"schema": MANIFEST_SCHEMA, "tool_version": self.tool_version,
+        out = {"schema": MANIFEST_SCHEMA, "tool_version": __version__,
                "step": self.step, "cache": self.cache_path, "pack": self.pack,
                "params": self.params}
         if self.spec.groups:
@@ -3037,26 +3037,36 @@ class Result:
         """The result of `kind` at path, checked: made with the cache's pack (and, if
         same_cache, from this very cache), every field later steps read of the right type,
         group names valid names; else one SortFacesError naming the file and the field."""
-        spec = RESULT_KINDS[kind]
         path = os.path.abspath(os.fspath(path))
         if not os.path.lexists(path):
-            raise SortFacesError(f"{path} not found: run `{spec.step}` into that folder first")
-        m = read_json(path, "manifest")
+            raise SortFacesError(f"{path} not found: run `{RESULT_KINDS[kind].step}` into "
+                                 f"that folder first")
+        return cls._from_json(read_json(path, "manifest"), path, kind, cache, same_cache)
+
+    @classmethod
+    def _from_json(cls, m, path, kind, cache, same_cache=True):
+        spec = RESULT_KINDS[kind]
         if not isinstance(m, dict) or m.get("schema") != MANIFEST_SCHEMA \
                 or m.get("step") != spec.step:
             got = m if isinstance(m, dict) else {}
             raise SortFacesError(f"{path}: not a schema-{MANIFEST_SCHEMA} `{spec.step}` "
                                  f"manifest (schema {got.get('schema')}, step "
                                  f"{got.get('step')!r})")
-        if cache is not None and m.get("pack") != cache.meta["pack"]:
-            pack = m.get("pack") if isinstance(m.get("pack"), dict) else {}
-            raise SortFacesError(f"{path} was made with model pack {pack.get('name')!r}, the "
-                                 f"cache with {cache.meta['pack']['name']!r}; they never mix")
-        if cache is not None and same_cache and (not isinstance(m.get("cache"), str) or
-                                                 os.path.realpath(m["cache"]) !=
-                                                 os.path.realpath(cache.path)):
-            raise SortFacesError(f"{path} was made from cache {m.get('cache')}, not "
+        for key, kind_of in (("pack", dict), ("cache", str)):
+            if not isinstance(m.get(key), kind_of):
+                raise SortFacesError(f"{path}: {key} is not recorded; the manifest is "
+                                     f"damaged: re-run `{spec.step}` with --clean")
+        if cache is not None and m["pack"] != cache.meta["pack"]:
+            raise SortFacesError(f"{path} was made with model pack {m['pack'].get('name')!r}, "
+                                 f"the cache with {cache.meta['pack']['name']!r}; they never mix")
+        if cache is not None and same_cache and \
+                os.path.realpath(m["cache"]) != os.path.realpath(cache.path):
+            raise SortFacesError(f"{path} was made from cache {m['cache']}, not "
                                  f"{cache.path}; use the cache it was made from")
+        if kind == "export-swap" and isinstance(m.get("facesets"), list) \
+                and isinstance(m.get("thin_eras"), list):       # before sort_faces 0.2
+            m["facesets"] += [{**e, "path": e.get("path", e.get("name"))} if isinstance(e, dict)
+                              else e for e in m.pop("thin_eras")]
         _check_manifest(m, spec, path)
         for k, group in enumerate(m.get(spec.groups, []) if spec.groups else []):
             where = f"{path}: {spec.groups}[{k}]"
@@ -3068,11 +3078,12 @@ class Result:
                     safe_relpath(group["embedding"], where, depth=3)
         if kind == "faceset":
             safe_component(m["faceset"], f"{path}: faceset", SWAP_SUFFIX_BYTES)
+        result = cls(kind, None, m.get("params", {}), m.get(spec.groups) if spec.groups
+                     else None)
+        result.cache, result.cache_path, result.pack = cache, m["cache"], m["pack"]
         head = ("schema", "tool_version", "step", "cache", "pack", "params", spec.groups)
-        return cls(kind, cache, m.get("params", {}), m.get(spec.groups, []) if spec.groups
-                   else None, cache_path=m.get("cache") if isinstance(m.get("cache"), str)
-                   else "", pack=m.get("pack"), tool_version=str(m.get("tool_version", "")),
-                   **{k: v for k, v in m.items() if k not in head})
+        result.fields = {k: v for k, v in m.items() if k not in head}   # as read
+        return result
 
     @classmethod
     def of_output(cls, out):
@@ -3083,7 +3094,7 @@ class Result:
             if os.path.isfile(path):
                 m = read_json(path, "manifest")
                 if isinstance(m, dict) and m.get("step") == kind:
-                    return cls.read(path, kind)
+                    return cls._from_json(m, path, kind, None)
         raise SortFacesError(f"{out}: no sort_faces manifest (cluster, refine or "
                              f"export-swap) in it")
 
@@ -3145,8 +3156,10 @@ def _check_manifest(m, spec, path):
             if not isinstance(faces, list):
                 bad(f"{spec.groups}[{k}].faces", "is not a list")
             for j, f in enumerate(faces):
-                if not _is_face_record(f):
-                    bad(f"{spec.groups}[{k}].faces[{j}]", "is not a face (sha256, bbox)")
+                if not _is_face_record(f) or not all(isinstance(f.get(n), (str, type(None)))
+                                                     for n in ("file", "png")):
+                    bad(f"{spec.groups}[{k}].faces[{j}]", "is not a face (sha256, bbox, "
+                                                          "file names)")
     for key in spec.faces:
         for j, f in enumerate(m.get(key, [])):
             if not _is_face_record(f):
@@ -3970,7 +3983,7 @@ def add_people(result, plan_groups, names, numbers, prefix, root):
 
 def write_cluster_output(cache, plan, root, link, params):
     """person_NNN/, _singletons/, _noface/, the review and manifest.json under root."""
-    result = Result("cluster", cache, params, noface=[])
+    result = Result("cluster", cache, params, singletons=[], noface=[])
     jobs = add_people(result, plan.clusters, plan.names, plan.numbers, "person_", root)
     for i in plan.singletons:
         result.singletons.append(result.record(i))
@@ -5070,14 +5083,6 @@ class SwapOut:
             self.result = Result.read(mpath, "export-swap", cache, same_cache=False)
         else:
             self.result = Result("export-swap", cache, {})
-        old = self.result.fields.pop("thin_eras", [])       # before sort_faces 0.2
-        for k, e in enumerate(old if isinstance(old, list) else [None]):
-            if not isinstance(e, dict) or not isinstance(e.get("name"), str):
-                raise SortFacesError(f"{mpath}: thin_eras[{k}] is not a named group; the "
-                                     f"manifest is damaged: export with --clean")
-            safe_component(e["name"], f"{mpath}: thin_eras[{k}]", SWAP_SUFFIX_BYTES)
-            self.result.groups.append({**e, "path": safe_relpath(
-                e.get("path", e["name"]), f"{mpath}: thin_eras[{k}]")})
         self.old = {e["name"] for e in self.facesets} if clean else set()
         self.written = []
         if not dry_run:

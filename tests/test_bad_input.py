@@ -325,7 +325,7 @@ def outputs(tmp_path_factory):
     return tmp
 
 
-def test_a_result_reads_back_as_it_was_written(outputs):
+def test_a_result_reads_back_as_it_was_written(outputs, tmp_path):
     """Result is the one reader and writer of a step's result: a cluster and a refine output
     read back to exactly what is on disk, and its face records turn into the cache faces they
     were made from and back into the same records."""
@@ -338,6 +338,11 @@ def test_a_result_reads_back_as_it_was_written(outputs):
         assert sum(map(len, rows)) >= 8
         for group, faces in zip(result.groups, rows):
             assert [result.record(i) for i in faces] == group["faces"], group["name"]
+        assert sort_faces.Result.of_output(outputs / where).to_json() == result.to_json()
+        m = {**json.loads(path.read_text()), "kind": "x", "groups": 1, "cache_path": 2}
+        (tmp_path / kind).write_text(json.dumps(m))     # fields of a later version: kept
+        again = sort_faces.Result.read(tmp_path / kind, kind, cache).to_json()
+        assert again == m, kind
         other = "refine" if kind == "cluster" else "cluster"
         with pytest.raises(sort_faces.SortFacesError, match=f"not a schema-1 `{other}`"):
             sort_faces.Result.read(path, other, cache)
@@ -353,6 +358,8 @@ def test_a_result_reads_back_as_it_was_written(outputs):
     ("raw", lambda m: m["singletons"].append({"sha256": "ab", "bbox": [1, 2, 3, 4]})),
     ("raw", lambda m: m["clusters"][0]["faces"][0].update(bbox=[1e300, 1e300, 1e301, 1e301])),
     ("raw", lambda m: m["clusters"][0].update(faces=["DEEP"])),      # nested 5000 deep
+    ("raw", lambda m: m.pop("pack")),
+    ("ref", lambda m: m["facesets"][0]["faces"][0].update(file=["x"])),
 ])
 def test_a_damaged_manifest_is_refused_in_one_line(outputs, tmp_path, capsys, where, damage):
     """extend (and name) read a manifest back: a damaged one is one error naming the file
