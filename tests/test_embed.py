@@ -374,3 +374,24 @@ def test_the_rewritten_recognizer_equals_the_shipped_one(labeled_cache):
     assert cos.min() >= 0.99999, cos.min()
     cache = sort_faces.load_cache(labeled_cache)
     assert cache.meta["pack"] == pack.identity()
+
+
+def test_shrink_averages_like_inter_area_and_keeps_geometry():
+    """shrink() (the fast reduction behind photo hashes and thumbnails) stays within a few
+    grey levels of OpenCV's INTER_AREA on a real photo, on average, and maps pixels as
+    cv2.resize does: a bright spot lands where INTER_AREA puts it."""
+    import cv2
+    photo = cv2.imread(str(DATA / "groups" / "wikimedia_Modi_with_Obama.jpg"))
+    for size in ((640, 427), (97, 61), (32, 32)):
+        want = cv2.resize(photo, size, interpolation=cv2.INTER_AREA).astype(float)
+        got = sort_faces.shrink(photo, *size)
+        assert got.shape == want.shape
+        assert np.abs(got - want).mean() < 4.0, size
+    spot = np.zeros((1500, 2000), np.uint8)
+    spot[1190:1200, 1610:1620] = 255
+    for size in ((640, 480), (200, 150)):
+        want = cv2.resize(spot, size, interpolation=cv2.INTER_AREA).astype(float)
+        got = sort_faces.shrink(spot, *size).astype(float)
+        centre = lambda a: np.array([(a.sum(0) * np.arange(a.shape[1])).sum(),
+                                     (a.sum(1) * np.arange(a.shape[0])).sum()]) / a.sum()
+        assert np.abs(centre(got) - centre(want)).max() < 0.05, size
