@@ -395,3 +395,30 @@ def test_shrink_averages_like_inter_area_and_keeps_geometry():
         centre = lambda a: np.array([(a.sum(0) * np.arange(a.shape[1])).sum(),
                                      (a.sum(1) * np.arange(a.shape[0])).sum()]) / a.sum()
         assert np.abs(centre(got) - centre(want)).max() < 0.05, size
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_jpegs_decode_as_pil_decodes_them(tmp_path, orientation):
+    """decode_image's JPEG path (OpenCV) gives exactly PIL's pixels: full size and reduced
+    by the DCT, every EXIF orientation, colour and grey; a truncated JPEG is still refused."""
+    import io
+    from PIL import Image, ImageOps
+    photo = Image.open(DATA / "groups" / "wikimedia_Modi_with_Obama.jpg").convert("RGB")
+    big = photo.resize((photo.width * 4, photo.height * 4), Image.BICUBIC)
+    for im, min_side in ((photo, None), (big, 1280), (photo.convert("L"), None)):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        buf = io.BytesIO()
+        im.save(buf, "JPEG", quality=90, exif=exif)
+        data = buf.getvalue()
+        want = Image.open(io.BytesIO(data))
+        if min_side:
+            r = min_side / max(want.size)
+            want.draft("RGB", (int(want.size[0] * r) + 1, int(want.size[1] * r) + 1))
+        want = np.asarray(ImageOps.exif_transpose(want).convert("RGB"))[:, :, ::-1]
+        got = sort_faces.decode_image(data, min_side)
+        assert got.bgr.shape == want.shape and np.array_equal(got.bgr, want), (im.mode, min_side)
+        assert (got.width, got.height) == ImageOps.exif_transpose(Image.open(
+            io.BytesIO(data))).size
+    with pytest.raises(sort_faces.BadFile, match="truncated"):
+        sort_faces.decode_image(data[:len(data) * 2 // 3], None)
