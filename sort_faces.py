@@ -1001,10 +1001,10 @@ def load_models(pack, threads=None, det_thresh=DET_THRESH, device="auto"):
 # Image loading
 # ============================================================================
 def _pil():
-    from PIL import Image, ImageFile, ImageOps
+    from PIL import Image, ImageFile
     Image.MAX_IMAGE_PIXELS = None     # our own, clearer limit applies (MAX_MEGAPIXELS)
     ImageFile.LOAD_TRUNCATED_IMAGES = False
-    return Image, ImageOps
+    return Image
 
 
 def scan_images(src, on_problem, linked=None):
@@ -1074,7 +1074,7 @@ class Decoded:
 def decode_image(data, min_side=None, max_megapixels=MAX_MEGAPIXELS):
     """Bytes -> Decoded. JPEGs larger than min_side are decoded reduced (DCT scaling,
     much faster than a full decode); raises BadFile with a one-line reason."""
-    Image, ImageOps = _pil()
+    Image = _pil()
     if not data:
         raise BadFile("empty file")
     try:
@@ -1089,29 +1089,38 @@ def decode_image(data, min_side=None, max_megapixels=MAX_MEGAPIXELS):
     if w * h > max_megapixels * 1e6:
         raise BadFile(f"image too large: {w}x{h} pixels exceeds {max_megapixels} megapixels "
                       f"(decompression bomb?); raise --max-megapixels to allow it")
-    try:
+    try:                        # PIL's reading: EXIF, or XMP where EXIF has none
         orientation = im.getexif().get(0x0112, 1)
     except Exception:
         orientation = 1
+    orientation = orientation if orientation in range(1, 9) else 1
     if orientation in (5, 6, 7, 8):
         w, h = h, w
+    jpeg = im.format in ("JPEG", "MPO")          # MPO: a phone's JPEG with more pictures
     try:
-        if min_side and im.format == "JPEG" and max(w, h) > min_side:
+        if min_side and jpeg and max(w, h) > min_side:
             ratio = min_side / max(w, h)
             im.draft("RGB", (int(im.size[0] * ratio) + 1, int(im.size[1] * ratio) + 1))
-        bgr = _opencv_jpeg(data, im, orientation, w, h)
-        if bgr is not None:
-            return Decoded(bgr, w, h)
-        im.load()
-        with contextlib.suppress(Exception):
-            im = ImageOps.exif_transpose(im)
-        rgb = _to_rgb(im, Image)
+        bgr = _opencv_jpeg(data, im, max(w, h)) if jpeg else None
+        if bgr is None:
+            im.load()
+            import cv2
+            bgr = cv2.cvtColor(_to_rgb(im, Image), cv2.COLOR_RGB2BGR)
+        bgr = _orient(bgr, orientation)
     except BadFile:
         raise
     except Exception as exc:
         raise BadFile(f"truncated or corrupt image ({_short(exc)})")
-    import cv2
-    return Decoded(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), w, h)
+    return Decoded(bgr, w, h)
+
+
+def _orient(a, orientation):
+    """Pixels turned as EXIF `orientation` says the photo is seen: PIL's exif_transpose,
+    which gives up on a damaged tag (and left such photos unturned)."""
+    turned = {2: lambda: a[:, ::-1], 3: lambda: a[::-1, ::-1], 4: lambda: a[::-1],
+              5: lambda: a.swapaxes(0, 1), 6: lambda: np.rot90(a, -1),
+              7: lambda: a[::-1, ::-1].swapaxes(0, 1), 8: lambda: np.rot90(a, 1)}
+    return np.ascontiguousarray(turned[orientation]()) if orientation in turned else a
 
 
 #: cv2.imdecode's flag for each JPEG DCT scale PIL's draft can choose
@@ -1119,41 +1128,73 @@ _CV2_JPEG_SCALES = {1: "IMREAD_COLOR", 2: "IMREAD_REDUCED_COLOR_2",
                     4: "IMREAD_REDUCED_COLOR_4", 8: "IMREAD_REDUCED_COLOR_8"}
 
 
-def _opencv_jpeg(data, im, orientation, w, h):
-    """A JPEG decoded by OpenCV at the DCT scale PIL's draft chose: the same pixels as
-    PIL's decode, EXIF orientation and RGB -> BGR (both are libjpeg-turbo; bit for bit on
-    the phone, labeled and group photos and every orientation, tests/test_embed.py), in
-    less than half the time (11 against 27 ms for a 12-MP photo at 1/2). None, and PIL
-    decodes it, for anything else: not YCbCr or grey, or without its end-of-image marker
-    (a truncated file, which OpenCV would fill with grey instead of refusing)."""
+def _opencv_jpeg(data, im, side):
+    """A JPEG's pixels (BGR, unturned) decoded by OpenCV at the DCT scale PIL's draft
+    chose: PIL's pixels bit for bit (both are libjpeg-turbo; tests/test_embed.py), in less
+    than half the time (13 against 29 ms for a 12-MP photo at 1/2). None, and PIL decodes
+    it, for anything else: not YCbCr or grey, or not whole (_jpeg_whole), which OpenCV
+    would decode with grey or garbage blocks where PIL refuses it."""
     import cv2
-    if im.format != "JPEG" or im.mode not in ("RGB", "L") or not _jpeg_markers_sound(data):
+    if im.mode not in ("RGB", "L") or not _jpeg_whole(data):
         return None
-    scale = _CV2_JPEG_SCALES.get(round(max(w, h) / max(im.size)))
+    scale = _CV2_JPEG_SCALES.get(round(side / max(im.size)))     # side: before the draft
     if scale is None:
         return None
-    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), getattr(cv2, scale))
-    dw, dh = im.size if orientation not in (5, 6, 7, 8) else im.size[::-1]
-    return bgr if bgr is not None and bgr.shape == (dh, dw, 3) else None
+    try:
+        bgr = cv2.imdecode(np.frombuffer(data, np.uint8),
+                           getattr(cv2, scale) | cv2.IMREAD_IGNORE_ORIENTATION)
+    except cv2.error:                   # e.g. past OpenCV's own pixel limit
+        return None
+    return bgr if bgr is not None and bgr.shape == (im.size[1], im.size[0], 3) else None
 
 
-#: the markers a JPEG may hold after its first scan starts (next scans and their tables,
-#: restart intervals, comments, application data, the end)
+#: markers a JPEG may hold once its first scan starts (more scans and their tables,
+#: restart intervals, comments, application data); anything else there is damage
 _SCAN_MARKERS = np.zeros(256, bool)
-_SCAN_MARKERS[[0x00, 0xC4, 0xCC, 0xD9, 0xDA, 0xDB, 0xDD, 0xFE, 0xFF, *range(0xD0, 0xD8),
-               *range(0xE0, 0xF0)]] = True
+_SCAN_MARKERS[[0xC4, 0xCC, 0xDA, 0xDB, 0xDD, 0xFE, *range(0xE0, 0xF0)]] = True
 
 
-def _jpeg_markers_sound(data):
-    """Whether a JPEG ends with its end-of-image marker and holds no stray marker in its
-    scans, the damage libjpeg only warns about (OpenCV then decodes grey or garbage blocks
-    without a word, where PIL refuses the file): those go to PIL."""
-    if data.rstrip(b"\0")[-2:] != b"\xff\xd9":
+def _jpeg_segments(data):
+    """(marker, offset) of a JPEG's header segments up to and with its first scan, walked
+    by their lengths (so a thumbnail inside the EXIF block is skipped); [] if malformed."""
+    out, pos = [], 2
+    if data[:2] != b"\xff\xd8":
+        return []
+    while pos + 4 <= len(data) and data[pos] == 0xFF:
+        marker = data[pos + 1]
+        if marker == 0xFF:                              # fill byte
+            pos += 1
+            continue
+        out.append((marker, pos))
+        if marker == 0xDA:
+            return out
+        pos += 2 + (data[pos + 2] << 8 | data[pos + 3])
+    return []
+
+
+def _jpeg_whole(data):
+    """Whether a JPEG's first picture is whole: from its first scan on, only the markers a
+    JPEG may hold there (each skipped by its length), up to its end-of-image marker
+    (what follows it, a phone's trailer or another picture, is not decoded)."""
+    segments = _jpeg_segments(data)
+    if not segments:
         return False
     buf = np.frombuffer(data, np.uint8)
-    sos = data.find(b"\xff\xda")
-    ff = np.flatnonzero(buf[max(sos, 0):-1] == 0xFF) + max(sos, 0)
-    return sos >= 0 and bool(_SCAN_MARKERS[buf[ff + 1]].all())
+    start = segments[-1][1]
+    ff = np.flatnonzero(buf[start:-1] == 0xFF) + start
+    nxt = buf[ff + 1]
+    marks = ff[(nxt != 0) & (nxt != 0xFF) & ((nxt < 0xD0) | (nxt > 0xD7))]
+    after = 0
+    for pos in marks.tolist():
+        if pos < after:                                 # inside a segment skipped
+            continue
+        marker = data[pos + 1]
+        if marker == 0xD9:
+            return True
+        if not _SCAN_MARKERS[marker] or pos + 4 > len(data):
+            return False
+        after = pos + 2 + (data[pos + 2] << 8 | data[pos + 3])
+    return False
 
 
 def _to_rgb(im, Image):
@@ -1173,9 +1214,9 @@ def _to_rgb(im, Image):
 def shrink(img, w, h):
     """img reduced to w x h pixels (as cv2.resize maps them): averaged over whole blocks
     by OpenCV's integer INTER_AREA path, the remaining < 2x each way by linear
-    interpolation. INTER_AREA at a fractional factor costs several times as much (8 ms
-    from a 12-MP photo's half-size decode to a 32 px hash image, against 1) for a few grey
-    levels of difference at sharp edges; below 2x it is used as it is."""
+    interpolation. INTER_AREA at a fractional factor costs several times as much (a
+    thumbnail: 1.9 against 0.5 ms) for a few grey levels of difference at sharp edges;
+    below 2x it is used as it is."""
     import cv2
     H, W = img.shape[:2]
     kx, ky = max(1, int(W / w)), max(1, int(H / h))
@@ -1191,10 +1232,12 @@ def shrink(img, w, h):
 
 def perceptual_hashes(bgr):
     """64-bit DCT perceptual hash of the image and of its mirror image (for `dedup`):
-    robust to resizing, recompression and light crops, cheap while the image is decoded."""
+    robust to resizing, recompression and light crops. Give it a small picture (the
+    detector's view of a photo, an aligned face): INTER_AREA from a 3-Mpx decode alone is
+    7 ms."""
     import cv2
     gray = cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY)
-    small = shrink(gray, 32, 32).astype(np.float32)
+    small = cv2.resize(gray, (32, 32), interpolation=cv2.INTER_AREA).astype(np.float32)
     out = []
     for img in (small, np.ascontiguousarray(small[:, ::-1])):
         low = cv2.dct(img)[:8, :8].ravel()
@@ -1310,19 +1353,25 @@ class Faces:
         return len(self.emb)
 
 
-def detect_faces(det, bgr, det_size=DET_SIZE, det_thresh=None, upscale=False):
-    """Detect on a copy no larger than det_size, padded (not upscaled unless `upscale`):
-    tight face crops are missed when upscaled, huge faces when not downscaled. Returns
-    boxes and keypoints in the coordinates of `bgr`."""
+def detector_view(bgr, det_size=DET_SIZE, upscale=False):
+    """The picture the detector sees: bgr no larger than det_size (not upscaled unless
+    `upscale`): tight face crops are missed when upscaled, huge faces when not downscaled."""
     import cv2
     h, w = bgr.shape[:2]
     s = det_size / max(h, w) if upscale else min(1.0, det_size / max(h, w))
     # exactly INTER_AREA (not shrink()): the keypoints, and so the embeddings, follow
-    # every grey level of the detector's input (shrink() moves them ~0.8 px: cosine to
-    # the INTER_AREA run down to 0.97 on phone photos)
-    small = bgr if s == 1.0 else cv2.resize(bgr, (max(1, round(w * s)), max(1, round(h * s))),
-                                            interpolation=cv2.INTER_AREA if s < 1 else
-                                            cv2.INTER_LINEAR)
+    # every grey level of the detector's input (shrink() moved them ~0.8 px: cosine to
+    # the INTER_AREA run down to 0.97 on phone photos); the photo's hash is made from it
+    return bgr if s == 1.0 else cv2.resize(bgr, (max(1, round(w * s)), max(1, round(h * s))),
+                                           interpolation=cv2.INTER_AREA if s < 1 else
+                                           cv2.INTER_LINEAR)
+
+
+def detect_faces(det, bgr, det_size=DET_SIZE, det_thresh=None, upscale=False, view=None):
+    """Detect on detector_view(bgr) (or the view given), padded to the detector's stride.
+    Returns boxes and keypoints in the coordinates of `bgr`."""
+    small = detector_view(bgr, det_size, upscale) if view is None else view
+    h, w = bgr.shape[:2]
     sh, sw = small.shape[:2]
     H, W = max(-(-sh // 32) * 32, DET_MIN_CANVAS), max(-(-sw // 32) * 32, DET_MIN_CANVAS)
     canvas = np.zeros((H, W, 3), np.uint8)
@@ -1334,14 +1383,14 @@ def detect_faces(det, bgr, det_size=DET_SIZE, det_thresh=None, upscale=False):
     return bbox.astype(np.float32), kps.astype(np.float32), boxes[:, 4].astype(np.float32)
 
 
-def detect_upright(det, bgr, det_size=DET_SIZE, upscale=False):
+def detect_upright(det, bgr, det_size=DET_SIZE, upscale=False, view=None):
     """detect_faces, with every face lying on its side or upside down (a photo turned by
     its pixels, not by EXIF) detected again in the picture turned each other way: the
     detector's keypoints on a sideways face are rough and sometimes point the wrong way,
     and the embedding follows them (cosine distance to the upright photo's face: median
     0.17, up to 1.0 on calib/; detected upright: 0.00). The upright detection with the
     best score replaces it."""
-    bbox, kps, score = detect_faces(det, bgr, det_size, upscale=upscale)
+    bbox, kps, score = detect_faces(det, bgr, det_size, upscale=upscale, view=view)
     lying = np.flatnonzero(quarter_turns(kps) != 0)
     if not len(lying):
         return bbox, kps, score
@@ -1360,11 +1409,12 @@ def detect_upright(det, bgr, det_size=DET_SIZE, upscale=False):
     return bbox, kps, score
 
 
-def embed_faces(models, decoded, det_size=DET_SIZE):
-    """Detect and embed every face of one decoded image (one batch for the recognizer)."""
+def embed_faces(models, decoded, det_size=DET_SIZE, view=None):
+    """Detect and embed every face of one decoded image (one batch for the recognizer);
+    view: its detector_view(), when already made."""
     import cv2
     from insightface.utils import face_align
-    bbox, kps, score = detect_upright(models["det"], decoded.bgr, det_size)
+    bbox, kps, score = detect_upright(models["det"], decoded.bgr, det_size, view=view)
     if len(bbox) == 0 and max(decoded.bgr.shape[:2]) < det_size:
         # A small photo that is mostly face (a passport crop, a thumbnail) hides from the
         # detector at native size; its upscaled det_size view is what swap tools see.
@@ -2100,7 +2150,9 @@ def _run_job(path, st, known, min_side, max_megapixels, models, det_size):
     parallel threads: onnxruntime and the decoders release the GIL."""
     job = _read_job(path, st, known, min_side, max_megapixels)
     if job.decoded is not None:
-        job.faces = embed_faces(models, job.decoded, det_size)
+        view = detector_view(job.decoded.bgr, det_size)
+        job.phash = perceptual_hashes(view)
+        job.faces = embed_faces(models, job.decoded, det_size, view)
         job.decoded = Decoded(None, job.decoded.width, job.decoded.height)   # free pixels
     return job
 
@@ -2117,7 +2169,6 @@ def _read_job(path, st, known, min_side, max_megapixels):
     if job.sha256 not in known:
         try:
             job.decoded = decode_image(data, min_side, max_megapixels)
-            job.phash = perceptual_hashes(job.decoded.bgr)    # here, beside the models
         except BadFile as exc:
             job.error = str(exc)
     return job

@@ -377,7 +377,7 @@ def test_the_rewritten_recognizer_equals_the_shipped_one(labeled_cache):
 
 
 def test_shrink_averages_like_inter_area_and_keeps_geometry():
-    """shrink() (the fast reduction behind photo hashes and thumbnails) stays within a few
+    """shrink() (the fast reduction behind thumbnails and crops) stays within a few
     grey levels of OpenCV's INTER_AREA on a real photo, on average, and maps pixels as
     cv2.resize does: a bright spot lands where INTER_AREA puts it."""
     import cv2
@@ -422,3 +422,38 @@ def test_jpegs_decode_as_pil_decodes_them(tmp_path, orientation):
             io.BytesIO(data))).size
     with pytest.raises(sort_faces.BadFile, match="truncated"):
         sort_faces.decode_image(data[:len(data) * 2 // 3], None)
+
+
+def test_phone_jpegs_take_the_fast_decode_and_keep_their_turn(tmp_path):
+    """What phone JPEGs hold besides the picture (an EXIF thumbnail, which is a JPEG of its
+    own; a trailer after the end marker; an orientation given only in XMP, or in a second
+    EXIF block) neither sends them to the slow decode nor changes the pixels: PIL's,
+    turned as PIL turns them."""
+    import io
+    import struct
+    from PIL import Image, ImageOps
+    photo = Image.open(DATA / "groups" / "wikimedia_Modi_with_Obama.jpg").convert("RGB")
+    thumb = io.BytesIO()
+    photo.resize((160, 117)).save(thumb, "JPEG")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    photo.save(buf, "JPEG", quality=90, exif=exif)
+    plain = buf.getvalue()
+    app1 = lambda payload: b"\xff\xe1" + struct.pack(">H", len(payload) + 2) + payload
+    xmp = b'http://ns.adobe.com/xap/1.0/\0<x:xmpmeta><rdf:Description tiff:Orientation="3"/>' \
+        b"</x:xmpmeta>"
+    buf = io.BytesIO()
+    photo.save(buf, "JPEG", quality=90)
+    bare = buf.getvalue()
+    variants = {
+        "exif thumbnail": plain[:2] + app1(b"Exif\0\0" + thumb.getvalue()) + plain[2:],
+        "trailer": plain + b"MotionPhoto_Data" + bytes(range(256)) * 4,
+        "xmp only": bare[:2] + app1(xmp) + bare[2:],
+        "second exif": plain[:2] + app1(b"Exif\0\0" + exif.tobytes()) + plain[2:],
+    }
+    for name, data in variants.items():
+        assert sort_faces._jpeg_whole(data), name
+        want = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB"))
+        got = sort_faces.decode_image(data)
+        assert np.array_equal(got.bgr, want[:, :, ::-1]), name
