@@ -308,7 +308,10 @@ def stage_breakdown(paths, models, tool_models):
         t2 = time.perf_counter()
         dec = sort_faces.decode_image(data, min_side)
         t3 = time.perf_counter()
-        bbox, kps, _ = sort_faces.detect_faces(tdet, dec.bgr)
+        view_of = getattr(sort_faces, "detector_view", None)   # newer versions: the photo
+        view = view_of(dec.bgr) if view_of else None            # hash is made from it
+        bbox, kps, _ = sort_faces.detect_faces(tdet, dec.bgr, **({"view": view} if view_of
+                                                                  else {}))
         t4 = time.perf_counter()
         if len(bbox):
             crops = [face_align.norm_crop(dec.bgr, k) for k in kps]
@@ -316,7 +319,7 @@ def stage_breakdown(paths, models, tool_models):
             [cv2.Laplacian(cv2.cvtColor(c, cv2.COLOR_BGR2GRAY), cv2.CV_64F).var() for c in crops]
         t5 = time.perf_counter()
         if phash:
-            phash(dec.bgr)
+            phash(dec.bgr if view is None else view)
             tool["phash"] += time.perf_counter() - t5
         tool["read"] += t1 - t0
         tool["hash"] += t2 - t1
