@@ -78,3 +78,9 @@ def test_review_bench_smoke():
     assert out["faces"] == 2000 and out["people"] > 10
     live, static = out["median_ms"]["live"], out["median_ms"]["static"]
     assert live["faces"] > 0 and static["faces"] > 0 and live["ready"] > 0
+
+
+def test_crowd_seeds_smoke():
+    out = smoke("crowd_seeds.py")
+    assert out["seeds"] == 2 and set(out["runs"]) == {"defaults", "stage 1 alone"}
+    assert all(0 < r["crowd_p"] <= 1 and 0 < r["rest_f"] <= 1 for r in out["runs"].values())

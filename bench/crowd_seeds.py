@@ -1,0 +1,65 @@
+#!/usr/bin/env python3
+"""Faces of a crowded sub-population (children's distances, synthetic.CROWD) among
+real-photo-like ones, over several seeds: pairwise P / F of the crowd and of the rest, for
+the default identity rule and for stage 1 alone. One seed hides how bad a crowd can go
+(a small person swallowing a swarm of lone faces), so report the mean and the worst seed.
+Last line: one JSON object with every figure."""
+import argparse
+import dataclasses
+import json
+import os
+import sys
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tests"), HERE]
+import sort_faces  # noqa: E402
+import synthetic  # noqa: E402
+from conftest import scores  # noqa: E402
+
+#: the default pack's rule (docs/calibration.md), fixed so that figures compare across runs
+RULE = sort_faces.IdentityRule(0.60, 0.45, 0.76, 0.12)
+
+
+def run_rule(rule, seeds, n, crowd):
+    rows = []
+    for seed in seeds:
+        emb, truth, groups, in_crowd = synthetic.make_crowded(n, crowd, seed)
+        labels = sort_faces.identities(emb, groups, rule)
+        c = scores(truth[in_crowd].tolist(), labels[in_crowd])
+        r = scores(truth[~in_crowd].tolist(), labels[~in_crowd])
+        rows.append([c["pairwise_p"], c["pairwise_f"], r["pairwise_p"], r["pairwise_f"]])
+    a = np.array(rows)
+    return {"crowd_p": round(float(a[:, 0].mean()), 4), "crowd_f": round(float(a[:, 1].mean()), 4),
+            "worst_crowd_p": round(float(a[:, 0].min()), 4),
+            "rest_p": round(float(a[:, 2].mean()), 4), "rest_f": round(float(a[:, 3].mean()), 4),
+            "per_seed_crowd_p": a[:, 0].round(4).tolist()}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--seeds", type=int, default=4, help="seeds 0..N-1")
+    ap.add_argument("--faces", type=int, default=10000, help="real-photo-like faces")
+    ap.add_argument("--crowd", type=int, default=200, help="crowded faces")
+    ap.add_argument("--smoke", action="store_true",
+                    help="2 seeds of 1000 + 60 faces (checks the bench still works)")
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.seeds, args.faces, args.crowd = 2, 1000, 60
+    seeds = list(range(args.seeds))
+    out = {"seeds": args.seeds, "faces": args.faces, "crowd": args.crowd,
+           "rule": dataclasses.asdict(RULE), "runs": {}}
+    for name, rule in (("defaults", RULE),
+                       ("stage 1 alone", dataclasses.replace(RULE, merge=0, join=0))):
+        out["runs"][name] = s = run_rule(rule, seeds, args.faces, args.crowd)
+        print(f"{name:14s} crowd P/F {s['crowd_p']:.3f}/{s['crowd_f']:.3f} worst P "
+              f"{s['worst_crowd_p']:.3f}  rest P/F {s['rest_p']:.4f}/{s['rest_f']:.4f}")
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
