@@ -70,6 +70,7 @@ __all__ = [
     "identities", "identity_rule", "IdentityRule", "nearest_person", "plan_refine", "Gates",
     "centroid_gate", "add_identity_args", "explain_drops", "labels_to_groups",
     "add_workflow_args", "export_marked", "count_gates", "describe_counts", "Result",
+    "RESULT_KINDS",
 ]
 
 # insightface's alignment calls a scikit-image API deprecated in 0.26; the warning is noise
@@ -1115,8 +1116,9 @@ def decode_image(data, min_side=None, max_megapixels=MAX_MEGAPIXELS):
 
 
 def _orient(a, orientation):
-    """Pixels turned as EXIF `orientation` says the photo is seen: PIL's exif_transpose,
-    which gives up on a damaged tag (and left such photos unturned)."""
+    """Pixels turned as EXIF `orientation` says the photo is seen, as PIL's exif_transpose
+    turns them, also where exif_transpose gives up on a damaged tag (it left such photos
+    unturned)."""
     turned = {2: lambda: a[:, ::-1], 3: lambda: a[::-1, ::-1], 4: lambda: a[::-1],
               5: lambda: a.swapaxes(0, 1), 6: lambda: np.rot90(a, -1),
               7: lambda: a[::-1, ::-1].swapaxes(0, 1), 8: lambda: np.rot90(a, 1)}
@@ -1298,10 +1300,11 @@ def box_iou(a, b):
     return inter / union if union > 0 else 0.0
 
 
-def square_crop(bgr, cx, cy, side, size, roll=0.0, fill=None):
+def square_crop(bgr, cx, cy, side, size, roll=0.0, fill=None, fast=False):
     """A size x size crop of side pixels centred on (cx, cy), turned so that a face rolled
     by `roll` degrees (face_roll) stands upright. Outside the image is a replicated border,
-    or the flat colour `fill`; never stretched."""
+    or the flat colour `fill`; never stretched. Reduced by exact INTER_AREA, or with
+    `fast` (review thumbnails) by shrink()."""
     import cv2
     s = size / max(side, 1.0)
     if s < 0.5:                 # warpAffine cannot area-average: shrink the region first
@@ -1310,8 +1313,9 @@ def square_crop(bgr, cx, cy, side, size, roll=0.0, fill=None):
         x0, y0 = int(max(0, cx - r)), int(max(0, cy - r))
         x1, y1 = int(min(w, cx + r + 1)), int(min(h, cy + r + 1))
         if x1 > x0 and y1 > y0:
-            small = shrink(bgr[y0:y1, x0:x1], max(1, round((x1 - x0) * s)),
-                           max(1, round((y1 - y0) * s)))
+            out = (max(1, round((x1 - x0) * s)), max(1, round((y1 - y0) * s)))
+            small = shrink(bgr[y0:y1, x0:x1], *out) if fast else \
+                cv2.resize(bgr[y0:y1, x0:x1], out, interpolation=cv2.INTER_AREA)
             fx, fy = small.shape[1] / (x1 - x0), small.shape[0] / (y1 - y0)
             return square_crop(small, (cx - x0) * fx, (cy - y0) * fy, side * fx, size, roll,
                                fill)
@@ -1330,7 +1334,7 @@ def face_thumb(bgr, box, kps):
     x1, y1, x2, y2 = (float(v) for v in box)
     side = max(x2 - x1, y2 - y1) * THUMB_MARGIN
     return encode_image(square_crop(bgr, (x1 + x2) / 2, (y1 + y2) / 2, side, THUMB_PX,
-                                    face_roll(kps)), quality=THUMB_QUALITY)
+                                    face_roll(kps), fast=True), quality=THUMB_QUALITY)
 
 
 # ============================================================================
@@ -3012,7 +3016,7 @@ SWAP_SUFFIX_BYTES = 24
 class ResultKind:
     """What one kind of result looks like on disk."""
     step: str                   #: the manifest's "step"
-    file: str                   #: its file name in the output folder
+    file: str | None            #: its file name in the output folder
     groups: str | None          #: the list of its named groups (people, facesets)
     faces: tuple = ()           #: its other lists of face records
     required: tuple = ()        #: fields a reader needs besides the group list
@@ -3027,7 +3031,7 @@ RESULT_KINDS = {
     # one exported faceset's own manifest, in its folder of an export-swap output
     "faceset": ResultKind("export-swap", "manifest.json", None, ("pngs", "dropped"),
                           ("faceset", "pngs")),
-    "dedup": ResultKind("dedup", "duplicates.json", None),
+    "dedup": ResultKind("dedup", None, None),         # written where --out says
 }
 #: the steps whose output folders the review, name and reject read, in the order tried
 OUTPUT_KINDS = ("cluster", "refine", "export-swap")
@@ -3226,6 +3230,12 @@ def _is_face_record(f):
         and f["bbox"][2] > f["bbox"][0] and f["bbox"][3] > f["bbox"][1]
 
 
+def _is_face_entry(f):
+    """A face record as a step reads it back: its key, and file names that are text."""
+    return _is_face_record(f) and all(isinstance(f.get(n), (str, type(None)))
+                                      for n in ("file", "png"))
+
+
 def record_keys(faces):
     """face_keys() of the face records whose key can be read."""
     faces = [f for f in faces if _is_face_record(f)]
@@ -3273,14 +3283,13 @@ def _check_manifest(m, spec, path):
             if not isinstance(faces, list):
                 bad(f"{spec.groups}[{k}].faces", "is not a list")
             for j, f in enumerate(faces):
-                if not _is_face_record(f) or not all(isinstance(f.get(n), (str, type(None)))
-                                                     for n in ("file", "png")):
+                if not _is_face_entry(f):
                     bad(f"{spec.groups}[{k}].faces[{j}]", "is not a face (sha256, bbox, "
                                                           "file names)")
     for key in spec.faces:
         for j, f in enumerate(m.get(key, [])):
-            if not _is_face_record(f):
-                bad(f"{key}[{j}]", "is not a face (sha256, bbox)")
+            if not _is_face_entry(f):
+                bad(f"{key}[{j}]", "is not a face (sha256, bbox, file names)")
     if "pngs" in spec.faces and not all(isinstance(r.get("path"), str) and
                                         os.path.isabs(r["path"]) for r in m["pngs"]):
         bad("pngs", "does not give each face's photo path")
@@ -4337,7 +4346,7 @@ def report_small_sets(plan, limits, min_faces):
 
 def write_refine_output(cache, plan, root, link, params):
     """faceset_NNN/, the review and refine_manifest.json (with what each gate dropped)."""
-    result = Result("refine", cache, params, gate_counts=count_gates(plan.dropped))
+    result = Result("refine", cache, params, dropped=[], gate_counts=count_gates(plan.dropped))
     jobs = add_people(result, plan.facesets, plan.names, plan.numbers, "faceset_", root)
     sections = [(e["name"], e["name"], by_centrality(cache.face_emb, members))
                 for e, members in zip(result.groups, plan.facesets)]
@@ -5189,14 +5198,15 @@ class SwapOut:
     keeps the name it was first given by its source and `key`; a new one takes the name
     wanted if free, else the next free number; names of other sources are never reused.
     With clean, the facesets this run does not write are removed at finish()."""
+    FILE = RESULT_KINDS["export-swap"].file
 
     def __init__(self, path, cache, *, clean=False, dry_run=False):
         self.cache, self.clean, self.dry_run = cache, clean, dry_run
         self.dir = OutDir(path, "export-swap", cache.meta.get("roots", []))
-        self.dir.check(clean=clean, reserved=("manifest.json", "_candidates"))
+        self.dir.check(clean=clean, reserved=(self.FILE, "_candidates"))
         self.path = self.dir.path
-        mpath = os.path.join(self.path, RESULT_KINDS["export-swap"].file)
-        if "manifest.json" in self.dir.entries and os.path.lexists(mpath):
+        mpath = os.path.join(self.path, self.FILE)
+        if self.FILE in self.dir.entries and os.path.lexists(mpath):
             self.result = Result.read(mpath, "export-swap", cache, same_cache=False)
         else:
             self.result = Result("export-swap", cache, {})
@@ -5226,7 +5236,7 @@ class SwapOut:
         return {e["name"] for e in self.facesets if e["name"] not in self.old} \
             | {e["path"].split("/")[0] for e in self.facesets if e["name"] not in self.old} \
             | set(self.dir.foreign()) \
-            | {w.split("/")[-1] for w in self.written} | {"_candidates", "manifest.json"}
+            | {w.split("/")[-1] for w in self.written} | {"_candidates", self.FILE}
 
     def next_names(self, count, prefix="faceset_"):
         """count names after the highest prefixNNN in OUT (what a new faceset gets)."""
@@ -5307,8 +5317,8 @@ class SwapOut:
 
     def _commit(self, rels, drop=()):
         self.result.cache_path = self.cache.path
-        self.result.write(os.path.join(self.dir.staging, self.result.spec.file))
-        self.dir.commit(list(rels) + [self.result.spec.file], drop=drop)
+        self.result.write(os.path.join(self.dir.staging, self.FILE))
+        self.dir.commit(list(rels) + [self.FILE], drop=drop)
 
     def candidates(self, found_in):
         """Replace OUT/_candidates/ with what found_in(staging folder) writes there."""
@@ -5326,7 +5336,7 @@ class SwapOut:
             self.result.groups = [e for e in self.facesets if e not in gone]
             drop = [e["path"] for e in gone if e["path"] in self.dir.entries]
             drop += [r for r in self.dir.entries if r not in self.written
-                     and r != "manifest.json" and r not in drop and (r != "_candidates"
+                     and r != self.FILE and r not in drop and (r != "_candidates"
                                                                       or "candidates" not in
                                                                       self.result.fields)]
             self._commit([], drop=drop)
@@ -5605,17 +5615,17 @@ class ReviewServer:
     def __init__(self, out, cache_path=None, port=0):
         import secrets
         self.out = os.path.realpath(out)
-        manifest = output_result(self.out)
-        self.step = manifest.step
+        result = output_result(self.out)
+        self.step = result.step
         if self.step == "export-swap":
             raise SortFacesError(f"{self.out} is an export-swap output: review the refine "
                                  f"output it was exported from (its facesets keep the names "
                                  f"given there)")
-        self.cache = load_cache(cache_path or manifest.cache_path)
-        manifest.face_ids(self.cache, [])       # another cache: refused now
+        self.cache = load_cache(cache_path or result.cache_path)
+        result.face_ids(self.cache, [])         # another cache: refused now
         # "Is this …?" asks where stage 3 of the output's rule, or of the pack's when that
         # is looser, would join a face: a question, not a decision
-        made = manifest.step_params(self.cache).rule
+        made = result.step_params(self.cache).rule
         pack = identity_rule(self.cache)
         self.rule = dataclasses.replace(made, join=max(made.join, pack.join),
                                         margin=min(made.margin, pack.margin))
@@ -5630,13 +5640,13 @@ class ReviewServer:
         self.port = self.httpd.server_address[1]
         self.url = f"http://127.0.0.1:{self.port}/index.html?token={self.token}"
 
-    def manifest(self):
-        """The output's manifest, read again only when it changed (a 50k-face one is
-        seconds of JSON)."""
+    def result(self):
+        """The output's Result, read again only when its manifest changed (a 50k-face one
+        is seconds of JSON)."""
         v = self.version()
-        if getattr(self, "_manifest", (None,))[0] != v:
-            self._manifest = (v, output_result(self.out))
-        return self._manifest[1]
+        if getattr(self, "_result", (None,))[0] != v:
+            self._result = (v, output_result(self.out))
+        return self._result[1]
 
     def version(self):
         """The result a page shows: its manifest's content (changes when a step re-runs)."""
@@ -5675,7 +5685,7 @@ class ReviewServer:
         never start with _). Suggestions: (face, person key, distance) for the singletons
         that stage 3 of the page's rule joins to a person (not one the user said it is
         not), nearest first."""
-        m, c = self.manifest(), self._fresh_cache()
+        m, c = self.result(), self._fresh_cache()
         try:
             st = os.stat(people_path(c.path))
             stamp = (self.version(), id(c), st.st_size, st.st_mtime_ns, suggest)
@@ -6354,7 +6364,7 @@ def cmd_export_swap(args):
     swap = SwapOut(args.out, cache, clean=args.clean)
     try:
         swap.result.params = {**dataclasses.asdict(opts), "candidate_match_threshold": match,
-                                   "candidate_min_score": args.candidate_min_score}
+                              "candidate_min_score": args.candidate_min_score}
         entries = export_swap(cache, swap, facesets, opts, source="refine",
                               extra={"refine_manifest": source})
         if raw is not None:

@@ -19,8 +19,9 @@ import sort_faces  # noqa: E402
 import synthetic  # noqa: E402
 from conftest import scores  # noqa: E402
 
-#: the default pack's rule (docs/calibration.md), fixed so that figures compare across runs
-RULE = sort_faces.IdentityRule(0.60, 0.45, 0.76, 0.12)
+#: the default pack's rule (sort_faces.PACK_THRESHOLDS)
+RULE = sort_faces.IdentityRule(*(sort_faces.PACK_THRESHOLDS["default"][k]
+                                 for k in ("cluster", "merge", "join", "margin")))
 
 
 def run_rule(rule, seeds, n, crowd):

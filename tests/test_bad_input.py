@@ -360,6 +360,7 @@ def test_a_result_reads_back_as_it_was_written(outputs, tmp_path):
     ("raw", lambda m: m["clusters"][0].update(faces=["DEEP"])),      # nested 5000 deep
     ("raw", lambda m: m.pop("pack")),
     ("ref", lambda m: m["facesets"][0]["faces"][0].update(file=["x"])),
+    ("raw", lambda m: m["singletons"][0].update(png=["x"])),
 ])
 def test_a_damaged_manifest_is_refused_in_one_line(outputs, tmp_path, capsys, where, damage):
     """extend (and name) read a manifest back: a damaged one is one error naming the file

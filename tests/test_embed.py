@@ -398,14 +398,15 @@ def test_shrink_averages_like_inter_area_and_keeps_geometry():
 
 
 @pytest.mark.parametrize("orientation", range(1, 9))
-def test_jpegs_decode_as_pil_decodes_them(tmp_path, orientation):
+def test_jpegs_decode_as_pil_decodes_them(orientation):
     """decode_image's JPEG path (OpenCV) gives exactly PIL's pixels: full size and reduced
     by the DCT, every EXIF orientation, colour and grey; a truncated JPEG is still refused."""
     import io
     from PIL import Image, ImageOps
     photo = Image.open(DATA / "groups" / "wikimedia_Modi_with_Obama.jpg").convert("RGB")
     big = photo.resize((photo.width * 4, photo.height * 4), Image.BICUBIC)
-    for im, min_side in ((photo, None), (big, 1280), (photo.convert("L"), None)):
+    for im, min_side in ((photo, None), (big, 1280), (photo.convert("L"), None),
+                         (big.convert("L"), 1280)):
         exif = Image.Exif()
         exif[0x0112] = orientation
         buf = io.BytesIO()
@@ -424,7 +425,7 @@ def test_jpegs_decode_as_pil_decodes_them(tmp_path, orientation):
         sort_faces.decode_image(data[:len(data) * 2 // 3], None)
 
 
-def test_phone_jpegs_take_the_fast_decode_and_keep_their_turn(tmp_path):
+def test_phone_jpegs_take_the_fast_decode_and_keep_their_turn():
     """What phone JPEGs hold besides the picture (an EXIF thumbnail, which is a JPEG of its
     own; a trailer after the end marker; an orientation given only in XMP, or in a second
     EXIF block) neither sends them to the slow decode nor changes the pixels: PIL's,
@@ -446,7 +447,10 @@ def test_phone_jpegs_take_the_fast_decode_and_keep_their_turn(tmp_path):
     buf = io.BytesIO()
     photo.save(buf, "JPEG", quality=90)
     bare = buf.getvalue()
+    mpo = io.BytesIO()
+    photo.save(mpo, "MPO", save_all=True, append_images=[photo.rotate(90)], exif=exif)
     variants = {
+        "mpo (a phone's motion or HDR photo)": mpo.getvalue(),
         "exif thumbnail": plain[:2] + app1(b"Exif\0\0" + thumb.getvalue()) + plain[2:],
         "trailer": plain + b"MotionPhoto_Data" + bytes(range(256)) * 4,
         "xmp only": bare[:2] + app1(xmp) + bare[2:],
@@ -454,6 +458,8 @@ def test_phone_jpegs_take_the_fast_decode_and_keep_their_turn(tmp_path):
     }
     for name, data in variants.items():
         assert sort_faces._jpeg_whole(data), name
-        want = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB"))
+        opened = Image.open(io.BytesIO(data))
+        assert opened.format == ("MPO" if name.startswith("mpo") else "JPEG"), name
+        want = np.asarray(ImageOps.exif_transpose(opened).convert("RGB"))
         got = sort_faces.decode_image(data)
         assert np.array_equal(got.bgr, want[:, :, ::-1]), name

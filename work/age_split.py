@@ -134,8 +134,8 @@ def person_faces(cache, swap, entry, th, args):
     """Seed, recover under the faceset's source folders, gate, re-centre once."""
     seed = swap.centroids()[[e["name"] for e in swap.facesets
                              if e.get("embedding")].index(entry["name"])]
-    fm = sf.Result.read(os.path.join(swap.path, entry["path"], "manifest.json"), "faceset",
-                        cache, same_cache=False)
+    fm = sf.Result.read(os.path.join(swap.path, entry["path"], sf.RESULT_KINDS["faceset"].file),
+                        "faceset", cache, same_cache=False)
     roots = sorted({os.path.dirname(r["path"]) for r in fm.pngs})
     faces = sf.faces_under(cache, roots)
     faces = faces[1.0 - cache.face_emb[faces] @ seed <= th["recover"]]
