@@ -4658,8 +4658,8 @@ def _unplaced(result, keys, params, placed, corr):
 
 def _grow_groups(result, members, joined, fresh, prefix, run):
     """Add joined faces to result's groups and fresh clusters as new groups under the next
-    person numbers (number_people()). Returns (new names, jobs) with jobs (record, folder
-    name)."""
+    person numbers (number_people()). Returns (new names, jobs, the cache rows of every
+    group now) with jobs (record, folder name)."""
     jobs = []
     for g, faces in joined.items():
         entry = result.groups[g]
@@ -4669,7 +4669,8 @@ def _grow_groups(result, members, joined, fresh, prefix, run):
         result.cache, fresh, earlier=result.groups, prefix=prefix, extending=True)]
     for name, faces in zip(names, fresh):
         jobs += [(r, name) for r in result.add_group(name, faces, added_by_extend=run)]
-    return names, jobs
+    rows = [rows + joined.get(g, []) for g, rows in enumerate(members)] + list(fresh)
+    return names, jobs, rows
 
 
 def _write_extension(out, result, jobs, link, sections, noface=()):
@@ -4723,7 +4724,7 @@ def extend_raw(cache, out, link=None, join=None, margin=None):
     fresh = [c for c in clusters if len(c) >= p.min_cluster_size]
     singles = [i for c in clusters if len(c) < p.min_cluster_size for i in c]
     run = len(m.extends) + 1
-    names, jobs = _grow_groups(m, members, joined, fresh, "person_", run)
+    names, jobs, rows_now = _grow_groups(m, members, joined, fresh, "person_", run)
     for i in singles:
         m.singletons.append(m.record(i, added_by_extend=run))
         jobs.append((m.singletons[-1], "_singletons"))
@@ -4738,7 +4739,7 @@ def extend_raw(cache, out, link=None, join=None, margin=None):
                "new_people": names, "singletons": len(singles), "noface": len(noface)}
     m.extends.append(summary)
     sections = [(c["name"], c["name"], by_centrality(cache.face_emb, rows))
-                for c, rows in zip(m.groups, m.members(keys))]
+                for c, rows in zip(m.groups, rows_now)]
     sections.append(("_singletons", "_singletons", m.rows(m.singletons, keys)))
     _write_extension(out, m, jobs, link or p.link, sections, m.noface)
     return summary
@@ -4794,7 +4795,7 @@ def extend_refined(cache, out, raw_out, link=None):
                          for c in apart.values()) if f]
     fresh.sort(key=lambda c: (-len(c), c[0]))
     run = len(m.extends) + 1
-    names, jobs = _grow_groups(m, members, joined, fresh, "faceset_", run)
+    names, jobs, rows_now = _grow_groups(m, members, joined, fresh, "faceset_", run)
     m.dropped.extend(m.record(i, added_by_extend=run, gate=gate, value=round(value, 4))
                      for i, gate, value in dropped)
     count_gates(dropped, into=m.fields["gate_counts"])
@@ -4804,7 +4805,7 @@ def extend_refined(cache, out, raw_out, link=None):
                "new_facesets": names}
     m.extends.append(summary)
     sections = [(fs["name"], fs["name"], by_centrality(cache.face_emb, rows))
-                for fs, rows in zip(m.groups, m.members(keys))]
+                for fs, rows in zip(m.groups, rows_now)]
     _write_extension(out, m, jobs, link or p.link, sections)
     return summary
 
