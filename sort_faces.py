@@ -1439,11 +1439,20 @@ def embed_faces(models, decoded, det_size=DET_SIZE, view=None):
     blur = np.array([cv2.Laplacian(cv2.cvtColor(c, cv2.COLOR_BGR2GRAY), cv2.CV_64F).var()
                      for c in crops], np.float32)
     hashes = np.array([perceptual_hashes(c) for c in crops], np.int64).reshape(-1, 2)
-    thumbs = [face_thumb(decoded.bgr, b, k) for b, k in zip(bbox, kps)]
+    thumbs = [_thumb_from(decoded.bgr, view, b, k) for b, k in zip(bbox, kps)]
     s = decoded.scale
     bbox, kps = bbox * s, kps * s
     short = np.minimum(bbox[:, 2] - bbox[:, 0], bbox[:, 3] - bbox[:, 1]).astype(np.float32)
     return Faces(emb, bbox, kps, score, short, blur, hashes[:, 0], hashes[:, 1], thumbs)
+
+
+def _thumb_from(bgr, view, box, kps):
+    """face_thumb from the detector's view where that holds the thumbnail's pixels (a
+    fifth of the work on a phone photo: the view is already reduced), else from bgr."""
+    r = view.shape[1] / bgr.shape[1] if view is not None else 0.0
+    side = max(box[2] - box[0], box[3] - box[1]) * THUMB_MARGIN * r
+    return face_thumb(view, box * r, kps * r) if r < 1 and side >= THUMB_PX else \
+        face_thumb(bgr, box, kps)
 
 
 #: A mean 3D face (x right, y down, z away from the camera; nose tip at the origin) at six
