@@ -84,3 +84,10 @@ def test_crowd_seeds_smoke():
     out = smoke("crowd_seeds.py")
     assert out["seeds"] == 2 and set(out["runs"]) == {"defaults", "stage 1 alone"}
     assert all(0 < r["crowd_p"] <= 1 and 0 < r["rest_f"] <= 1 for r in out["runs"].values())
+
+
+def test_crowd_rules_smoke():
+    out = smoke("crowd_rules.py")
+    assert out["seeds"] == 2 and list(out["candidates"]) == ["today", "joiners together, 0.76"]
+    for row in out["candidates"].values():
+        assert 0 < row["crowd_p"] <= 1 and all(0 < v <= 1 for v in row["calib"])
