@@ -1312,8 +1312,8 @@ def square_crop(bgr, cx, cy, side, size, roll=0.0, fill=None, fast=False):
         r = side * 0.75 + 2                         # > half the turned square's extent
         x0, y0 = int(max(0, cx - r)), int(max(0, cy - r))
         x1, y1 = int(min(w, cx + r + 1)), int(min(h, cy + r + 1))
-        if x1 > x0 and y1 > y0:
-            out = (max(1, round((x1 - x0) * s)), max(1, round((y1 - y0) * s)))
+        out = (max(1, round((x1 - x0) * s)), max(1, round((y1 - y0) * s)))
+        if out[0] < x1 - x0 or out[1] < y1 - y0:    # else (a 1 px wide photo) just warp
             small = shrink(bgr[y0:y1, x0:x1], *out) if fast else \
                 cv2.resize(bgr[y0:y1, x0:x1], out, interpolation=cv2.INTER_AREA)
             fx, fy = small.shape[1] / (x1 - x0), small.shape[0] / (y1 - y0)
@@ -1449,9 +1449,11 @@ def embed_faces(models, decoded, det_size=DET_SIZE, view=None):
 def _thumb_from(bgr, view, box, kps):
     """face_thumb from the detector's view where that holds the thumbnail's pixels (a
     fifth of the work on a phone photo: the view is already reduced), else from bgr."""
-    r = view.shape[1] / bgr.shape[1] if view is not None else 0.0
-    side = max(box[2] - box[0], box[3] - box[1]) * THUMB_MARGIN * r
-    return face_thumb(view, box * r, kps * r) if r < 1 and side >= THUMB_PX else \
+    if view is None or view.shape[1] >= bgr.shape[1]:
+        return face_thumb(bgr, box, kps)
+    r = np.array([view.shape[1] / bgr.shape[1], view.shape[0] / bgr.shape[0]], np.float32)
+    side = max(box[2] - box[0], box[3] - box[1]) * THUMB_MARGIN * r.min()
+    return face_thumb(view, box * np.tile(r, 2), kps * r) if side >= THUMB_PX else \
         face_thumb(bgr, box, kps)
 
 

@@ -30,8 +30,9 @@ def _joined(pick, people, queries, sims):
 
 
 def joiners_together(limit):
-    """The clusters one person takes in must be within `limit` (average linkage) of the
-    other clusters it takes in: joining both says they are one person too."""
+    """The clusters one person takes in must be within `limit` of the other clusters it
+    takes in (average linkage, averaged over those clusters, not weighted by their faces):
+    joining both says they are one person too."""
     def veto(people, queries, pick, sims, rule):
         q, p, _ = _joined(pick, people, queries, sims)
         total = np.zeros((len(people), queries.shape[1]))
@@ -49,7 +50,7 @@ def groups_by_centroid(limit):
     (its own centroid is less noisy than one face, as stage 2 judges people)."""
     def veto(people, queries, pick, sims, rule):
         q, p, _ = _joined(pick, people, queries, sims)
-        norm = np.linalg.norm(queries[q], axis=1)
+        norm = np.linalg.norm(queries[q], axis=1)      # 1: one face (sizes are not seen)
         cen = (queries[q] * people[p]).sum(1) / norm / np.linalg.norm(people[p], axis=1)
         return q[(norm < 1 - 1e-4) & (cen < 1 - limit)]
     return veto
@@ -62,8 +63,9 @@ def persons_side(margin):
         q, p, s = _joined(pick, people, queries, sims)
         if len(people) < 2:
             return q[:0]
-        ps, _ = sort_faces._search(people, people, 2, True)
-        return q[s - ps[p, 1] < margin]
+        sim = people @ people.T         # unnormalised means: a person need not be its
+        np.fill_diagonal(sim, -np.inf)  # own nearest, so leave it out explicitly
+        return q[s - sim.max(1)[p] < margin]
     return veto
 
 
@@ -140,6 +142,15 @@ def main(argv=None):
         args.seeds, args.faces, args.crowd, args.synthetic = 2, 1000, 60, 1000
         args.cache_dir = tempfile.mkdtemp(prefix="crowd_rules-")
         names, folders = names[:2], cluster_accuracy.SMOKE_FOLDERS
+    try:
+        return run(args, names, folders)
+    finally:
+        if args.smoke:
+            import shutil
+            shutil.rmtree(args.cache_dir, ignore_errors=True)
+
+
+def run(args, names, folders):
     rule = crowd_seeds.RULE
     sets = real_sets(args.cache_dir, folders)
     emb, truth, groups = synthetic.make(args.synthetic)
@@ -157,9 +168,6 @@ def main(argv=None):
         print(f"{name:28s} {row['crowd_p']:.3f}/{row['crowd_f']:.3f} {row['worst_crowd_p']:8.3f} "
               f"{row['rest_p']:.4f}/{row['rest_f']:.4f}  "
               + "  ".join(f"{row[n][0]:.4f}/{row[n][1]:.4f}" for n in sets))
-    if args.smoke:
-        import shutil
-        shutil.rmtree(args.cache_dir, ignore_errors=True)
     print(json.dumps(out))
     return 0
 

@@ -397,6 +397,44 @@ def test_shrink_averages_like_inter_area_and_keeps_geometry():
         assert np.abs(centre(got) - centre(want)).max() < 0.05, size
 
 
+def test_thumbnails_from_the_detector_view_match_the_photos_and_thin_photos_get_one():
+    """A review thumbnail cut from the detector's view looks like the one cut from the
+    decoded photo (landscape and portrait), no view means the photo's own, and a photo
+    one or two pixels wide still gets a thumbnail (it used to recurse without end)."""
+    import cv2
+    face = cv2.imread(str(sorted((DATA / "labeled").glob("*/*.jpg"))[0]))
+    rel = np.array([[0.35, 0.40], [0.65, 0.40], [0.50, 0.55], [0.38, 0.70], [0.62, 0.70]])
+    thumb = lambda jpeg: cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
+    for W, H in ((4032, 3024), (3024, 4032)):
+        bgr = np.full((H, W, 3), 90, np.uint8)
+        side = min(W, H) // 2
+        x0, y0 = (W - side) // 2, H - side - 5          # near an edge: a wrong scale shows
+        bgr[y0:y0 + side, x0:x0 + side] = cv2.resize(face, (side, side),
+                                                     interpolation=cv2.INTER_CUBIC)
+        box = np.array([x0, y0, x0 + side, y0 + side], np.float32) + \
+            np.array([0.2, 0.2, -0.2, -0.2], np.float32) * side
+        kps = (np.array([x0, y0]) + rel * side).astype(np.float32)
+        view = sort_faces.detector_view(bgr)
+        want = thumb(sort_faces.face_thumb(bgr, box, kps)).astype(float)
+        got = thumb(sort_faces._thumb_from(bgr, view, box, kps)).astype(float)
+        assert got.shape == want.shape == (sort_faces.THUMB_PX, sort_faces.THUMB_PX, 3)
+        # two routes of reduction differ by a few grey levels (sharpness), never in place:
+        # the best match of the two is unshifted
+        shifts = {(dy, dx): np.abs(got[4 + dy:108 + dy, 4 + dx:108 + dx]
+                                   - want[4:108, 4:108]).mean()
+                  for dy in range(-2, 3) for dx in range(-2, 3)}
+        assert shifts[0, 0] < 6.0 and min(shifts, key=shifts.get) == (0, 0), (W, H)
+        assert sort_faces._thumb_from(bgr, None, box, kps) == \
+            sort_faces.face_thumb(bgr, box, kps)
+    for h, w in ((300, 1), (1, 300), (9000, 2)):
+        thin = np.full((h, w, 3), 128, np.uint8)
+        box = np.array([0, 0, w, h], np.float32)
+        kps = (rel * [w, h]).astype(np.float32)
+        view = sort_faces.detector_view(thin)
+        assert thumb(sort_faces._thumb_from(thin, view, box, kps)).shape[:2] == \
+            (sort_faces.THUMB_PX, sort_faces.THUMB_PX)
+
+
 @pytest.mark.parametrize("orientation", range(1, 9))
 def test_jpegs_decode_as_pil_decodes_them(orientation):
     """decode_image's JPEG path (OpenCV) gives exactly PIL's pixels: full size and reduced
