@@ -81,6 +81,22 @@ def non_joiners_compete(margin):
     return veto
 
 
+def hubness_corrected(k):
+    """CSLS-style: a join's similarity counts above what is usual around the person and
+    the cluster (the mean similarity of their k nearest counterparts: small clusters for a
+    person, people for a cluster), measured against what is usual in this library (the
+    median of those means), so a dense library is not judged stricter than a sparse one."""
+    def veto(people, queries, pick, sims, rule):
+        q, p, s = _joined(pick, people, queries, sims)
+        cross = queries @ people.T
+        kq, kp = min(k, cross.shape[1]), min(k, cross.shape[0])
+        r_q = -np.sort(-cross, axis=1)[:, :kq].mean(1)
+        r_p = -np.sort(-cross, axis=0)[:kp].mean(0)
+        excess = (r_q[q] - np.median(r_q) + r_p[p] - np.median(r_p)) / 2
+        return q[s - excess < 1 - rule.join]
+    return veto
+
+
 CANDIDATES = {
     "today": None,
     "joiners together, 0.76": joiners_together(0.76),
@@ -91,6 +107,8 @@ CANDIDATES = {
     "person's side margin 0.06": persons_side(0.06),
     "non-joiners compete, 0.12": non_joiners_compete(0.12),
     "non-joiners compete, 0.06": non_joiners_compete(0.06),
+    "hubness corrected, k 10": hubness_corrected(10),
+    "hubness corrected, k 3": hubness_corrected(3),
 }
 
 
