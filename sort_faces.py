@@ -1328,9 +1328,15 @@ def square_crop(bgr, cx, cy, side, size, roll=0.0, fill=None, fast=False):
                           borderMode=cv2.BORDER_CONSTANT, borderValue=fill)
 
 
-def face_thumb(bgr, box, kps):
+def face_thumb(bgr, box, kps, view=None):
     """JPEG bytes of a face's review thumbnail: an upright square THUMB_PX crop around box
-    (in bgr's pixels) with room around the face, made once at embed (the thumbnail store)."""
+    (in bgr's pixels) with room around the face, made once at embed (the thumbnail store).
+    view: bgr reduced (its detector_view()), cut from where it holds the thumbnail's
+    pixels: a fifth of the work on a phone photo."""
+    if view is not None and view.shape[1] < bgr.shape[1]:
+        r = np.array([view.shape[1] / bgr.shape[1], view.shape[0] / bgr.shape[0]], np.float32)
+        if max(box[2] - box[0], box[3] - box[1]) * THUMB_MARGIN * r.min() >= THUMB_PX:
+            bgr, box, kps = view, box * np.tile(r, 2), kps * r
     x1, y1, x2, y2 = (float(v) for v in box)
     side = max(x2 - x1, y2 - y1) * THUMB_MARGIN
     return encode_image(square_crop(bgr, (x1 + x2) / 2, (y1 + y2) / 2, side, THUMB_PX,
@@ -1439,22 +1445,11 @@ def embed_faces(models, decoded, det_size=DET_SIZE, view=None):
     blur = np.array([cv2.Laplacian(cv2.cvtColor(c, cv2.COLOR_BGR2GRAY), cv2.CV_64F).var()
                      for c in crops], np.float32)
     hashes = np.array([perceptual_hashes(c) for c in crops], np.int64).reshape(-1, 2)
-    thumbs = [_thumb_from(decoded.bgr, view, b, k) for b, k in zip(bbox, kps)]
+    thumbs = [face_thumb(decoded.bgr, b, k, view) for b, k in zip(bbox, kps)]
     s = decoded.scale
     bbox, kps = bbox * s, kps * s
     short = np.minimum(bbox[:, 2] - bbox[:, 0], bbox[:, 3] - bbox[:, 1]).astype(np.float32)
     return Faces(emb, bbox, kps, score, short, blur, hashes[:, 0], hashes[:, 1], thumbs)
-
-
-def _thumb_from(bgr, view, box, kps):
-    """face_thumb from the detector's view where that holds the thumbnail's pixels (a
-    fifth of the work on a phone photo: the view is already reduced), else from bgr."""
-    if view is None or view.shape[1] >= bgr.shape[1]:
-        return face_thumb(bgr, box, kps)
-    r = np.array([view.shape[1] / bgr.shape[1], view.shape[0] / bgr.shape[0]], np.float32)
-    side = max(box[2] - box[0], box[3] - box[1]) * THUMB_MARGIN * r.min()
-    return face_thumb(view, box * np.tile(r, 2), kps * r) if side >= THUMB_PX else \
-        face_thumb(bgr, box, kps)
 
 
 #: A mean 3D face (x right, y down, z away from the camera; nose tip at the origin) at six

@@ -23,7 +23,7 @@ import synthetic  # noqa: E402
 from conftest import calib_truth, labeled_truth, scores  # noqa: E402
 
 
-def _joined(pick, people, queries, sims):
+def _joined(pick, sims):
     """Per query that joins: (query index, person index, similarity)."""
     q = np.flatnonzero(pick >= 0)
     return q, pick[q], sims[q]
@@ -34,7 +34,7 @@ def joiners_together(limit):
     takes in (average linkage, averaged over those clusters, not weighted by their faces):
     joining both says they are one person too."""
     def veto(people, queries, pick, sims, rule):
-        q, p, _ = _joined(pick, people, queries, sims)
+        q, p, _ = _joined(pick, sims)
         total = np.zeros((len(people), queries.shape[1]))
         count = np.zeros(len(people))
         np.add.at(total, p, queries[q])
@@ -49,7 +49,7 @@ def groups_by_centroid(limit):
     """A cluster of two or more faces joins only within `limit` of the person's centroid
     (its own centroid is less noisy than one face, as stage 2 judges people)."""
     def veto(people, queries, pick, sims, rule):
-        q, p, _ = _joined(pick, people, queries, sims)
+        q, p, _ = _joined(pick, sims)
         norm = np.linalg.norm(queries[q], axis=1)      # 1: one face (sizes are not seen)
         cen = (queries[q] * people[p]).sum(1) / norm / np.linalg.norm(people[p], axis=1)
         return q[(norm < 1 - 1e-4) & (cen < 1 - limit)]
@@ -60,7 +60,7 @@ def persons_side(margin):
     """The person's side of the margin: a cluster joins only when it is `margin` nearer to
     the person than the person's nearest other person is."""
     def veto(people, queries, pick, sims, rule):
-        q, p, s = _joined(pick, people, queries, sims)
+        q, p, s = _joined(pick, sims)
         if len(people) < 2:
             return q[:0]
         sim = people @ people.T         # unnormalised means: a person need not be its
@@ -72,7 +72,7 @@ def persons_side(margin):
 def non_joiners_compete(margin):
     """The person must be `margin` nearer than every small cluster that joins nobody."""
     def veto(people, queries, pick, sims, rule):
-        q, _, s = _joined(pick, people, queries, sims)
+        q, _, s = _joined(pick, sims)
         rest = queries[pick < 0]
         if not len(rest):
             return q[:0]
@@ -87,7 +87,7 @@ def hubness_corrected(k):
     person, people for a cluster), measured against what is usual in this library (the
     median of those means), so a dense library is not judged stricter than a sparse one."""
     def veto(people, queries, pick, sims, rule):
-        q, p, s = _joined(pick, people, queries, sims)
+        q, p, s = _joined(pick, sims)
         cross = queries @ people.T
         kq, kp = min(k, cross.shape[1]), min(k, cross.shape[0])
         r_q = -np.sort(-cross, axis=1)[:, :kq].mean(1)

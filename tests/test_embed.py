@@ -399,7 +399,7 @@ def test_shrink_averages_like_inter_area_and_keeps_geometry():
 
 def test_thumbnails_from_the_detector_view_match_the_photos_and_thin_photos_get_one():
     """A review thumbnail cut from the detector's view looks like the one cut from the
-    decoded photo (landscape and portrait), no view means the photo's own, and a photo
+    decoded photo (landscape and portrait), a view no smaller means the photo's own, and a photo
     one or two pixels wide still gets a thumbnail (it used to recurse without end)."""
     import cv2
     face = cv2.imread(str(sorted((DATA / "labeled").glob("*/*.jpg"))[0]))
@@ -416,7 +416,7 @@ def test_thumbnails_from_the_detector_view_match_the_photos_and_thin_photos_get_
         kps = (np.array([x0, y0]) + rel * side).astype(np.float32)
         view = sort_faces.detector_view(bgr)
         want = thumb(sort_faces.face_thumb(bgr, box, kps)).astype(float)
-        got = thumb(sort_faces._thumb_from(bgr, view, box, kps)).astype(float)
+        got = thumb(sort_faces.face_thumb(bgr, box, kps, view)).astype(float)
         assert got.shape == want.shape == (sort_faces.THUMB_PX, sort_faces.THUMB_PX, 3)
         # two routes of reduction differ by a few grey levels (sharpness), never in place:
         # the best match of the two is unshifted
@@ -424,14 +424,14 @@ def test_thumbnails_from_the_detector_view_match_the_photos_and_thin_photos_get_
                                    - want[4:108, 4:108]).mean()
                   for dy in range(-2, 3) for dx in range(-2, 3)}
         assert shifts[0, 0] < 6.0 and min(shifts, key=shifts.get) == (0, 0), (W, H)
-        assert sort_faces._thumb_from(bgr, None, box, kps) == \
+        assert sort_faces.face_thumb(bgr, box, kps, bgr) == \
             sort_faces.face_thumb(bgr, box, kps)
     for h, w in ((300, 1), (1, 300), (9000, 2)):
         thin = np.full((h, w, 3), 128, np.uint8)
         box = np.array([0, 0, w, h], np.float32)
         kps = (rel * [w, h]).astype(np.float32)
         view = sort_faces.detector_view(thin)
-        assert thumb(sort_faces._thumb_from(thin, view, box, kps)).shape[:2] == \
+        assert thumb(sort_faces.face_thumb(thin, box, kps, view)).shape[:2] == \
             (sort_faces.THUMB_PX, sort_faces.THUMB_PX)
 
 
