@@ -27,6 +27,7 @@ import fcntl
 import hashlib
 import http.server
 import importlib
+import importlib.machinery
 import importlib.util
 import io
 import itertools
@@ -41,6 +42,7 @@ import stat
 import sys
 import tempfile
 import time
+import types
 import unicodedata
 import warnings
 from dataclasses import dataclass, field
@@ -952,20 +954,54 @@ def prelu_free(path):
     return model.SerializeToString()
 
 
+class _DeferredPackage(types.ModuleType):
+    """A package whose own __init__ has not run yet: it runs, in place, the first time
+    anything asks the package for a name that is neither set nor one of its submodules
+    (so `import pkg.sub` loads just sub, and `pkg.anything_else` works as usual)."""
+
+    def __getattr__(self, attr):
+        spec = self.__dict__.get("_deferred_spec")
+        if spec is None or importlib.machinery.PathFinder.find_spec(
+                f"{self.__name__}.{attr}", self.__path__):
+            raise AttributeError(attr)
+        del self._deferred_spec
+        spec.loader.exec_module(self)
+        return getattr(self, attr)
+
+
+def _insightface(name):
+    """insightface.<name> (a module of its model zoo or utils), imported without running
+    the __init__ files above it first: they import insightface's app, its liveness addon
+    and its download helpers (scipy, requests: 0.3 s of every embed process's start), of
+    which embedding uses nothing. Those __init__s still run when anything else asks for
+    their names (_DeferredPackage)."""
+    if "insightface" not in sys.modules:
+        top = importlib.util.find_spec("insightface")
+        for pkg in ("insightface", "insightface.model_zoo", "insightface.utils"):
+            spec = top if pkg == "insightface" else importlib.machinery.PathFinder.find_spec(
+                pkg, top.submodule_search_locations)
+            module = _DeferredPackage(pkg)
+            module.__spec__, module.__path__ = spec, list(spec.submodule_search_locations)
+            module.__file__, module.__loader__ = spec.origin, spec.loader
+            module.__package__, module._deferred_spec = pkg, spec
+            sys.modules[pkg] = module
+            if pkg != "insightface":
+                setattr(sys.modules["insightface"], pkg.split(".")[1], module)
+    return importlib.import_module(f"insightface.{name}")
+
+
 def _cpu_recognizer(path, threads):
     """insightface's recognizer of the file at path, run by onnxruntime on the CPU in its
     prelu_free() form."""
     import onnxruntime as ort
-    from insightface.model_zoo.arcface_onnx import ArcFaceONNX
     session = ort.InferenceSession(prelu_free(path), sess_options=_session_options(threads),
                                    providers=["CPUExecutionProvider"])
-    return ArcFaceONNX(model_file=path, session=session)
+    return _insightface("model_zoo.arcface_onnx").ArcFaceONNX(model_file=path, session=session)
 
 
 def load_models(pack, threads=None, det_thresh=DET_THRESH, device="auto"):
     """Load the pack's models as insightface objects, with every setting explicit, on the
     device onnxruntime actually gives (one line names it)."""
-    from insightface.model_zoo import model_zoo
     threads = threads or os.cpu_count() or 1
     providers = onnx_providers(device)
     ctx = 0 if providers[0] == "CUDAExecutionProvider" else -1   # insightface: <0 = CPU
@@ -976,8 +1012,14 @@ def load_models(pack, threads=None, det_thresh=DET_THRESH, device="auto"):
         for role, path in pack.files.items():
             if role == "rec" and ctx < 0:
                 model = _cpu_recognizer(path, threads)
+            elif role == "det":
+                import onnxruntime as ort
+                model = _insightface("model_zoo.scrfd").SCRFD(
+                    model_file=path, session=ort.InferenceSession(
+                        path, sess_options=_session_options(threads), providers=providers),
+                    static_shape_sessions=False)
             else:
-                model = model_zoo.get_model(path, providers=providers,
+                model = _insightface("model_zoo.model_zoo").get_model(path, providers=providers,
                                             sess_options=_session_options(threads),
                                             static_shape_sessions=False)
             if model is None or model.taskname != want[role]:
@@ -1419,11 +1461,30 @@ def detect_upright(det, bgr, det_size=DET_SIZE, upscale=False, view=None):
     return bbox, kps, score
 
 
+def aligned_face(bgr, kps):
+    """The 112 px face the recognizer embeds: bgr warped by the similarity transform that
+    puts the five keypoints kps nearest (least squares, Umeyama 1991) to insightface's
+    template. The same arithmetic as insightface's face_align.norm_crop, so the same crop,
+    without the scikit-image and scipy imports (0.25 s of a process's start) of its fit."""
+    import cv2
+    dst = _insightface("utils.face_align").arcface_dst
+    src = np.asarray(kps, np.float32)
+    sc, dc = src - src.mean(0), dst - dst.mean(0)
+    if not (np.isfinite(sc).all() and 0 < np.var(sc, 0, dtype=np.float64).sum() < 1e12):
+        return np.zeros((112, 112, 3), np.uint8)          # keypoints of no face (a cache's)
+    cov = dc.T @ sc / len(src)
+    u, d, vt = np.linalg.svd(cov)
+    keep = np.array([1.0, -1.0 if np.linalg.det(cov) < 0 else 1.0])   # never a mirror image
+    rot = u @ np.diag(keep) @ vt
+    scale = 1.0 / sc.var(0).sum() * (d @ keep)
+    m = np.hstack([rot * scale, (dst.mean(0) - scale * (rot @ src.mean(0)))[:, None]])
+    return cv2.warpAffine(bgr, m, (112, 112), borderValue=0.0)
+
+
 def embed_faces(models, decoded, det_size=DET_SIZE, view=None):
     """Detect and embed every face of one decoded image (one batch for the recognizer);
     view: its detector_view(), when already made."""
     import cv2
-    from insightface.utils import face_align
     bbox, kps, score = detect_upright(models["det"], decoded.bgr, det_size, view=view)
     if len(bbox) == 0 and max(decoded.bgr.shape[:2]) < det_size:
         # A small photo that is mostly face (a passport crop, a thumbnail) hides from the
@@ -1434,7 +1495,7 @@ def embed_faces(models, decoded, det_size=DET_SIZE, view=None):
         none = np.zeros(0, np.float32)
         return Faces(np.zeros((0, EMBEDDING_DIM), np.float32), bbox, kps, score, none, none,
                      np.zeros(0, np.int64), np.zeros(0, np.int64))
-    crops = [face_align.norm_crop(decoded.bgr, k) for k in kps]
+    crops = [aligned_face(decoded.bgr, k) for k in kps]
     emb = models["rec"].get_feat(crops).astype(np.float32)
     norm = np.linalg.norm(emb, axis=1)
     ok = np.isfinite(norm) & (norm > 1e-6)      # the cache holds unit vectors only
@@ -3257,9 +3318,9 @@ def _check_manifest(m, spec, path):
     params = m.get("params", {})
     if not isinstance(params, dict):
         bad("params", "is not a record")
-    for key, types in MANIFEST_PARAMS.items():
+    for key, kinds in MANIFEST_PARAMS.items():
         v = params.get(key)
-        if v is not None and (not isinstance(v, types) or (bool not in types and
+        if v is not None and (not isinstance(v, kinds) or (bool not in kinds and
                                                            isinstance(v, bool))
                               or (isinstance(v, float) and not math.isfinite(v))):
             bad(f"params.{key}", f"is {v!r}")
@@ -4411,7 +4472,6 @@ def _fill_missing_hashes(cache, files):
 def _fill_missing_face_hashes(cache, faces):
     """Caches made before aligned-face hashes existed: compute them now (in memory), from
     the cached keypoints."""
-    from insightface.utils import face_align
     missing = [int(i) for i in faces if cache.face_phash[i] == 0 and cache.face_phash_flip[i] == 0]
     if not missing:
         return
@@ -4426,7 +4486,7 @@ def _fill_missing_face_hashes(cache, faces):
             CONSOLE.warn(cache.file_path[f], f"no face hash: {exc}")
             continue
         for i in idx:
-            crop = face_align.norm_crop(dec.bgr, cache.face_kps[i] / dec.scale)
+            crop = aligned_face(dec.bgr, cache.face_kps[i] / dec.scale)
             cache.face_phash[i], cache.face_phash_flip[i] = perceptual_hashes(crop)
 
 

@@ -243,23 +243,41 @@ print(n)
 """
 
 
-def whole_process(src, files, tmp_root, module):
-    """Seconds of one whole process each, start-up and model load included: the tool's
-    `embed` into a fresh cache, and the naive loop (the same insightface models)."""
+def whole_process(src, files, tmp_root, modules):
+    """Seconds of one whole process each, start-up and model load included: the `embed`
+    of each sort_faces.py in modules (into a fresh cache), then the naive loop (the same
+    insightface models), one after the other. Returns [seconds per module..., naive]."""
     import subprocess
     pack = sort_faces.locate_pack("default")
-    d = tempfile.mkdtemp(prefix="whole-", dir=tmp_root)
-    t0 = time.perf_counter()
-    subprocess.run([sys.executable, module, "embed", src, os.path.join(d, "c.npz"), "-q",
-                    "--log-dir", os.path.join(d, "logs"), "--device", DEVICE], check=True,
-                   capture_output=True)
-    tool = time.perf_counter() - t0
+    out = []
+    for module in modules:
+        d = tempfile.mkdtemp(prefix="whole-", dir=tmp_root)
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, module, "embed", src, os.path.join(d, "c.npz"), "-q",
+                        "--log-dir", os.path.join(d, "logs"), "--device", DEVICE],
+                       check=True, capture_output=True)
+        out.append(time.perf_counter() - t0)
+        shutil.rmtree(d, ignore_errors=True)
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-c", NAIVE_PROCESS, pack.files["det"], pack.files["rec"],
                     *files], check=True, capture_output=True)
-    naive = time.perf_counter() - t0
-    shutil.rmtree(d, ignore_errors=True)
-    return tool, naive
+    return out + [time.perf_counter() - t0]
+
+
+def whole_figures(n, runs, baseline):
+    """The whole-process figures of runs (whole_process() per round) over n photos."""
+    med = [statistics.median(r[k] for r in runs) for k in range(len(runs[0]))]
+    tool_s, naive_s = med[-2], med[-1]
+    fig = {"tool_s": round(tool_s, 3), "naive_s": round(naive_s, 3),
+           "tool_photos_per_s": round(n / tool_s, 2),
+           "naive_photos_per_s": round(n / naive_s, 2),
+           "ratio_vs_naive": round(naive_s / tool_s, 2),
+           "runs_s": [[round(x, 3) for x in r] for r in runs]}
+    if baseline:
+        fig.update(baseline_s=round(med[0], 3), baseline_photos_per_s=round(n / med[0], 2),
+                   baseline_ratio_vs_naive=round(naive_s / med[0], 2),
+                   speedup_vs_baseline=round(med[0] / tool_s, 3))
+    return fig
 
 
 def time_call(fn):
@@ -420,6 +438,10 @@ def build_parser():
     p.add_argument("--whole", action=argparse.BooleanOptionalAction, default=True,
                    help="also time whole processes (start-up and model load included): "
                         "`sort_faces.py embed` against the naive loop, --repeat times each")
+    p.add_argument("--baseline", default=None, metavar="MODULE",
+                   help="another sort_faces.py whose whole `embed` process is timed in the "
+                        "same rounds as --module's (e.g. the last commit's, to measure a "
+                        "change against it); unset: none")
     p.add_argument("--limit", type=int, default=0, metavar="N",
                    help="images per set: the first N of each (0 = all)")
     p.add_argument("--smoke", action="store_true",
@@ -558,17 +580,18 @@ def main(argv=None):
                     files[set_name], naive_models,
                     memo_load_models(pack, threads=ncpu, device=DEVICE))
             if args.whole and (not args.smoke or set_name == "phone"):
-                runs = [whole_process(sets[set_name], files[set_name], tmp_root,
-                                      os.path.abspath(args.module))
-                        for _ in range(args.repeat)]
-                tool_s = statistics.median(r[0] for r in runs)
-                naive_s = statistics.median(r[1] for r in runs)
-                results[set_name]["whole_process"] = {
-                    "tool_s": round(tool_s, 3), "naive_s": round(naive_s, 3),
-                    "tool_photos_per_s": round(n / tool_s, 2),
-                    "naive_photos_per_s": round(n / naive_s, 2),
-                    "ratio_vs_naive": round(naive_s / tool_s, 2),
-                    "runs_s": [[round(a, 3), round(b, 3)] for a, b in runs]}
+                modules = ([os.path.abspath(args.baseline)] if args.baseline else []) + [
+                    os.path.abspath(args.module)]
+                one = os.path.join(tmp_root, f"one-{set_name}")
+                os.makedirs(one, exist_ok=True)
+                shutil.copy(files[set_name][0], one)
+                whole, start = [], []
+                for _ in range(args.repeat):         # each round: every side, one photo too
+                    whole.append(whole_process(sets[set_name], files[set_name], tmp_root,
+                                               modules))
+                    start.append(whole_process(one, files[set_name][:1], tmp_root, modules))
+                results[set_name]["whole_process"] = whole_figures(n, whole, args.baseline)
+                results[set_name]["one_photo_process"] = whole_figures(1, start, args.baseline)
             if args.cprofile:
                 print(f"\n## cProfile, one default embed_tree run on {set_name}",
                       file=sys.stderr)
@@ -600,6 +623,14 @@ def main(argv=None):
                 w = res["whole_process"]
                 print(f"whole process, {set_name}: tool {w['tool_photos_per_s']} photos/s, "
                       f"naive {w['naive_photos_per_s']} photos/s, {w['ratio_vs_naive']}x")
+                o = res["one_photo_process"]
+                print(f"one-photo process, {set_name}: tool {o['tool_s']} s, naive "
+                      f"{o['naive_s']} s")
+                if args.baseline:
+                    print(f"  baseline {args.baseline}: whole {w['baseline_photos_per_s']} photos/s "
+                          f"({w['baseline_ratio_vs_naive']}x naive), one photo {o['baseline_s']} s;"
+                          f" tool / baseline speed: whole {w['speedup_vs_baseline']}x, one photo "
+                          f"{o['speedup_vs_baseline']}x")
         if args.stages:
             print("\nSerial stage breakdown, ms/image (threads="
                   f"{ncpu}, no prefetch; one pass):")

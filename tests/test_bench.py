@@ -21,7 +21,7 @@ def smoke(script, *extra):
 
 
 def test_embed_bench_smoke():
-    out = smoke("embed_bench.py")
+    out = smoke("embed_bench.py", "--baseline", str(ROOT / "sort_faces.py"))
     assert set(out["sets"]) == {"labeled", "big", "phone"}
     for s in out["sets"].values():
         methods = {m["method"]: m for m in s["methods"]}
@@ -31,6 +31,8 @@ def test_embed_bench_smoke():
         assert tool["faces"] >= methods["naive"]["faces"] > 0 and tool["failed"] == 0
         assert s["stages"]["tool_ms_per_image"]["detect"] > 0
     assert out["sets"]["phone"]["whole_process"]["tool_photos_per_s"] > 0
+    assert 0 < out["sets"]["phone"]["one_photo_process"]["tool_s"] < 600
+    assert out["sets"]["phone"]["whole_process"]["speedup_vs_baseline"] > 0
 
 
 def test_cluster_accuracy_smoke():

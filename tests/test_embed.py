@@ -376,6 +376,67 @@ def test_the_rewritten_recognizer_equals_the_shipped_one(labeled_cache):
     assert cache.meta["pack"] == pack.identity()
 
 
+def test_faces_are_aligned_as_insightface_aligns_them_and_bad_keypoints_give_no_face():
+    """aligned_face() (the recognizer's 112 px crop, fitted without scikit-image) is
+    insightface's face_align.norm_crop bit for bit on real faces, upright or turned; the
+    keypoints of no face (all alike, not finite, absurd: a damaged cache's) give a black
+    crop, never an exception."""
+    import cv2
+    from insightface.utils import face_align
+    models = sort_faces.load_models(sort_faces.locate_pack("default"), threads=1, device="cpu")
+    faces = 0
+    for rel in spread(labeled_photos(), 30) + ["../groups/insightface_t1.jpg"]:
+        img = cv2.imread(str(DATA / "labeled" / rel))
+        for q in (0, 1):
+            turned = np.ascontiguousarray(np.rot90(img, q))
+            _, kps, _ = sort_faces.detect_faces(models["det"], turned)
+            for k in kps:
+                assert np.array_equal(sort_faces.aligned_face(turned, k),
+                                      face_align.norm_crop(turned, k)), rel
+                faces += 1
+    assert faces >= 40
+    img = cv2.imread(str(DATA / "groups" / "insightface_t1.jpg"))
+    for k in (np.zeros((5, 2)), np.full((5, 2), np.nan), np.full((5, 2), 1e30),
+              np.float32([[0, 0], [3e38, 0], [0, 3e38], [1, 1], [2, 2]])):
+        crop = sort_faces.aligned_face(img, k)
+        assert crop.shape == (112, 112, 3) and not crop.any()
+
+
+def test_embed_starts_without_insightface_app_and_leaves_insightface_whole(tmp_path,
+                                                                          copy_photos):
+    """An embed process imports only the insightface modules it runs (its app, liveness
+    addon, scipy and requests were 0.3 s of every start); code that later imports
+    insightface in the same process still finds the whole package."""
+    import json
+    import subprocess
+    import sys
+    src = tmp_path / "src"
+    copy_photos(src, ["insightface_t1.jpg"], src="groups")
+    probe = f"""
+import json, sys
+sys.path.insert(0, {str(SCRIPT.parent)!r})
+import sort_faces
+code = sort_faces.main(["embed", {str(src)!r}, {str(tmp_path / "c.npz")!r}, "-q",
+                        "--log-dir", {str(tmp_path / "logs")!r}])
+loaded = {{m: m in sys.modules for m in ("scipy", "requests", "insightface.app",
+                                          "insightface.addons")}}
+import insightface
+from insightface.model_zoo import model_zoo
+from insightface.app import FaceAnalysis
+import insightface.model_zoo as zoo
+print(json.dumps([code, loaded, insightface.__version__, callable(model_zoo.get_model),
+                  callable(zoo.get_model), FaceAnalysis.__name__]))
+"""
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr
+    code, loaded, version, *found = json.loads(out.stdout.strip().splitlines()[-1])
+    assert code == 0
+    assert not any(loaded.values()), loaded
+    assert version and found == [True, True, "FaceAnalysis"]
+    assert sort_faces.load_cache(tmp_path / "c.npz").n_faces == 6
+
+
 def test_shrink_averages_like_inter_area_and_keeps_geometry():
     """shrink() (the fast reduction behind thumbnails and crops) stays within a few
     grey levels of OpenCV's INTER_AREA on a real photo, on average, and maps pixels as
