@@ -41,6 +41,7 @@ import signal
 import stat
 import sys
 import tempfile
+import threading
 import time
 import types
 import unicodedata
@@ -959,13 +960,20 @@ class _DeferredPackage(types.ModuleType):
     anything asks the package for a name that is neither set nor one of its submodules
     (so `import pkg.sub` loads just sub, and `pkg.anything_else` works as usual)."""
 
+    _deferred_lock = threading.RLock()    # one __init__ at a time, each once (they nest)
+
     def __getattr__(self, attr):
-        spec = self.__dict__.get("_deferred_spec")
-        if spec is None or importlib.machinery.PathFinder.find_spec(
-                f"{self.__name__}.{attr}", self.__path__):
-            raise AttributeError(attr)
-        del self._deferred_spec
-        spec.loader.exec_module(self)
+        with self._deferred_lock:
+            spec = self.__dict__.pop("_deferred_spec", None)
+            if spec is None:
+                if attr in self.__dict__:                # set by another thread's __init__
+                    return self.__dict__[attr]
+                raise AttributeError(f"module {self.__name__!r} has no attribute {attr!r}")
+            if importlib.machinery.PathFinder.find_spec(f"{self.__name__}.{attr}",
+                                                        self.__path__):
+                self._deferred_spec = spec
+                raise AttributeError(attr)    # a submodule: the import system loads it alone
+            spec.loader.exec_module(self)
         return getattr(self, attr)
 
 
@@ -975,9 +983,9 @@ def _insightface(name):
     and its download helpers (scipy, requests: 0.3 s of every embed process's start), of
     which embedding uses nothing. Those __init__s still run when anything else asks for
     their names (_DeferredPackage)."""
-    if "insightface" not in sys.modules:
-        top = importlib.util.find_spec("insightface")
-        for pkg in ("insightface", "insightface.model_zoo", "insightface.utils"):
+    with _DeferredPackage._deferred_lock:
+        top = None if "insightface" in sys.modules else importlib.util.find_spec("insightface")
+        for pkg in ("insightface", "insightface.model_zoo", "insightface.utils") if top else ():
             spec = top if pkg == "insightface" else importlib.machinery.PathFinder.find_spec(
                 pkg, top.submodule_search_locations)
             module = _DeferredPackage(pkg)
@@ -999,6 +1007,18 @@ def _cpu_recognizer(path, threads):
     return _insightface("model_zoo.arcface_onnx").ArcFaceONNX(model_file=path, session=session)
 
 
+def _detector(path, threads, providers):
+    """insightface's SCRFD detector of the file at path, or None where the file is no
+    detector (insightface's own routing rule: five outputs or more)."""
+    import onnxruntime as ort
+    session = ort.InferenceSession(path, sess_options=_session_options(threads),
+                                   providers=providers)
+    if len(session.get_outputs()) < 5:
+        return None
+    return _insightface("model_zoo.scrfd").SCRFD(model_file=path, session=session,
+                                                 static_shape_sessions=False)
+
+
 def load_models(pack, threads=None, det_thresh=DET_THRESH, device="auto"):
     """Load the pack's models as insightface objects, with every setting explicit, on the
     device onnxruntime actually gives (one line names it)."""
@@ -1013,15 +1033,11 @@ def load_models(pack, threads=None, det_thresh=DET_THRESH, device="auto"):
             if role == "rec" and ctx < 0:
                 model = _cpu_recognizer(path, threads)
             elif role == "det":
-                import onnxruntime as ort
-                model = _insightface("model_zoo.scrfd").SCRFD(
-                    model_file=path, session=ort.InferenceSession(
-                        path, sess_options=_session_options(threads), providers=providers),
-                    static_shape_sessions=False)
+                model = _detector(path, threads, providers)
             else:
-                model = _insightface("model_zoo.model_zoo").get_model(path, providers=providers,
-                                            sess_options=_session_options(threads),
-                                            static_shape_sessions=False)
+                model = _insightface("model_zoo.model_zoo").get_model(
+                    path, providers=providers, sess_options=_session_options(threads),
+                    static_shape_sessions=False)
             if model is None or model.taskname != want[role]:
                 raise SortFacesError(f"{path}: not a {want[role]} model "
                                      f"(got {getattr(model, 'taskname', None)})")
