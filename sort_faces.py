@@ -955,47 +955,40 @@ def prelu_free(path):
     return model.SerializeToString()
 
 
-class _DeferredPackage(types.ModuleType):
-    """A package whose own __init__ has not run yet: it runs, in place, the first time
-    anything asks the package for a name that is neither set nor one of its submodules
-    (so `import pkg.sub` loads just sub, and `pkg.anything_else` works as usual)."""
-
-    _deferred_lock = threading.RLock()    # one __init__ at a time, each once (they nest)
-
-    def __getattr__(self, attr):
-        with self._deferred_lock:
-            spec = self.__dict__.pop("_deferred_spec", None)
-            if spec is None:
-                if attr in self.__dict__:                # set by another thread's __init__
-                    return self.__dict__[attr]
-                raise AttributeError(f"module {self.__name__!r} has no attribute {attr!r}")
-            if importlib.machinery.PathFinder.find_spec(f"{self.__name__}.{attr}",
-                                                        self.__path__):
-                self._deferred_spec = spec
-                raise AttributeError(attr)    # a submodule: the import system loads it alone
-            spec.loader.exec_module(self)
-        return getattr(self, attr)
+_INSIGHTFACE = {}                   #: "model_zoo.scrfd" etc. -> module, see _insightface()
+_INSIGHTFACE_PARTS = ("model_zoo.scrfd", "model_zoo.arcface_onnx", "utils.face_align")
+_INSIGHTFACE_LOCK = threading.Lock()
 
 
 def _insightface(name):
-    """insightface.<name> (a module of its model zoo or utils), imported without running
-    the __init__ files above it first: they import insightface's app, its liveness addon
-    and its download helpers (scipy, requests: 0.3 s of every embed process's start), of
-    which embedding uses nothing. Those __init__s still run when anything else asks for
-    their names (_DeferredPackage)."""
-    with _DeferredPackage._deferred_lock:
-        top = None if "insightface" in sys.modules else importlib.util.find_spec("insightface")
-        for pkg in ("insightface", "insightface.model_zoo", "insightface.utils") if top else ():
-            spec = top if pkg == "insightface" else importlib.machinery.PathFinder.find_spec(
-                pkg, top.submodule_search_locations)
-            module = _DeferredPackage(pkg)
-            module.__spec__, module.__path__ = spec, list(spec.submodule_search_locations)
-            module.__file__, module.__loader__ = spec.origin, spec.loader
-            module.__package__, module._deferred_spec = pkg, spec
-            sys.modules[pkg] = module
-            if pkg != "insightface":
-                setattr(sys.modules["insightface"], pkg.split(".")[1], module)
-    return importlib.import_module(f"insightface.{name}")
+    """insightface.<name>, one of _INSIGHTFACE_PARTS (all embed runs), loaded without the
+    package __init__ files above it: those import insightface's app, its liveness addon
+    and its download helpers (scipy, requests: 0.3 s of every embed process's start).
+    The parts are kept here and the packages taken out of sys.modules again, so any later
+    `import insightface` in this process runs the whole package as usual."""
+    with _INSIGHTFACE_LOCK:
+        if "insightface" in sys.modules:                 # imported whole already
+            return importlib.import_module(f"insightface.{name}")
+        if not _INSIGHTFACE:
+            top = importlib.util.find_spec("insightface")
+            if top is None:
+                return importlib.import_module(f"insightface.{name}")   # its usual error
+            before = set(sys.modules)
+            try:
+                for pkg in ("insightface", "insightface.model_zoo", "insightface.utils"):
+                    spec = top if pkg == "insightface" else importlib.machinery.PathFinder\
+                        .find_spec(pkg, top.submodule_search_locations)
+                    module = types.ModuleType(pkg)       # the package, its __init__ not run
+                    module.__spec__, module.__path__ = spec, spec.submodule_search_locations
+                    module.__file__, module.__package__ = spec.origin, pkg
+                    sys.modules[pkg] = module
+                for part in _INSIGHTFACE_PARTS:
+                    _INSIGHTFACE[part] = importlib.import_module(f"insightface.{part}")
+            finally:
+                for key in set(sys.modules) - before:
+                    if key == "insightface" or key.startswith("insightface."):
+                        del sys.modules[key]
+        return _INSIGHTFACE[name]
 
 
 def _cpu_recognizer(path, threads):
@@ -1007,12 +1000,13 @@ def _cpu_recognizer(path, threads):
     return _insightface("model_zoo.arcface_onnx").ArcFaceONNX(model_file=path, session=session)
 
 
-def _detector(path, threads, providers):
-    """insightface's SCRFD detector of the file at path, or None where the file is no
-    detector (insightface's own routing rule: five outputs or more)."""
+def _detector(path, threads):
+    """insightface's SCRFD detector of the file at path, run by onnxruntime on the CPU, or
+    None where the file is no detector (insightface's own routing rule: five outputs or
+    more)."""
     import onnxruntime as ort
     session = ort.InferenceSession(path, sess_options=_session_options(threads),
-                                   providers=providers)
+                                   providers=["CPUExecutionProvider"])
     if len(session.get_outputs()) < 5:
         return None
     return _insightface("model_zoo.scrfd").SCRFD(model_file=path, session=session,
@@ -1032,15 +1026,15 @@ def load_models(pack, threads=None, det_thresh=DET_THRESH, device="auto"):
         for role, path in pack.files.items():
             if role == "rec" and ctx < 0:
                 model = _cpu_recognizer(path, threads)
-            elif role == "det":
-                model = _detector(path, threads, providers)
+            elif role == "det" and ctx < 0:
+                model = _detector(path, threads)
             else:
                 model = _insightface("model_zoo.model_zoo").get_model(
                     path, providers=providers, sess_options=_session_options(threads),
                     static_shape_sessions=False)
             if model is None or model.taskname != want[role]:
-                raise SortFacesError(f"{path}: not a {want[role]} model "
-                                     f"(got {getattr(model, 'taskname', None)})")
+                got = f" (got {model.taskname})" if model is not None else ""
+                raise SortFacesError(f"{path}: not a {want[role]} model{got}")
             if role == "det":
                 model.prepare(ctx_id=ctx, input_size=(DET_SIZE, DET_SIZE),
                               det_thresh=det_thresh, nms_thresh=0.4)
@@ -1484,10 +1478,13 @@ def aligned_face(bgr, kps):
     without the scikit-image and scipy imports (0.25 s of a process's start) of its fit."""
     import cv2
     dst = _insightface("utils.face_align").arcface_dst
-    src = np.asarray(kps, np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):
+        src = np.asarray(kps, np.float32)           # the detector's and the cache's dtype
+    if src.shape != (5, 2) or not (np.isfinite(src).all() and np.abs(src).max() < 1e7):
+        return np.zeros((112, 112, 3), np.uint8)     # keypoints of no face (a cache's)
     sc, dc = src - src.mean(0), dst - dst.mean(0)
-    if not (np.isfinite(sc).all() and 0 < np.var(sc, 0, dtype=np.float64).sum() < 1e12):
-        return np.zeros((112, 112, 3), np.uint8)          # keypoints of no face (a cache's)
+    if not sc.var(0).sum() > 1e-6:
+        return np.zeros((112, 112, 3), np.uint8)
     cov = dc.T @ sc / len(src)
     u, d, vt = np.linalg.svd(cov)
     keep = np.array([1.0, -1.0 if np.linalg.det(cov) < 0 else 1.0])   # never a mirror image

@@ -6,6 +6,7 @@ import os
 import re
 import shutil
 import signal
+import warnings
 
 import numpy as np
 import pytest
@@ -396,10 +397,15 @@ def test_faces_are_aligned_as_insightface_aligns_them_and_bad_keypoints_give_no_
                 faces += 1
     assert faces >= 40
     img = cv2.imread(str(DATA / "groups" / "insightface_t1.jpg"))
-    for k in (np.zeros((5, 2)), np.full((5, 2), np.nan), np.full((5, 2), 1e30),
-              np.float32([[0, 0], [3e38, 0], [0, 3e38], [1, 1], [2, 2]])):
-        crop = sort_faces.aligned_face(img, k)
-        assert crop.shape == (112, 112, 3) and not crop.any()
+    hostile = [np.zeros((5, 2)), np.full((5, 2), np.nan), np.full((5, 2), 1e30),
+               np.float32([[0, 0], [3e38, 0], [0, 3e38], [1, 1], [2, 2]]),
+               np.float32([[3e38, 0]] * 5), np.full((5, 2), 1e39), np.zeros((4, 2)),
+               np.zeros((5, 3)), 100 + 1e-30 * np.arange(10.0).reshape(5, 2)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for k in hostile:
+            crop = sort_faces.aligned_face(img, k)
+            assert crop.shape == (112, 112, 3) and not crop.any(), k
 
 
 def test_embed_starts_without_insightface_app_and_leaves_insightface_whole(tmp_path,
@@ -421,19 +427,21 @@ code = sort_faces.main(["embed", {str(src)!r}, {str(tmp_path / "c.npz")!r}, "-q"
 loaded = {{m: m in sys.modules for m in ("scipy", "requests", "insightface.app",
                                           "insightface.addons")}}
 import insightface
-from insightface.model_zoo import model_zoo
-from insightface.app import FaceAnalysis
 import insightface.model_zoo as zoo
-print(json.dumps([code, loaded, insightface.__version__, callable(model_zoo.get_model),
-                  callable(zoo.get_model), FaceAnalysis.__name__]))
+from insightface.utils import download
+whole = [hasattr(insightface, "app"), hasattr(insightface, "data"),
+         hasattr(zoo, "model_zoo"), callable(zoo.get_model), callable(download),
+         type(download).__name__ != "module", callable(zoo.SCRFD)]
+from insightface.app import FaceAnalysis
+print(json.dumps([code, loaded, insightface.__version__, whole, FaceAnalysis.__name__]))
 """
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                          timeout=600)
     assert out.returncode == 0, out.stderr
-    code, loaded, version, *found = json.loads(out.stdout.strip().splitlines()[-1])
+    code, loaded, version, whole, app = json.loads(out.stdout.strip().splitlines()[-1])
     assert code == 0
     assert not any(loaded.values()), loaded
-    assert version and found == [True, True, "FaceAnalysis"]
+    assert version and all(whole) and app == "FaceAnalysis", whole
     assert sort_faces.load_cache(tmp_path / "c.npz").n_faces == 6
 
 
