@@ -967,8 +967,8 @@ def _insightface(name):
     The parts are kept here and the packages taken out of sys.modules again, so any later
     `import insightface` in this process runs the whole package as usual."""
     with _INSIGHTFACE_LOCK:
-        if "insightface" in sys.modules:                 # imported whole already
-            return importlib.import_module(f"insightface.{name}")
+        if name not in _INSIGHTFACE_PARTS or "insightface" in sys.modules:
+            return importlib.import_module(f"insightface.{name}")     # the whole package
         if not _INSIGHTFACE:
             top = importlib.util.find_spec("insightface")
             if top is None:

@@ -411,8 +411,8 @@ def test_faces_are_aligned_as_insightface_aligns_them_and_bad_keypoints_give_no_
 def test_embed_starts_without_insightface_app_and_leaves_insightface_whole(tmp_path,
                                                                           copy_photos):
     """An embed process imports only the insightface modules it runs (its app, liveness
-    addon, scipy and requests were 0.3 s of every start); code that later imports
-    insightface in the same process still finds the whole package."""
+    addon, scipy and requests were 0.3 s of every start); enrich after it in the same
+    process, and code that imports insightface there, still find the whole package."""
     import json
     import subprocess
     import sys
@@ -426,6 +426,9 @@ code = sort_faces.main(["embed", {str(src)!r}, {str(tmp_path / "c.npz")!r}, "-q"
                         "--log-dir", {str(tmp_path / "logs")!r}])
 loaded = {{m: m in sys.modules for m in ("scipy", "requests", "insightface.app",
                                           "insightface.addons")}}
+lmk = sort_faces.load_models(sort_faces.locate_pack("default", roles=("lmk2d",)))["lmk2d"]
+code = code or sort_faces.main(["enrich", {str(tmp_path / "c.npz")!r}, "-q",
+                                "--log-dir", {str(tmp_path / "logs")!r}])
 import insightface
 import insightface.model_zoo as zoo
 from insightface.utils import download
@@ -433,7 +436,8 @@ whole = [hasattr(insightface, "app"), hasattr(insightface, "data"),
          hasattr(zoo, "model_zoo"), callable(zoo.get_model), callable(download),
          type(download).__name__ != "module", callable(zoo.SCRFD)]
 from insightface.app import FaceAnalysis
-print(json.dumps([code, loaded, insightface.__version__, whole, FaceAnalysis.__name__]))
+print(json.dumps([code, loaded, insightface.__version__, whole + [lmk.taskname == "landmark_2d_106"],
+                  FaceAnalysis.__name__]))
 """
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                          timeout=600)
