@@ -967,12 +967,9 @@ def _insightface(name):
     The parts are kept here and the packages taken out of sys.modules again, so any later
     `import insightface` in this process runs the whole package as usual."""
     with _INSIGHTFACE_LOCK:
-        if name not in _INSIGHTFACE_PARTS or "insightface" in sys.modules:
-            return importlib.import_module(f"insightface.{name}")     # the whole package
-        if not _INSIGHTFACE:
-            top = importlib.util.find_spec("insightface")
-            if top is None:
-                return importlib.import_module(f"insightface.{name}")   # its usual error
+        alone = name in _INSIGHTFACE_PARTS and "insightface" not in sys.modules
+        top = alone and not _INSIGHTFACE and importlib.util.find_spec("insightface")
+        if top:
             before = set(sys.modules)
             try:
                 for pkg in ("insightface", "insightface.model_zoo", "insightface.utils"):
@@ -988,15 +985,22 @@ def _insightface(name):
                 for key in set(sys.modules) - before:
                     if key == "insightface" or key.startswith("insightface."):
                         del sys.modules[key]
-        return _INSIGHTFACE[name]
+        if alone and _INSIGHTFACE:
+            return _INSIGHTFACE[name]
+        return importlib.import_module(f"insightface.{name}")   # the whole package (or its error)
+
+
+def _cpu_session(model, threads):
+    """An onnxruntime CPU session of model (a path or serialized bytes)."""
+    import onnxruntime as ort
+    return ort.InferenceSession(model, sess_options=_session_options(threads),
+                                providers=["CPUExecutionProvider"])
 
 
 def _cpu_recognizer(path, threads):
     """insightface's recognizer of the file at path, run by onnxruntime on the CPU in its
     prelu_free() form."""
-    import onnxruntime as ort
-    session = ort.InferenceSession(prelu_free(path), sess_options=_session_options(threads),
-                                   providers=["CPUExecutionProvider"])
+    session = _cpu_session(prelu_free(path), threads)
     return _insightface("model_zoo.arcface_onnx").ArcFaceONNX(model_file=path, session=session)
 
 
@@ -1004,9 +1008,7 @@ def _detector(path, threads):
     """insightface's SCRFD detector of the file at path, run by onnxruntime on the CPU, or
     None where the file is no detector (insightface's own routing rule: five outputs or
     more)."""
-    import onnxruntime as ort
-    session = ort.InferenceSession(path, sess_options=_session_options(threads),
-                                   providers=["CPUExecutionProvider"])
+    session = _cpu_session(path, threads)
     if len(session.get_outputs()) < 5:
         return None
     return _insightface("model_zoo.scrfd").SCRFD(model_file=path, session=session,
@@ -1483,13 +1485,14 @@ def aligned_face(bgr, kps):
     if src.shape != (5, 2) or not (np.isfinite(src).all() and np.abs(src).max() < 1e7):
         return np.zeros((112, 112, 3), np.uint8)     # keypoints of no face (a cache's)
     sc, dc = src - src.mean(0), dst - dst.mean(0)
-    if not sc.var(0).sum() > 1e-6:
+    spread = sc.var(0).sum()
+    if not spread > 1e-6:
         return np.zeros((112, 112, 3), np.uint8)
     cov = dc.T @ sc / len(src)
     u, d, vt = np.linalg.svd(cov)
     keep = np.array([1.0, -1.0 if np.linalg.det(cov) < 0 else 1.0])   # never a mirror image
     rot = u @ np.diag(keep) @ vt
-    scale = 1.0 / sc.var(0).sum() * (d @ keep)
+    scale = 1.0 / spread * (d @ keep)
     m = np.hstack([rot * scale, (dst.mean(0) - scale * (rot @ src.mean(0)))[:, None]])
     return cv2.warpAffine(bgr, m, (112, 112), borderValue=0.0)
 

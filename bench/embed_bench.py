@@ -627,10 +627,10 @@ def main(argv=None):
                 print(f"one-photo process, {set_name}: tool {o['tool_s']} s, naive "
                       f"{o['naive_s']} s")
                 if args.baseline:
-                    print(f"  baseline {args.baseline}: whole {w['baseline_photos_per_s']} photos/s "
-                          f"({w['baseline_ratio_vs_naive']}x naive), one photo {o['baseline_s']} s;"
-                          f" tool / baseline speed: whole {w['speedup_vs_baseline']}x, one photo "
-                          f"{o['speedup_vs_baseline']}x")
+                    print(f"  baseline {args.baseline}: whole {w['baseline_photos_per_s']} "
+                          f"photos/s ({w['baseline_ratio_vs_naive']}x naive), one photo "
+                          f"{o['baseline_s']} s; tool / baseline speed: whole "
+                          f"{w['speedup_vs_baseline']}x, one photo {o['speedup_vs_baseline']}x")
         if args.stages:
             print("\nSerial stage breakdown, ms/image (threads="
                   f"{ncpu}, no prefetch; one pass):")
