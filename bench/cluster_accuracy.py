@@ -73,9 +73,9 @@ def main(argv=None):
     ap.add_argument("--synthetic", type=int, default=20000,
                     help="synthetic faces (0: none)")
     ap.add_argument("--crowd", type=int, default=300,
-                    help="faces of a crowded sub-population (children's distances, "
-                         "synthetic.CROWD) added to the synthetic set and scored apart "
-                         "(0: none)")
+                    help="faces of a crowded sub-population (children's faces, "
+                         "synthetic.CROWDS['era']) added to the synthetic set and scored "
+                         "apart (0: none)")
     ap.add_argument("--sweep", action="store_true", help="sweep each identity parameter")
     ap.add_argument("--smoke", action="store_true",
                     help="a few seconds end to end: 3 people of labeled/ and of calib/, "

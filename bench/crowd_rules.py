@@ -143,9 +143,11 @@ def real_sets(cache_dir, folders):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--seeds", type=int, default=4, help="crowd seeds 0..N-1")
+    ap.add_argument("--seeds", type=int, default=6, help="crowd seeds 0..N-1")
     ap.add_argument("--faces", type=int, default=10000, help="real-photo-like faces per seed")
-    ap.add_argument("--crowd", type=int, default=200, help="crowded faces per seed")
+    ap.add_argument("--crowd", type=int, default=100, help="crowded faces per seed")
+    ap.add_argument("--kind", choices=sorted(synthetic.CROWDS), default="era",
+                    help="crowd model (bench/synthetic.py CROWDS)")
     ap.add_argument("--synthetic", type=int, default=20000, help="synthetic faces (no crowd)")
     ap.add_argument("--cache-dir", default=os.path.join(cluster_accuracy.ROOT, "work", "cache",
                                                         "bench"),
@@ -173,12 +175,14 @@ def run(args, names, folders):
     sets = real_sets(args.cache_dir, folders)
     emb, truth, groups = synthetic.make(args.synthetic)
     sets[f"synthetic {args.synthetic}"] = (emb, groups, np.arange(len(emb)), truth.tolist())
-    out = {"rule": dataclasses.asdict(rule), "seeds": args.seeds, "candidates": {}}
+    out = {"rule": dataclasses.asdict(rule), "seeds": args.seeds, "kind": args.kind,
+           "candidates": {}}
     print(f"{'candidate':28s} {'crowd P/F':>12s} {'worst P':>8s} {'rest P/F':>14s}  "
           + "  ".join(f"{n} P/F" for n in sets))
     for name in names:
         with vetoed(CANDIDATES[name]):
-            row = crowd_seeds.run_rule(rule, list(range(args.seeds)), args.faces, args.crowd)
+            row = crowd_seeds.run_rule(rule, list(range(args.seeds)), args.faces, args.crowd,
+                                       args.kind)
             for set_name, (e, g, idx, true) in sets.items():
                 s = scores(true, sort_faces.identities(e, g, rule)[idx])
                 row[set_name] = [round(s["pairwise_p"], 4), round(s["pairwise_f"], 4)]

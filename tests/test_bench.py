@@ -4,8 +4,10 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
+import sort_faces
 from conftest import ROOT, requires_data
 
 pytestmark = requires_data
@@ -84,8 +86,27 @@ def test_review_bench_smoke():
 
 def test_crowd_seeds_smoke():
     out = smoke("crowd_seeds.py")
-    assert out["seeds"] == 2 and set(out["runs"]) == {"defaults", "stage 1 alone"}
+    assert out["seeds"] == 2 and set(out["runs"]) == {"defaults", "stage 1 alone", "join 0.65"}
     assert all(0 < r["crowd_p"] <= 1 and 0 < r["rest_f"] <= 1 for r in out["runs"].values())
+
+
+def test_synthetic_children_look_like_the_childhood_photos_issue_24_measured():
+    """The crowd model must reproduce what was measured on real childhood photos, or a rule
+    tuned on it fixes a problem users do not have: their distance row (within 0.04), and
+    stage 1 alone keeping different children apart (P 1.000 on the real photos)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import crowd_seeds
+    import synthetic
+    from conftest import scores
+    emb, truth, _, crowd = synthetic.make_crowded(100, 300, 0)
+    row = crowd_seeds.crowd_percentiles(emb[crowd], truth[crowd])
+    assert np.allclose(row["same_p5_p50_p95"], [0.34, 0.64, 0.84], atol=0.04), row
+    assert np.allclose(row["other_p01_p1_p5_p50"], [0.60, 0.69, 0.77, 0.93], atol=0.04), row
+    stage1 = sort_faces.IdentityRule(0.60, 0, 0, 0.12)
+    for seed in range(3):
+        emb, truth, groups, crowd = synthetic.make_crowded(1000, 100, seed)
+        labels = sort_faces.identities(emb, groups, stage1)
+        assert scores(truth[crowd].tolist(), labels[crowd])["pairwise_p"] == 1.0, seed
 
 
 def test_crowd_rules_smoke():
