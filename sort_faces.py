@@ -2546,7 +2546,9 @@ class IdentityRule:
     clusters join while their average-linkage distance is <= pair (stage 1: the evidence
     two lone faces need); people (>= PERSON_FACES faces) join while their centroids are
     <= merge apart (stage 2); a smaller cluster joins the nearest person whose average
-    distance is <= join and who is at least margin nearer than the next person (stage 3)."""
+    distance is <= join and who is at least margin nearer than the next person (stage 3),
+    unless that person would take in two clusters of >= 2 faces farther apart than join
+    (a crowd of people: it takes in none)."""
     pair: float
     merge: float
     join: float
@@ -2863,9 +2865,9 @@ def nearest_person(person_means, query_means, rule, exact=True):
 
 
 def _join_people(vecs, size, roots, conflicts, rule, exact, frozen):
-    """Stage 3: clusters smaller than a person join their nearest_person(); each joins the
-    people as they were, and never one holding a face of its photo (nor beside another
-    joiner from its photo: the nearer of the two wins)."""
+    """Stage 3: clusters smaller than a person join their nearest_person(), unless it is
+    _crowded(); each joins the people as they were, and never one holding a face of its
+    photo (nor beside another joiner from its photo: the nearer of the two wins)."""
     heads = np.unique(roots)
     people = heads[size[heads] >= PERSON_FACES]
     small = heads[(size[heads] < PERSON_FACES) & ~frozen[heads]]
@@ -2873,6 +2875,7 @@ def _join_people(vecs, size, roots, conflicts, rule, exact, frozen):
         return roots
     pick, sims = nearest_person(vecs[people] / size[people, None],
                                 vecs[small] / size[small, None], rule, exact)
+    pick[np.isin(pick, _crowded(vecs, size, small, pick, rule))] = -1
     go = pick >= 0
     target = np.full(len(roots), -1)
     target[small[go]] = people[pick[go]]
@@ -2887,6 +2890,23 @@ def _join_people(vecs, size, roots, conflicts, rule, exact, frozen):
         target[loser[clash]] = -1
     head = np.where(target[roots] >= 0, target[roots], roots)
     return head
+
+
+def _crowded(vecs, size, small, pick, rule):
+    """People (indices into pick's people) that would take in two clusters of >= 2 faces
+    farther apart than rule.join: both cannot be that person, so several people crowd
+    there (children's faces do, docs/calibration.md) and stage 3's evidence is not enough.
+    Lone faces are no witnesses: one person's scattered photos are as far apart."""
+    g = np.flatnonzero((pick >= 0) & (size[small] >= 2))
+    g = g[np.argsort(pick[g], kind="stable")]
+    out = []
+    for part in np.split(g, np.flatnonzero(np.diff(pick[g])) + 1):
+        if len(part) > 1:
+            means = vecs[small[part]] / size[small[part], None]
+            sims = means @ means.T
+            if (sims[np.triu_indices(len(part), 1)] < 1 - rule.join).any():
+                out.append(pick[part[0]])
+    return np.array(out, np.int64)
 
 
 def labels_to_groups(labels):
@@ -6572,7 +6592,8 @@ def add_identity_args(g, pair_flag="--threshold", unset=""):
                         + pack_defaults_help("merge"))
     g.add_argument("--join-threshold", type=float, default=None, metavar="DIST",
                    help="stage 3: a smaller cluster joins the nearest person within this "
-                        "average distance...; unset: " + unset + pack_defaults_help("join"))
+                        "average distance (a person two groups this far apart would join "
+                        "takes in none)...; unset: " + unset + pack_defaults_help("join"))
     g.add_argument("--join-margin", type=float, default=None, metavar="DIST",
                    help="...if that person is this much nearer than the next one; unset: "
                         + unset + pack_defaults_help("margin"))

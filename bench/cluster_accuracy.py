@@ -76,6 +76,8 @@ def main(argv=None):
                     help="faces of a crowded sub-population (children's faces, "
                          "synthetic.CROWDS['era']) added to the synthetic set and scored "
                          "apart (0: none)")
+    ap.add_argument("--crowd-kind", choices=sorted(synthetic.CROWDS), default="era",
+                    help="crowd model (bench/synthetic.py CROWDS)")
     ap.add_argument("--sweep", action="store_true", help="sweep each identity parameter")
     ap.add_argument("--smoke", action="store_true",
                     help="a few seconds end to end: 3 people of labeled/ and of calib/, "
@@ -112,7 +114,8 @@ def run(args, folders, sweeps):
         sets[f"synthetic {args.synthetic}"] = (emb, groups, np.arange(len(emb)), truth.tolist())
         print("synthetic percentiles", synthetic.percentiles(emb, truth))
         if args.crowd:
-            emb, truth, groups, crowd = synthetic.make_crowded(args.synthetic, args.crowd)
+            emb, truth, groups, crowd = synthetic.make_crowded(args.synthetic, args.crowd, 0,
+                                                               args.crowd_kind)
             print("crowd percentiles    ", synthetic.percentiles(emb[crowd], truth[crowd]))
             for part, mask in (("crowd", crowd), ("rest", ~crowd)):
                 sets[f"synthetic {args.synthetic} + {args.crowd} crowded: {part}"] = (

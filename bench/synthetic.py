@@ -109,9 +109,10 @@ def make(n, seed=0, isotropic=False):
 #: childhood photos (default pack, issue 24): same person p5/p50/p95 0.34/0.64/0.84, other
 #: people p0.1/p1/p5/p50 0.60/0.69/0.77/0.93; stage 1 alone keeps them apart (P 1.000),
 #: the defaults put 14 photos of four children in one folder (P 0.960), join 0.65 is clean.
-#: "era" (the default) reproduces all of that: a child is photographed at several ages, so
-#: its faces gather around 1-4 era centres (same 0.32/0.62/0.84, other 0.63/0.70/0.77/0.93
-#: over 300 faces). "packed" (the first model) matches the distances only (1,500 faces:
+#: "era" (the default) reproduces the row, stage 1's precision and the rate of such
+#: folders: a child is photographed at several ages, so its faces gather around 1-4 era
+#: centres (300 faces, seed 0: same 0.32/0.61/0.84, other 0.62/0.69/0.76/0.91; mean of 6
+#: seeds 0.32/0.62/0.84 and 0.63/0.70/0.77/0.93). "packed" (the first model) matches the distances only (1,500 faces:
 #: 0.33/0.64/0.87, 0.58/0.69/0.78/0.93): one centre per child and noisier faces make even
 #: stage 1 mix children, which the real photos do not.
 CROWDS = {
@@ -134,12 +135,17 @@ def make_crowded(n, crowd, seed=0, kind="era"):
     sizes = identity_sizes(crowd, rng, q["single"], q["zipf"])
     k = len(sizes)
     t = rng.permutation(np.repeat(np.arange(k), sizes))
-    unit = lambda m: (rng.standard_normal((m, DIM)) * lc) @ rc.T / np.sqrt((lc ** 2).sum())
+
+    def unit(m):            # m directions drawn as identity centres are, of length ~1
+        return (rng.standard_normal((m, DIM)) * lc) @ rc.T / np.sqrt((lc ** 2).sum())
     region = (rng.standard_normal(DIM) * lc) @ rc.T
     g = unit(k)
     c = region / np.linalg.norm(region) \
         + q["spread"] * np.exp(q["spread_sig"] * rng.standard_normal((k, 1))) * g
-    if q["eras"] > 1:           # each child 1..eras ages; a face is one of its child's ages
+    # each child 1..eras ages, a face at one of them (era centres are left unnormalised:
+    # the noise is scaled by their length instead). One era draws nothing more, so
+    # "packed" keeps the first model's random stream bit for bit.
+    if q["eras"] > 1:
         n_eras = rng.integers(1, q["eras"] + 1, k)
         era = t * q["eras"] + (rng.random(crowd) * n_eras[t]).astype(int)
         keys, at = np.unique(era, return_inverse=True)

@@ -363,3 +363,30 @@ def test_a_big_result_is_paged(mixed_cache, tmp_path, monkeypatch):
     assert singles == len(m["singletons"])
     big = max(m["clusters"], key=lambda c: len(c["faces"]))
     assert len(shown[big["name"]]) == 9
+
+
+def test_a_look_alike_crowd_stays_out_of_a_persons_folder(tmp_path):
+    """Issue 24 on real photos: beside ten photos of George W. Bush, two photos each of
+    George H. W. Bush and of Michael Bloomberg. Each pair is a small cluster that would
+    join him alone (within 0.76, no other person near), but the two pairs are 0.87 apart,
+    so they cannot both be him: his folder takes in neither, and each pair stays itself."""
+    src = tmp_path / "photos"
+    picks = [f"George_W_Bush/George_W_Bush_{i:04d}.jpg" for i in range(1, 11)] + [
+        "George_HW_Bush/George_HW_Bush_0005.jpg", "George_HW_Bush/George_HW_Bush_0006.jpg",
+        "Michael_Bloomberg/Michael_Bloomberg_0004.jpg",
+        "Michael_Bloomberg/Michael_Bloomberg_0009.jpg"]
+    for rel in picks:
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(DATA / "calib" / rel, src / rel)
+    cache, out = tmp_path / "c.npz", tmp_path / "people"
+    logs = ["-q", "--log-dir", str(tmp_path / "logs")]
+    assert sort_faces.main(["embed", str(src), str(cache), *logs]) == 0
+    assert sort_faces.main(["cluster", str(cache), str(out), "--min-cluster-size", "2",
+                            *logs]) == 0
+    m = json.loads((out / "manifest.json").read_text())
+    people = {c["name"]: {os.path.basename(os.path.dirname(f["path"])) for f in c["faces"]}
+              for c in m["clusters"]}
+    assert sorted(map(sorted, people.values())) == [
+        ["George_HW_Bush"], ["George_W_Bush"], ["Michael_Bloomberg"]], people
+    bush = next(c for c in m["clusters"] if "George_W_Bush" in people[c["name"]])
+    assert len(bush["faces"]) == 10

@@ -160,3 +160,33 @@ def test_fold_in_grows_old_people_and_keeps_the_rest_new():
                                   np.zeros((0, 2), np.int64), np.isin(np.arange(len(emb)), [21]))
     joined, _ = sort_faces.fold_in(cache, old, new, rule, corr=corr)
     assert joined == {0: [12, 13, 14]}
+
+
+def _faces(parts, n, basis, fresh):
+    """n unit faces: sum of weight * basis row for (weight, row) in parts, the rest of the
+    length on a direction of their own (so every similarity is exactly what parts say)."""
+    head = sum(w * basis[r] for w, r in parts)
+    rest = np.sqrt(1 - sum(w * w for w, _ in parts))
+    return np.stack([head + rest * basis[next(fresh)] for _ in range(n)])
+
+
+def test_a_person_two_far_apart_groups_would_join_takes_in_no_one():
+    """Stage 3 in a crowd (issue 24): two 2-face groups that would each join a 6-face
+    person (0.70 from it, no other person near) but are 0.85 apart cannot both be that
+    person; it takes in neither, nor a lone face at 0.70. Two groups 0.70 apart (one
+    person's two looks) both join."""
+    basis = np.linalg.qr(np.random.default_rng(0).standard_normal((64, 64)))[0].T
+    fresh = iter(range(3, 64))
+    person = _faces([(0.775, 0)], 6, basis, fresh)                  # 0.60 within
+    group = _faces([(0.387, 0), (0.59, 1)], 2, basis, fresh)        # 0.30 to the person
+    far = _faces([(0.387, 0), (0.59, 2)], 2, basis, fresh)          # 0.15 to group
+    near = _faces([(0.387, 0), (0.254, 1), (0.533, 2)], 2, basis, fresh)   # 0.30 to group
+    lone = _faces([(0.387, 0)], 1, basis, fresh)
+    rule = sort_faces.IdentityRule(0.60, 0.45, 0.76, 0.12)
+
+    def people(*parts):
+        emb = np.vstack(parts).astype(np.float32)
+        return _partition(sort_faces.identities(emb, np.full(len(emb), -1), rule))
+    assert people(person, group, far, lone) == [(0, 1, 2, 3, 4, 5), (6, 7), (8, 9), (10,)]
+    assert people(person, group, near) == [tuple(range(10))]
+    assert people(person, group) == [tuple(range(8))]       # one group alone still joins
