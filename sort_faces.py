@@ -10,7 +10,7 @@ Typical pipeline:
   python sort_faces.py cluster work/cache/photos.npz work/out/people
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 # ============================================================================
 # Imports
@@ -2547,8 +2547,8 @@ class IdentityRule:
     two lone faces need); people (>= PERSON_FACES faces) join while their centroids are
     <= merge apart (stage 2); a smaller cluster joins the nearest person whose average
     distance is <= join and who is at least margin nearer than the next person (stage 3),
-    unless that person would take in two clusters of >= 2 faces farther apart than join
-    (a crowd of people: it takes in none)."""
+    unless two clusters of >= 2 faces farther apart than join pick that person (a crowd
+    of people: it takes in none)."""
     pair: float
     merge: float
     join: float
@@ -2893,9 +2893,11 @@ def _join_people(vecs, size, roots, conflicts, rule, exact, frozen):
 
 
 def _crowded(vecs, size, small, pick, rule):
-    """People (indices into pick's people) that would take in two clusters of >= 2 faces
-    farther apart than rule.join: both cannot be that person, so several people crowd
-    there (children's faces do, docs/calibration.md) and stage 3's evidence is not enough.
+    """People (indices into pick's people) that two clusters of >= 2 faces farther apart
+    than rule.join pick in stage 3 (before photo conflicts: a group that shares a photo
+    with the person is another person near it all the same). Groups that would not join
+    each other are unlikely to both be that person, so several people crowd there
+    (children's faces do, docs/calibration.md) and stage 3's evidence is not enough.
     Lone faces are no witnesses: one person's scattered photos are as far apart."""
     g = np.flatnonzero((pick >= 0) & (size[small] >= 2))
     g = g[np.argsort(pick[g], kind="stable")]
@@ -6592,7 +6594,7 @@ def add_identity_args(g, pair_flag="--threshold", unset=""):
                         + pack_defaults_help("merge"))
     g.add_argument("--join-threshold", type=float, default=None, metavar="DIST",
                    help="stage 3: a smaller cluster joins the nearest person within this "
-                        "average distance (a person two groups this far apart would join "
+                        "average distance (a person that two groups this far apart pick "
                         "takes in none)...; unset: " + unset + pack_defaults_help("join"))
     g.add_argument("--join-margin", type=float, default=None, metavar="DIST",
                    help="...if that person is this much nearer than the next one; unset: "
@@ -6783,7 +6785,8 @@ def build_parser():
     _add_pack_args(p, default=None)
     p.add_argument("--join-threshold", type=float, default=None, metavar="DIST",
                    help="stage 3 of the identity rule (a new face joins the nearest person "
-                        "within this average distance...); unset: the output's own")
+                        "within this average distance, unless two new groups this far apart "
+                        "pick that person...); unset: the output's own")
     p.add_argument("--join-margin", type=float, default=None, metavar="DIST",
                    help="...if that person is this much nearer than the next; unset: the "
                         "output's own")

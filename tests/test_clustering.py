@@ -184,9 +184,13 @@ def test_a_person_two_far_apart_groups_would_join_takes_in_no_one():
     lone = _faces([(0.387, 0)], 1, basis, fresh)
     rule = sort_faces.IdentityRule(0.60, 0.45, 0.76, 0.12)
 
-    def people(*parts):
+    def people(*parts, seeded=False):
         emb = np.vstack(parts).astype(np.float32)
-        return _partition(sort_faces.identities(emb, np.full(len(emb), -1), rule))
-    assert people(person, group, far, lone) == [(0, 1, 2, 3, 4, 5), (6, 7), (8, 9), (10,)]
+        seeds = np.where(np.arange(len(emb)) < 6, 0, -1) if seeded else None
+        return _partition(sort_faces.identities(emb, np.full(len(emb), -1), rule,
+                                                seeds=seeds))
+    crowd = [(0, 1, 2, 3, 4, 5), (6, 7), (8, 9), (10,)]
+    assert people(person, group, far, lone) == crowd
+    assert people(person, group, far, lone, seeded=True) == crowd   # an earlier person too
     assert people(person, group, near) == [tuple(range(10))]
     assert people(person, group) == [tuple(range(8))]       # one group alone still joins
