@@ -112,9 +112,9 @@ def make(n, seed=0, isotropic=False):
 #: "era" (the default) reproduces the row, stage 1's precision and the rate of such
 #: folders: a child is photographed at several ages, so its faces gather around 1-4 era
 #: centres (300 faces, seed 0: same 0.32/0.61/0.84, other 0.62/0.69/0.76/0.91; mean of 6
-#: seeds 0.32/0.62/0.84 and 0.63/0.70/0.77/0.93). "packed" (the first model) matches the distances only (1,500 faces:
-#: 0.33/0.64/0.87, 0.58/0.69/0.78/0.93): one centre per child and noisier faces make even
-#: stage 1 mix children, which the real photos do not.
+#: seeds 0.32/0.62/0.84 and 0.63/0.70/0.77/0.93). "packed" (the first model) matches the
+#: distances only (1,500 faces: 0.33/0.64/0.87, 0.58/0.69/0.78/0.93): one centre per child
+#: and noisier faces make even stage 1 mix children, which the real photos do not.
 CROWDS = {
     "era": dict(spread=1.5, spread_sig=1.0, eras=4, era_spread=1.0, s_med=0.95, s_sig=0.35,
                 single=0.10, zipf=1.6),

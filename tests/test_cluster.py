@@ -369,7 +369,7 @@ def test_a_look_alike_crowd_stays_out_of_a_persons_folder(tmp_path):
     """Issue 24 on real photos: beside ten photos of George W. Bush, two photos each of
     George H. W. Bush and of Michael Bloomberg. Each pair is a small cluster that would
     join him alone (within 0.76, no other person near), but the two pairs are 0.87 apart,
-    so they cannot both be him: his folder takes in neither, and each pair stays itself."""
+    too far to join each other: his folder takes in neither, and each pair stays itself."""
     src = tmp_path / "photos"
     picks = [f"George_W_Bush/George_W_Bush_{i:04d}.jpg" for i in range(1, 11)] + [
         "George_HW_Bush/George_HW_Bush_0005.jpg", "George_HW_Bush/George_HW_Bush_0006.jpg",

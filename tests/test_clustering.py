@@ -172,8 +172,8 @@ def _faces(parts, n, basis, fresh):
 
 def test_a_person_two_far_apart_groups_would_join_takes_in_no_one():
     """Stage 3 in a crowd (issue 24): two 2-face groups that would each join a 6-face
-    person (0.70 from it, no other person near) but are 0.85 apart cannot both be that
-    person; it takes in neither, nor a lone face at 0.70. Two groups 0.70 apart (one
+    person (0.70 from it, no other person near) but are 0.85 apart, too far to join each
+    other: it takes in neither, nor a lone face at 0.70. Two groups 0.70 apart (one
     person's two looks) both join."""
     basis = np.linalg.qr(np.random.default_rng(0).standard_normal((64, 64)))[0].T
     fresh = iter(range(3, 64))
